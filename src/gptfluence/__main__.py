@@ -1,0 +1,5 @@
+import sys
+
+from gptfluence.cli import main
+
+sys.exit(main())

@@ -1,0 +1,67 @@
+"""The ``gptfluence`` command line.
+
+Each sub-command lives in its own module under ``gptfluence.cli`` with a ``register(subparsers)``
+function that adds its parser and sets ``func`` (called with the parsed namespace, returning an
+exit code). Errors caused by input (`GptfluenceError`) print one line and exit with code 2;
+Ctrl-C exits with 130 after the command has saved what it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+
+from gptfluence.errors import GptfluenceError
+
+# Modules providing sub-commands, in the order shown by --help.
+COMMAND_MODULES = (
+    "gptfluence.cli.collect",
+    "gptfluence.cli.gptdynamics",
+    "gptfluence.cli.simulators",
+    "gptfluence.cli.report",
+    "gptfluence.cli.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gptfluence import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="gptfluence",
+        description="Training-data attribution for fine-tuned GPT models (GPTfluence and baselines).",
+    )
+    parser.add_argument("--version", action="version", version=f"gptfluence {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except GptfluenceError as e:
+        print(f"gptfluence {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ngptfluence {args.command}: interrupted; finished work is saved, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
