@@ -1,0 +1,399 @@
+"""`collect`: fine-tune a causal LM once per curriculum and record every test example's metrics.
+
+For each run r (seed ``run_seed + r``), the base model is fine-tuned from the same initial
+weights with AdamW on the run's curriculum. Before the first update (step 0) and after every
+optimizer step t = 1..T it records, for every test example:
+
+* ``loss``: mean cross-entropy (nats) over the target tokens (for label tasks: the label word);
+* on the schedule ``gen_every`` (every k-th step, plus steps 0 and T), from greedy decoding:
+  ``bleu`` (sacrebleu, 0-100) and ``rougeL`` (rouge-score F, 0-1) for generation tasks,
+  ``accuracy`` (0/1) for classification tasks. Unscheduled steps hold NaN.
+
+Each finished run is committed to the store with one atomic rename (see `dynamics.store`), so an
+interrupted collection keeps every finished run and the same command resumes where it stopped.
+Runs are spread over worker processes (one torch thread each, which also makes results
+independent of the number of workers).
+
+Hooks: a `StepHook` sees the model after every step and may write into the run's ``captures/``
+folder (`CheckpointCapture` saves weights every k steps for the TracIn-CP / Grad-Dot baselines),
+so no second pass over training is ever needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from gptfluence.config import arg, to_dict
+from gptfluence.dynamics.curriculum import read_curricula, sample_curriculum
+from gptfluence.dynamics.store import Dynamics, Run, create_store
+from gptfluence.errors import InputError
+from gptfluence.types import CLASSIFICATION, Task
+
+
+@dataclass
+class CollectConfig:
+    """Everything that decides the collected dynamics (saved in the store's manifest)."""
+
+    task: str = arg("sentiment", "built-in task name (sentiment, entailment, yesno, data2text, translation, mix), an HF adapter name (glue/sst2, ...) or a .jsonl/.csv file")
+    n_train: int = arg(200, "size of the training pool")
+    n_test: int = arg(100, "number of test examples whose metrics are recorded")
+    task_seed: int = arg(0, "seed of the task generator / of sampling from a dataset")
+    flip_fraction: float = arg(0.0, "fraction of classification training labels to flip (mislabelled-data experiments)")
+    data_dir: str = arg("", "local folder with files in an HF dataset's schema (HF adapters), instead of the hub")
+    model: str = arg("default", "'default' (small GPT-NeoX built and pre-trained offline, cached) or any HF causal LM name/path")
+    model_layers: int = arg(2, "default model: number of layers")
+    model_hidden: int = arg(64, "default model: hidden size")
+    examples_per_run: int = arg(128, "training examples sampled from the pool per run (0 = whole pool)")
+    batch_size: int = arg(4, "training batch size")
+    epochs: int = arg(3, "epochs over each run's examples")
+    reshuffle_each_epoch: bool = arg(True, "new order each epoch (False: the same order every epoch)")
+    lr: float = arg(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = arg(0.001, "AdamW weight decay")
+    warmup_steps: int = arg(5, "linear warmup steps")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm (0 = off)")
+    max_length: int = arg(64, "max tokens per example (prompts are truncated from the left)")
+    run_seed: int = arg(0, "run r uses seed run_seed + r for its curriculum and its training randomness")
+    curriculum_file: str = arg("", "explicit curricula (JSON lines, see dynamics.curriculum.read_curricula) instead of sampled ones")
+    gen_every: int = arg(1, "record generation metrics every k steps (plus steps 0 and T); 0 = never")
+    gen_max_new_tokens: int = arg(24, "max new tokens of greedy decoding for generation tasks (label tasks use 3)")
+    eval_batch_size: int = arg(128, "test examples per forward pass")
+    capture_every: int = arg(0, "save a weights checkpoint into the run's captures/ every k steps (0 = off; for TracIn-CP)")
+    device: str = arg("auto", "auto, cpu or cuda")
+
+    def task_fields(self) -> dict[str, Any]:
+        return {"name": self.task, "n_train": self.n_train, "n_test": self.n_test, "seed": self.task_seed,
+                "flip_fraction": self.flip_fraction, "data_dir": self.data_dir}
+
+
+def load_task_for(cfg: CollectConfig) -> Task:
+    from gptfluence.tasks import TaskConfig, load_task
+
+    fields = {f.name for f in dataclasses.fields(TaskConfig)}
+    kwargs = {k: v for k, v in cfg.task_fields().items() if k in fields}
+    if "path" in fields and (cfg.task.endswith(".jsonl") or cfg.task.endswith(".csv")):
+        kwargs["path"] = cfg.task
+    return load_task(TaskConfig(**kwargs))
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available")
+    return device
+
+
+def model_spec(cfg: CollectConfig) -> tuple[str, Any]:
+    """(name_or_path, base model config or None) for `gptfluence.lm.load_model`."""
+    if cfg.model != "default":
+        return cfg.model, None
+    from gptfluence.lm import BaseModelConfig
+
+    base = BaseModelConfig(num_layers=cfg.model_layers, hidden_size=cfg.model_hidden,
+                           intermediate_size=4 * cfg.model_hidden, max_length=cfg.max_length)
+    return "default", base
+
+
+# ---------------------------------------------------------------------------------------------
+# hooks
+
+
+class StepHook(Protocol):
+    """Called after step 0 (before training) and after every optimizer step."""
+
+    def __call__(self, step: int, model: Any, lr: float, captures_dir: Callable[[], Path]) -> None: ...
+
+
+@dataclass
+class CheckpointCapture:
+    """Save the model's weights (safetensors) at step 0 and every ``every`` steps, with the step's lr."""
+
+    every: int
+
+    def __call__(self, step: int, model: Any, lr: float, captures_dir: Callable[[], Path]) -> None:
+        if self.every <= 0 or step % self.every:
+            return
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(captures_dir() / f"checkpoint_step{step:06d}.safetensors"),
+                  metadata={"step": str(step), "lr": repr(lr)})
+
+
+# ---------------------------------------------------------------------------------------------
+# one run
+
+
+def generation_metric_names(task: Task) -> list[str]:
+    return ["accuracy"] if task.kind == CLASSIFICATION else ["bleu", "rougeL"]
+
+
+def metrics_for(cfg: CollectConfig, task: Task) -> list[str]:
+    """The metrics a collection records: loss, plus generation metrics if ``gen_every`` > 0."""
+    return ["loss"] + (generation_metric_names(task) if cfg.gen_every > 0 else [])
+
+
+class RunCollector:
+    """Holds a loaded model, the tokenized task and evaluation set; trains one curriculum at a time."""
+
+    def __init__(self, cfg: CollectConfig, task: Task, device: str, threads: int | None = 1) -> None:
+        import torch
+
+        from gptfluence.lm import load_model, prepare_eval, tokenize_examples
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.task = task
+        self.device = device
+        name, base = model_spec(cfg)
+        dtype = torch.bfloat16 if device.startswith("cuda") else None
+        self.model, self.tokenizer = load_model(name, device=device, dtype=dtype, base_config=base)
+        self.init_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.train_data = tokenize_examples(self.tokenizer, task.train, cfg.max_length)
+        self.train_row = {e.id: r for r, e in enumerate(task.train)}
+        self.eval_set = prepare_eval(self.tokenizer, task.test, cfg.max_length)
+        self.references = [e.target.strip() for e in task.test]
+        self.gen_tokens = 3 if task.kind == CLASSIFICATION else cfg.gen_max_new_tokens
+        self.gen_metrics = generation_metric_names(task)
+        self.metrics = metrics_for(cfg, task)
+
+    def _evaluate(self, step: int, T: int) -> dict[str, np.ndarray]:
+        from gptfluence.lm import generation_metrics, greedy_generate, target_losses
+
+        out = {"loss": np.asarray(target_losses(self.model, self.eval_set, batch_size=self.cfg.eval_batch_size))}
+        k = self.cfg.gen_every
+        if k > 0 and (step % k == 0 or step == T):
+            preds = greedy_generate(self.model, self.tokenizer, self.eval_set,
+                                    max_new_tokens=self.gen_tokens, batch_size=self.cfg.eval_batch_size)
+            scores = generation_metrics(preds, self.references, self.task.kind)
+            for m in self.gen_metrics:
+                out[m] = np.asarray(scores[m])
+        return out
+
+    def run(self, run_id: str, seed: int, curriculum: np.ndarray, store: Dynamics,
+            hooks: Sequence[StepHook] = (), on_step: Callable[[int], None] | None = None) -> Run:
+        import torch
+
+        from gptfluence.lm import causal_lm_loss, make_optimizer
+
+        cfg = self.cfg
+        t0 = time.time()
+        self.model.load_state_dict(self.init_state)
+        self.model.train()
+        torch.manual_seed(seed)
+        T = int(curriculum.shape[0])
+        opt, sched = make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    warmup_steps=cfg.warmup_steps, total_steps=T)
+        M = len(self.task.test)
+        values = {m: np.full((T + 1, M), np.nan, dtype=np.float32) for m in self.metrics}
+        lrs = np.zeros(T, dtype=np.float64)
+        with store.stage_run(run_id) as staging:
+            def record(step: int) -> None:
+                for m, v in self._evaluate(step, T).items():
+                    values[m][step] = v
+
+            record(0)
+            for h in hooks:
+                h(0, self.model, float(sched.get_last_lr()[0]), lambda: staging.captures_dir)
+            for t in range(1, T + 1):
+                ids = curriculum[t - 1]
+                rows = [self.train_row[int(i)] for i in ids if i >= 0]
+                batch = self.train_data.batch(rows)
+                batch = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in batch.items()}
+                lrs[t - 1] = float(sched.get_last_lr()[0])
+                loss = causal_lm_loss(self.model, batch)
+                if not torch.isfinite(loss):
+                    raise InputError(f"run {run_id!r}, step {t}: training loss is {loss.item()} (lower --lr?)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                record(t)
+                for h in hooks:
+                    h(t, self.model, float(lrs[t - 1]), lambda: staging.captures_dir)
+                if on_step:
+                    on_step(1)
+            run = Run(run_id=run_id, curriculum=curriculum, steps=np.arange(T + 1), test_ids=[e.id for e in self.task.test],
+                      values=values, lr=lrs, seed=seed,
+                      config={"lr": cfg.lr, "batch_size": int(curriculum.shape[1]), "epochs": cfg.epochs,
+                              "weight_decay": cfg.weight_decay, "warmup_steps": cfg.warmup_steps, "model": cfg.model},
+                      info={"wall_seconds": round(time.time() - t0, 3), "device": self.device})
+            staging.commit(run)
+        return run
+
+
+# ---------------------------------------------------------------------------------------------
+# worker processes
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(cfg_dict: dict[str, Any], store_path: str, device: str, progress_q: Any) -> None:
+    cfg = CollectConfig(**cfg_dict)
+    store = Dynamics.open(store_path)
+    _WORKER["collector"] = RunCollector(cfg, store.task, device, threads=1)
+    _WORKER["store"] = store
+    _WORKER["q"] = progress_q
+    _WORKER["hooks"] = [CheckpointCapture(cfg.capture_every)] if cfg.capture_every > 0 else []
+
+
+def _worker_run(run_id: str, seed: int, curriculum: np.ndarray) -> str:
+    q = _WORKER["q"]
+    _WORKER["collector"].run(run_id, seed, curriculum, _WORKER["store"], hooks=_WORKER["hooks"],
+                             on_step=(lambda n: q.put(n)) if q is not None else None)
+    return run_id
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole collection
+
+NON_IDENTITY_FIELDS = ("device",)
+
+
+def plan_runs(cfg: CollectConfig, task: Task, runs: int) -> list[tuple[str, int, np.ndarray]]:
+    """(run_id, seed, curriculum) for every run of the collection, deterministic from the config."""
+    pool = [e.id for e in task.train]
+    if cfg.curriculum_file:
+        curricula = read_curricula(cfg.curriculum_file, pool)
+        return [(rid, cfg.run_seed + r, c) for r, (rid, c) in enumerate(curricula.items())]
+    if runs < 1:
+        raise InputError(f"--runs must be >= 1 (got {runs})")
+    out = []
+    for r in range(runs):
+        seed = cfg.run_seed + r
+        c = sample_curriculum(pool, cfg.examples_per_run, cfg.batch_size, cfg.epochs, seed,
+                              reshuffle_each_epoch=cfg.reshuffle_each_epoch)
+        out.append((f"run-{r:04d}", seed, c))
+    return out
+
+
+def collect(cfg: CollectConfig, out: str | os.PathLike, runs: int = 8, workers: int = 0,
+            progress: bool = True, log: Callable[[str], None] = print) -> Dynamics:
+    """Collect ``runs`` fine-tuning runs into the store at ``out`` (resuming if it exists).
+
+    ``workers`` = number of processes (0 = min(runs left, CPU cores) on CPU, 1 on CUDA).
+    Returns the opened store.
+    """
+    from tqdm.auto import tqdm
+
+    if cfg.examples_per_run > cfg.n_train:
+        raise InputError(f"--examples-per-run {cfg.examples_per_run} exceeds the pool size --n-train {cfg.n_train}")
+    device = resolve_device(cfg.device)
+    task = load_task_for(cfg)
+    identity = {k: v for k, v in to_dict(cfg).items() if k not in NON_IDENTITY_FIELDS}
+    # make sure the base model exists before workers start (they would race to build it)
+    name, base = model_spec(cfg)
+    if name == "default":
+        from gptfluence.lm import ensure_default_model
+
+        path = ensure_default_model(base, progress=progress)
+        identity["base_model"] = str(path)
+    store = create_store(out, task, metrics_for(cfg, task), identity)
+    removed = store.clean_staging()
+    if removed:
+        log(f"removed {removed} unfinished run folder(s) left by an interrupted collection")
+    plan = plan_runs(cfg, task, runs)
+    todo = [p for p in plan if p[0] not in store.run_ids]
+    done = len(plan) - len(todo)
+    if done:
+        log(f"resuming: {done} of {len(plan)} runs already in {out}")
+    if not todo:
+        return Dynamics.open(out)
+    total_steps = sum(int(c.shape[0]) for _, _, c in todo)
+    if workers <= 0:
+        workers = 1 if device.startswith("cuda") else max(1, min(len(todo), os.cpu_count() or 1))
+    bar = tqdm(total=total_steps, desc=f"collect {task.name}", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    runs_bar = tqdm(total=len(plan), initial=done, desc="runs", unit="run", disable=not progress,
+                    dynamic_ncols=True, position=1, leave=False) if progress else None
+    try:
+        if workers == 1:
+            collector = RunCollector(cfg, task, device, threads=None if device.startswith("cuda") else 1)
+            hooks = [CheckpointCapture(cfg.capture_every)] if cfg.capture_every > 0 else []
+            for rid, seed, c in todo:
+                collector.run(rid, seed, c, store, hooks=hooks, on_step=bar.update)
+                if runs_bar:
+                    runs_bar.update(1)
+        else:
+            _collect_parallel(cfg, str(out), device, todo, workers, bar, runs_bar)
+    finally:
+        bar.close()
+        if runs_bar:
+            runs_bar.close()
+    return Dynamics.open(out)
+
+
+def _collect_parallel(cfg: CollectConfig, out: str, device: str, todo: list, workers: int, bar: Any,
+                      runs_bar: Any) -> None:
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    stop = threading.Event()
+
+    def pump() -> None:
+        while not stop.is_set():
+            try:
+                bar.update(q.get(timeout=0.2))
+            except queue.Empty:
+                continue
+            except (EOFError, OSError):
+                return
+
+    th = threading.Thread(target=pump, daemon=True)
+    th.start()
+    ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(to_dict(cfg), out, device, q))
+    try:
+        pending = {ex.submit(_worker_run, rid, seed, c) for rid, seed, c in todo}
+        while pending:
+            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for f in finished:
+                f.result()  # re-raise worker errors here
+                if runs_bar:
+                    runs_bar.update(1)
+    except BaseException:
+        ex.shutdown(wait=False, cancel_futures=True)
+        for p in list(getattr(ex, "_processes", {}).values()):
+            p.terminate()
+        raise
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+        stop.set()
+        th.join(timeout=2)
+
+
+def summarize(store: Dynamics) -> list[dict[str, Any]]:
+    """One row per metric: first/last recorded means over runs and test examples."""
+    rows = []
+    runs = store.runs()
+    for m in store.metrics:
+        firsts, lasts = [], []
+        for r in runs:
+            v = r.values.get(m)
+            if v is None:
+                continue
+            ok = ~np.all(np.isnan(v), axis=1)
+            if ok.any():
+                firsts.append(np.nanmean(v[ok][0]))
+                lasts.append(np.nanmean(v[ok][-1]))
+        if firsts:
+            rows.append({"metric": m, "runs": len(firsts), "start_mean": float(np.mean(firsts)),
+                         "final_mean": float(np.mean(lasts)), "final_std_over_runs": float(np.std(lasts))})
+    return rows
