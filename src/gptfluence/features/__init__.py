@@ -1,0 +1,18 @@
+"""Text features: frozen encoders and cached embeddings of example texts (GPTfluence's h).
+
+>>> enc = load_encoder("minilm")                  # all-MiniLM-L6-v2, mean pooling, normalised, 384-d
+>>> H = embed_examples(enc, dynamics.task.train)  # float32 [N, 384], rows in task.train order
+
+Rows follow the order of the examples given; map ids to rows with ``Dynamics.train_row`` /
+``test_row``.
+"""
+
+from gptfluence.features.cache import (EmbedStats, embed_examples, embed_texts, embed_texts_with_stats,
+                                       spec_key)
+from gptfluence.features.encoders import (MINILM_NAME, CausalLMEncoder, Encoder, HFEncoder,
+                                          SentenceTransformerEncoder, load_encoder, minilm_path)
+
+__all__ = [
+    "Encoder", "SentenceTransformerEncoder", "HFEncoder", "CausalLMEncoder", "load_encoder", "minilm_path",
+    "MINILM_NAME", "embed_texts", "embed_texts_with_stats", "embed_examples", "EmbedStats", "spec_key",
+]
