@@ -1,0 +1,322 @@
+"""What every simulator shares: configs, input checks, artifacts, and the learned-recurrence base.
+
+Artifacts: a folder with ``config.json`` (format ``gptfluence.simulator`` version 1: method,
+metric, hyper-parameters, metric scale, examples' sha256 of the store it was fitted on, encoder
+spec, fit summary) and ``weights.safetensors`` (parameters, id arrays, features).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from gptfluence.config import arg, from_dict, load_json, save_json, to_dict
+from gptfluence.dynamics.store import Dynamics
+from gptfluence.errors import ArtifactMismatchError, InputError
+from gptfluence.simulators import engine
+
+FORMAT = "gptfluence.simulator"
+FORMAT_VERSION = 1
+UNSEEN_POLICIES = ("error", "zero")
+
+
+@dataclasses.dataclass
+class FitConfig:
+    """Optimisation settings shared by the learned simulators."""
+
+    lr: float = arg(1e-3, "AdamW learning rate (after warmup)")
+    weight_decay: float = arg(1e-3, "AdamW decoupled weight decay (the L2 term)")
+    epochs: int = arg(60, "maximum epochs over all teacher-forcing transitions of the fit runs")
+    batch_size: int = arg(4096, "transitions (run, step, test example) per optimizer step; 0 = all")
+    warmup_steps: int = arg(20, "optimizer steps of linear learning-rate warmup")
+    patience: int = arg(10, "stop after this many epochs without a better validation rollout MSE (0 = never)")
+    seed: int = arg(0, "seed of initialisation and transition shuffling")
+    device: str = arg("cpu", "torch device: cpu or cuda[:k]")
+    normalize: bool = arg(True, "fit on metric / scale (scale = mean |value| over the fit runs); outputs stay in metric units")
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks
+
+
+def check_inputs(curricula: Any, test_ids: Any, start: Any, first_step: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate and convert simulate() inputs: curricula [R, T, b] int64, test_ids [M] int64,
+    start [R, M] float64."""
+    cur = np.asarray(curricula)
+    if cur.ndim == 2:
+        raise InputError(f"curricula must be [runs, steps, batch]; got a 2-d array {cur.shape} (wrap one curriculum as [None])")
+    if cur.ndim != 3:
+        raise InputError(f"curricula must be [runs, steps, batch], got shape {cur.shape}")
+    if cur.size and not np.issubdtype(cur.dtype, np.integer):
+        if not np.all(np.equal(np.mod(cur, 1), 0)):
+            raise InputError("curricula must hold integer training ids (-1 = padding)")
+    cur = cur.astype(np.int64)
+    if cur.size and cur.min() < -1:
+        raise InputError(f"curricula hold id {int(cur.min())}; ids are >= 0 and -1 marks padding")
+    tid = np.asarray(test_ids).astype(np.int64).reshape(-1)
+    st = np.asarray(start, dtype=np.float64)
+    if st.shape != (cur.shape[0], tid.size):
+        raise InputError(f"start must be [runs={cur.shape[0]}, test examples={tid.size}], got shape {st.shape}")
+    T = cur.shape[1]
+    if not (0 <= first_step <= T):
+        raise InputError(f"first_step must be in 0..{T} (the curricula have {T} steps), got {first_step}")
+    return cur, tid, st
+
+
+def stack_curricula(dynamics: Dynamics, run_ids: Sequence[str]) -> np.ndarray:
+    """Curricula of several runs as one array [R, T, b_max] (-1 padding)."""
+    curs = [dynamics.run(r).curriculum for r in run_ids]
+    T = {c.shape[0] for c in curs}
+    if len(T) > 1:
+        raise InputError(f"runs {list(run_ids)} have different numbers of steps {sorted(T)}")
+    b = max(c.shape[1] for c in curs)
+    out = np.full((len(curs), curs[0].shape[0], b), -1, dtype=np.int64)
+    for i, c in enumerate(curs):
+        out[i, :, :c.shape[1]] = c
+    return out
+
+
+def metric_scale(values: np.ndarray) -> float:
+    v = np.abs(values[np.isfinite(values)])
+    s = float(v.mean()) if v.size else 1.0
+    return s if s > 1e-8 else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# artifacts
+
+
+def write_artifact(path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, np.ndarray | torch.Tensor]) -> Path:
+    from safetensors.numpy import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for k, v in tensors.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu().numpy()
+        arrays[k] = np.ascontiguousarray(v)
+    if not arrays:
+        arrays["_empty"] = np.zeros(0, dtype=np.float32)
+    tmp = out / f".weights.safetensors.tmp-{os.getpid()}"
+    save_file(arrays, str(tmp))
+    os.replace(tmp, out / "weights.safetensors")
+    save_json({"format": FORMAT, "format_version": FORMAT_VERSION, **meta}, out / "config.json")
+    return out
+
+
+def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    from safetensors.numpy import load_file
+
+    root = Path(path)
+    cfg_path = root / "config.json"
+    if not root.is_dir():
+        raise InputError(f"{root}: not a simulator folder (folder not found)")
+    meta = load_json(cfg_path)
+    if meta.get("format") != FORMAT:
+        raise ArtifactMismatchError(f"{cfg_path}, field 'format': expected {FORMAT!r}, got {meta.get('format')!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ArtifactMismatchError(f"{cfg_path}, field 'format_version': this gptfluence reads version "
+                                    f"{FORMAT_VERSION}, got {meta.get('format_version')!r}")
+    for key in ("method", "metric"):
+        if key not in meta:
+            raise InputError(f"{cfg_path}: missing field {key!r}")
+    wpath = root / "weights.safetensors"
+    if not wpath.exists():
+        raise InputError(f"{wpath}: file not found")
+    try:
+        tensors = load_file(str(wpath))
+    except Exception as e:
+        raise InputError(f"{wpath}: unreadable safetensors file ({e})") from None
+    return meta, tensors
+
+
+def check_against(meta: dict[str, Any], dynamics: Dynamics | None, source: str, strict_examples: bool = True) -> None:
+    """Refuse (ArtifactMismatchError) a simulator made for another metric or other examples."""
+    if dynamics is None:
+        return
+    metrics = dynamics.metrics
+    if metrics and meta["metric"] not in metrics:
+        raise ArtifactMismatchError(f"{source}: simulator of metric {meta['metric']!r}, but the dynamics store "
+                                    f"({dynamics.root or 'in memory'}) records {metrics}")
+    hashes = meta.get("examples_sha256")
+    if strict_examples and hashes:
+        dynamics.check_compatible(hashes, f"{source} (method {meta['method']!r})")
+
+
+class SimulatorBase:
+    """Shared plumbing: metric, examples' hashes, metadata."""
+
+    method = "base"
+
+    def __init__(self, metric: str = "loss") -> None:
+        self.metric = metric
+        self.examples_sha256: dict[str, str] | None = None
+        self.task_name: str | None = None
+        self.history: dict[str, Any] = {}
+
+    def _remember_dynamics(self, dynamics: Dynamics) -> None:
+        self.examples_sha256 = dict(dynamics.manifest.get("examples_sha256") or {})
+        self.task_name = dynamics.task.name
+
+    def _meta(self) -> dict[str, Any]:
+        hist = {k: v for k, v in self.history.items() if not isinstance(v, list)}
+        return {"method": self.method, "metric": self.metric, "examples_sha256": self.examples_sha256,
+                "task": self.task_name, "fit": hist}
+
+    def _load_meta(self, meta: dict[str, Any]) -> None:
+        self.examples_sha256 = meta.get("examples_sha256")
+        self.task_name = meta.get("task")
+        self.history = dict(meta.get("fit") or {})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(metric={self.metric!r})"
+
+
+class RecurrenceSimulator(SimulatorBase):
+    """Base of the learned recurrence simulators (GPTfluence, Simfluence): one fit / rollout
+    engine (`gptfluence.simulators.engine`); subclasses provide the factors.
+
+    Subclasses implement ``_init_params(dynamics, train_ids, test_ids)``, ``_factor_fn(train_ids,
+    test_ids, unseen) -> callable returning F [n+1, N, M]`` (normalised units) and the
+    ``_state``/``_set_state`` pair for artifacts; they set ``self.order`` and ``self.residual``.
+    """
+
+    config: FitConfig
+    order: int = 1
+    residual: bool = True
+    module: torch.nn.Module | None
+
+    def __init__(self, metric: str = "loss") -> None:
+        super().__init__(metric)
+        self.scale = 1.0
+        self.fit_first_step: int | None = None
+        self.module = None
+
+    # -- hooks ------------------------------------------------------------------------------
+    def _init_params(self, dynamics: Dynamics, train_ids: np.ndarray, test_ids: np.ndarray,
+                     fit_train_ids: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _factor_fn(self, train_ids: np.ndarray, test_ids: np.ndarray, unseen: str) -> Callable[[], torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> str:
+        return engine.resolve_device(self.config.device)
+
+    # -- fitting ----------------------------------------------------------------------------
+    def _block(self, dynamics: Dynamics, run_ids: Sequence[str], train_ids: np.ndarray, test_ids: np.ndarray,
+               first_step: int | None = None) -> engine.RunBlock:
+        V, steps, tids = dynamics.stack(self.metric, run_ids)
+        if first_step is None:
+            first_step = engine.first_recorded_step(V, steps)
+        V = V[:, first_step:] / self.scale
+        cur = stack_curricula(dynamics, run_ids)[:, first_step:]
+        rows = np.searchsorted(train_ids, np.maximum(cur, 0))
+        rows[cur < 0] = train_ids.size
+        cols = np.searchsorted(test_ids, tids)
+        return engine.RunBlock(torch.as_tensor(V, dtype=torch.float32), torch.as_tensor(rows),
+                               torch.as_tensor(cols), first_step)
+
+    def fit(self, dynamics: Dynamics, fit_runs: Sequence[str], val_runs: Sequence[str] = (),
+            progress: bool = False) -> dict[str, Any]:
+        """Fit on ``fit_runs`` by one-step teacher forcing; early-stop on the rollout MSE of
+        ``val_runs``. Returns the fit history (losses in normalised units, seconds)."""
+        fit_runs, val_runs = list(fit_runs), list(val_runs)
+        if not fit_runs:
+            raise InputError(f"{self.method}: no fit runs given")
+        overlap = set(fit_runs) & set(val_runs)
+        if overlap:
+            raise InputError(f"runs {sorted(overlap)} are both fit and validation runs")
+        t0 = time.perf_counter()
+        device = self.device
+        self._remember_dynamics(dynamics)
+        V, steps, fit_tids = dynamics.stack(self.metric, fit_runs)
+        self.fit_first_step = engine.first_recorded_step(V, steps)
+        self.scale = metric_scale(V[:, self.fit_first_step:]) if self.config.normalize else 1.0
+        fit_cur = stack_curricula(dynamics, fit_runs)
+        fit_train_ids = np.unique(fit_cur[fit_cur >= 0])
+        all_cur = [fit_cur] + ([stack_curricula(dynamics, val_runs)] if val_runs else [])
+        train_ids = np.unique(np.concatenate([c[c >= 0] for c in all_cur]))
+        test_sets = [fit_tids] + ([dynamics.stack(self.metric, val_runs)[2]] if val_runs else [])
+        test_ids = np.unique(np.concatenate(test_sets))
+        self._init_params(dynamics, train_ids, test_ids, fit_train_ids)
+        assert self.module is not None
+        self.module.to(device)
+        fn = self._factor_fn(train_ids, test_ids, unseen="zero")
+        fit_block = self._block(dynamics, fit_runs, train_ids, test_ids, self.fit_first_step).to(device)
+        val_block = self._block(dynamics, val_runs, train_ids, test_ids).to(device) if val_runs else None
+        c = self.config
+        opts = engine.FitOptions(lr=c.lr, weight_decay=c.weight_decay, epochs=c.epochs, batch_size=c.batch_size,
+                                 warmup_steps=c.warmup_steps, patience=c.patience, seed=c.seed, device=device,
+                                 residual=self.residual, order=self.order)
+        hist = engine.fit_engine(self.module, fn, fit_block, val_block, opts, progress=progress,
+                                 desc=f"{self.method} {self.metric}")
+        self.module.eval()
+        hist.update(fit_runs=fit_runs, val_runs=val_runs, scale=self.scale, fit_first_step=self.fit_first_step,
+                    total_seconds=time.perf_counter() - t0)
+        self.history = hist
+        return hist
+
+    # -- simulation -------------------------------------------------------------------------
+    def simulate(self, curricula: np.ndarray, test_ids: np.ndarray, start: np.ndarray,
+                 first_step: int = 0) -> np.ndarray:
+        """Roll out: curricula [R, T, b] (training ids, -1 = padding), test_ids [M], start [R, M]
+        (metric units, value at step ``first_step``) -> [R, T+1-first_step, M] float32 in metric
+        units; out[:, k] is the value after step first_step + k."""
+        if self.module is None:
+            raise InputError(f"{self.method} simulator is not fitted")
+        cur, tid, st = check_inputs(curricula, test_ids, start, first_step)
+        cur = cur[:, first_step:]
+        uniq = np.unique(cur[cur >= 0])
+        rows = np.searchsorted(uniq, np.maximum(cur, 0))
+        rows[cur < 0] = uniq.size
+        device = self.device
+        fn = self._factor_fn(uniq, tid, unseen=getattr(self.config, "unseen", "error"))
+        with torch.no_grad():
+            Fp = engine.pad_factors(fn())
+            start_t = torch.as_tensor(st / self.scale, dtype=torch.float32, device=device)
+            out = engine.rollout_tensor(Fp, torch.as_tensor(rows, device=device), start_t, self.residual)
+        return (out.cpu().numpy().astype(np.float64) * self.scale).astype(np.float32)
+
+    def factors(self, train_ids: Sequence[int], test_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-pair factors: ``A [n, N, M]`` (dimensionless; alpha_1 = 1 + sum A_1 when residual)
+        and ``B [N, M]`` in metric units (the additive change per step a training example makes)."""
+        if self.module is None:
+            raise InputError(f"{self.method} simulator is not fitted")
+        tr = np.asarray(train_ids, dtype=np.int64).reshape(-1)
+        te = np.asarray(test_ids, dtype=np.int64).reshape(-1)
+        fn = self._factor_fn(tr, te, unseen=getattr(self.config, "unseen", "error"))
+        with torch.no_grad():
+            F = fn().cpu().numpy().astype(np.float64)
+        n = F.shape[0] - 1
+        return F[:n], F[n] * self.scale
+
+    def _meta(self) -> dict[str, Any]:
+        m = super()._meta()
+        m.update(config=to_dict(self.config), scale=self.scale, fit_first_step=self.fit_first_step,
+                 order=self.order, residual=self.residual)
+        return m
+
+    def _load_meta(self, meta: dict[str, Any]) -> None:
+        super()._load_meta(meta)
+        self.scale = float(meta.get("scale", 1.0))
+        self.fit_first_step = meta.get("fit_first_step")
+
+
+def config_from(cls: type, config: Any, overrides: dict[str, Any], source: str) -> Any:
+    if config is None:
+        config = cls()
+    elif isinstance(config, dict):
+        config = from_dict(cls, config, source)
+    if overrides:
+        config = from_dict(cls, {**to_dict(config), **overrides}, source)
+    return config

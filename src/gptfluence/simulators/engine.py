@@ -1,0 +1,273 @@
+"""The generic matrix-form engine shared by every learned recurrence simulator.
+
+Model (n-th order, per test example m, after optimizer step t)::
+
+    phi_t[m] = alpha_1[t, m] * phi_{t-1}[m] + ... + alpha_n[t, m] * phi_{t-n}[m] + beta[t, m]
+    alpha_1[t, m] = off + sum_{i in batch t} A_1[i, m]          (off = 1 if ``residual`` else 0)
+    alpha_j[t, m] =       sum_{i in batch t} A_j[i, m]          (j = 2..n)
+    beta[t, m]    =       sum_{i in batch t} B[i, m]
+
+A *factor provider* is any callable returning the stacked factor tensor ``F [n+1, N, M]``
+(``F[j-1] = A_j`` for j = 1..n, ``F[n] = B``) over its own training rows (N) and test columns
+(M), in *normalised* metric units (values divided by the simulator's ``scale``; A is
+dimensionless, B is in normalised units). GPTfluence computes F from features through MLPs;
+Simfluence holds F as free parameters. The engine computes F once per optimizer step and then
+
+* gathers batch sums by curriculum rows (``-1`` = padding and maps to an all-zero row),
+* evaluates teacher-forced predictions for a minibatch of transitions (run, step, test example)
+  in one tensor expression (no per-transition model calls),
+* rolls out all runs x test examples at once, one small vector step per optimizer step.
+
+Histories before the start value equal the start value (see `gptfluence.simulators.base`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from gptfluence.errors import InputError
+
+FactorFn = Callable[[], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# pure tensor functions
+
+
+def pad_factors(F: torch.Tensor) -> torch.Tensor:
+    """``F [n+1, N, M]`` -> ``[n+1, N+1, M]`` with a zero row N (padding / ignored ids)."""
+    return torch.cat([F, F.new_zeros(F.shape[0], 1, F.shape[2])], dim=1)
+
+
+def batch_sums(Fp: torch.Tensor, rows: torch.Tensor, max_elems: int = 1 << 25) -> torch.Tensor:
+    """Sum the padded factors over each batch: ``Fp [n+1, N+1, M]``, ``rows [..., b]`` (values in
+    0..N, N = zero row) -> ``[n+1, ..., M]``. Chunked over the first axis of ``rows`` to bound memory."""
+    k, _, M = Fp.shape
+    lead = rows.shape[:-1]
+    b = rows.shape[-1]
+    if rows.ndim == 1 or rows.shape[0] == 0:
+        return Fp[:, rows].sum(-2)
+    per_item = k * b * M * int(np.prod(lead[1:], dtype=np.int64))
+    chunk = max(1, max_elems // max(per_item, 1))
+    if chunk >= rows.shape[0]:
+        return Fp[:, rows].sum(-2)
+    outs = [Fp[:, rows[i:i + chunk]].sum(-2) for i in range(0, rows.shape[0], chunk)]
+    return torch.cat(outs, dim=1)
+
+
+def step_update(sums: torch.Tensor, hist: list[torch.Tensor], residual: bool) -> torch.Tensor:
+    """One recurrence step. ``sums [n+1, ..., M]`` (batch sums of A_1..A_n, B) and
+    ``hist[j-1]`` = phi_{t-j} (same trailing shape) -> phi_t."""
+    n = sums.shape[0] - 1
+    out = sums[n].clone() if not residual else sums[n] + hist[0]
+    for j in range(n):
+        out = out + sums[j] * hist[j]
+    return out
+
+
+def rollout_tensor(Fp: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, residual: bool) -> torch.Tensor:
+    """Autoregressive rollout. ``Fp [n+1, N+1, M]`` (already restricted to the M test columns),
+    ``rows [R, T, b]`` (row t-1 = batch of the t-th simulated step, N = padding), ``start [R, M]``
+    -> ``[R, T+1, M]`` with ``out[:, 0] = start``."""
+    n = Fp.shape[0] - 1
+    R, T, _ = rows.shape
+    out = start.new_empty((R, T + 1, start.shape[1]))
+    out[:, 0] = start
+    if T == 0:
+        return out
+    sums = batch_sums(Fp, rows)  # [n+1, R, T, M]
+    hist = [start] * n
+    for t in range(T):
+        new = step_update(sums[:, :, t], hist, residual)
+        out[:, t + 1] = new
+        hist = [new] + hist[:-1]
+    return out
+
+
+def teacher_forced_pred(Fp: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, prev: torch.Tensor,
+                        residual: bool) -> torch.Tensor:
+    """One-step predictions for K transitions at once.
+
+    ``Fp [n+1, N+1, M]``, ``rows [K, b]`` (batch of the transition's step, N = padding),
+    ``cols [K]`` (test column), ``prev [n, K]`` (true phi_{t-1}..phi_{t-n}) -> ``[K]``.
+    """
+    sums = Fp[:, rows, cols[:, None]].sum(-1)  # [n+1, K]
+    return step_update(sums, list(prev), residual)
+
+
+# ---------------------------------------------------------------------------------------------
+# data preparation
+
+
+def first_recorded_step(values: np.ndarray, steps: np.ndarray) -> int:
+    """The first step at which any value of ``values [R, S, M]`` (aligned with ``steps``) is recorded."""
+    rec = np.isfinite(values).any(axis=(0, 2))
+    if not rec.any():
+        raise InputError("no recorded values in these runs")
+    return int(steps[int(np.argmax(rec))])
+
+
+@dataclass
+class RunBlock:
+    """Runs prepared for the engine, on a grid starting at ``first_step``.
+
+    ``values [R, S, M]`` float32 (normalised units, NaN = not recorded), ``rows [R, S-1, b]``
+    int64 (provider rows of the batch of grid step k = row k-1; N = padding/ignored),
+    ``cols [M]`` int64 provider test columns.
+    """
+
+    values: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    first_step: int
+
+    def to(self, device: str) -> "RunBlock":
+        return RunBlock(self.values.to(device), self.rows.to(device), self.cols.to(device), self.first_step)
+
+    def transitions(self, order: int) -> torch.Tensor:
+        """Flat indices ``[K, 3]`` (run, grid step k >= 1, test position) of the transitions
+        whose target and previous ``order`` values (history clamped at the start) are recorded."""
+        V = self.values
+        R, S, M = V.shape
+        ok = torch.isfinite(V)
+        valid = ok[:, 1:].clone()
+        for j in range(1, order + 1):
+            idx = torch.clamp(torch.arange(1, S, device=V.device) - j, min=0)
+            valid &= ok[:, idx]
+        return valid.nonzero()
+
+    def gather(self, tr: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For transitions ``tr [K, 3]``: (rows [K, b], cols [K], prev [n, K], target [K])."""
+        r, k, m = tr[:, 0], tr[:, 1], tr[:, 2]
+        prev = torch.stack([self.values[r, torch.clamp(k - j, min=0), m] for j in range(1, order + 1)])
+        return self.rows[r, k - 1], self.cols[m], prev, self.values[r, k, m]
+
+
+def rollout_mse(Fp: torch.Tensor, block: RunBlock, residual: bool) -> float:
+    """Mean squared error (normalised units) of rollouts from the first grid value over all
+    recorded later values; NaN if nothing is recorded."""
+    V = block.values
+    pred = rollout_tensor(Fp[:, :, block.cols], block.rows, V[:, 0], residual)
+    err = (pred[:, 1:] - V[:, 1:]) ** 2
+    ok = torch.isfinite(err)
+    if not ok.any():
+        return float("nan")
+    return float(err[ok].mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# fitting
+
+
+@dataclass
+class FitOptions:
+    lr: float
+    weight_decay: float
+    epochs: int
+    batch_size: int
+    warmup_steps: int
+    patience: int
+    seed: int
+    device: str
+    residual: bool
+    order: int
+
+
+def resolve_device(device: str) -> str:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} requested but CUDA is not available on this machine")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise InputError(f"device must be 'cpu' or 'cuda[:k]', got {device!r}")
+    return device
+
+
+def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val: RunBlock | None,
+               opt: FitOptions, progress: bool = False, desc: str = "fit") -> dict[str, Any]:
+    """Teacher-forced MSE fitting with AdamW (decoupled weight decay as the L2 term), linear
+    warmup then constant lr, early stopping on the validation rollout MSE (best weights kept).
+
+    ``factor_fn()`` must return ``F [n+1, N, M]`` computed from ``module``'s parameters.
+    Returns a history dict (per-epoch train loss and validation MSE in normalised units).
+    """
+    torch.manual_seed(opt.seed)
+    gen = torch.Generator(device="cpu").manual_seed(opt.seed)
+    tr_all = fit.transitions(opt.order)
+    K = int(tr_all.shape[0])
+    if K == 0:
+        raise InputError("no usable transitions: every step needs its previous values and its target recorded")
+    bs = K if opt.batch_size <= 0 else min(opt.batch_size, K)
+    steps_per_epoch = math.ceil(K / bs)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
+    warm = max(0, opt.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+
+    history: dict[str, Any] = {"train_loss": [], "val_mse": [], "transitions": K, "batch_size": bs,
+                               "steps_per_epoch": steps_per_epoch}
+    best_state = copy.deepcopy(module.state_dict())
+    best_val, best_epoch, bad = float("inf"), -1, 0
+    if val is not None:
+        with torch.no_grad():
+            v0 = rollout_mse(pad_factors(factor_fn()), val, opt.residual)
+        history["val_mse_init"] = v0
+        if math.isfinite(v0):
+            best_val, best_epoch = v0, 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=opt.epochs, desc=desc, unit="epoch", leave=False)
+    t0 = time.perf_counter()
+    for epoch in range(1, opt.epochs + 1):
+        perm = torch.randperm(K, generator=gen).to(tr_all.device)
+        total, count = 0.0, 0
+        module.train()
+        for s in range(steps_per_epoch):
+            tr = tr_all[perm[s * bs:(s + 1) * bs]]
+            rows, cols, prev, target = fit.gather(tr, opt.order)
+            Fp = pad_factors(factor_fn())
+            pred = teacher_forced_pred(Fp, rows, cols, prev, opt.residual)
+            loss = torch.mean((pred - target) ** 2)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            sched.step()
+            total += float(loss.detach()) * tr.shape[0]
+            count += tr.shape[0]
+        history["train_loss"].append(total / count)
+        module.eval()
+        if val is not None:
+            with torch.no_grad():
+                v = rollout_mse(pad_factors(factor_fn()), val, opt.residual)
+            history["val_mse"].append(v)
+            if math.isfinite(v) and v < best_val:
+                best_val, best_epoch, bad = v, epoch, 0
+                best_state = copy.deepcopy(module.state_dict())
+            else:
+                bad += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{history['train_loss'][-1]:.4g}",
+                            **({"val": f"{history['val_mse'][-1]:.4g}"} if history["val_mse"] else {}))
+        if val is not None and opt.patience > 0 and bad >= opt.patience:
+            break
+    if bar is not None:
+        bar.close()
+    if val is not None and best_epoch >= 0:
+        module.load_state_dict(best_state)
+    history.update(epochs_run=len(history["train_loss"]), best_epoch=best_epoch if val is not None else len(history["train_loss"]),
+                   best_val_mse=best_val if val is not None and math.isfinite(best_val) else None,
+                   seconds=time.perf_counter() - t0)
+    return history
+
+
+def iter_chunks(n: int, size: int) -> Iterable[slice]:
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))

@@ -1,0 +1,302 @@
+"""GPTfluence: the featurized n-th order simulator (Chai et al., EMNLP 2024).
+
+Factors from frozen text features h (encoder embeddings of prompt + target)::
+
+    A_j(i, m) = < f_j(h_i), g_j(h_m) > + c_j          j = 1..n
+    B(i, m)   = < f_B(h_i), g_B(h_m) > + c_B
+    phi_t[m]  = (1 + sum_{i in c_t} A_1(i, m)) phi_{t-1}[m] + sum_{j>=2} (sum_i A_j(i, m)) phi_{t-j}[m]
+                + sum_{i in c_t} B(i, m)
+
+f, g: 2-layer MLPs (H -> hidden -> proj_dim, ReLU). ``share_projection=True`` (default) uses one
+MLP for the train and the test side of each factor (g_j = f_j), as the authors' code does: with
+``order=1`` this is the configuration that reproduces the paper. c_j: one learned scalar per factor
+(``factor_bias``, init 0), so that a factor can take either sign even when f = g.
+
+Stability at initialisation (``residual=True``, default): alpha_1 carries a fixed identity offset
+(alpha_1 = 1 + sum A_1) and the MLPs' last layers are scaled so that |A|, |B| ~ ``init_std``: the
+first rollouts are ~constant instead of diverging. For full batches of size b this is the paper's
+model with A_1^paper = A_1 + 1/b (a reparametrisation); a short (padded) batch keeps the offset.
+``residual=False`` gives the paper's literal alpha_1 = sum A_1 (then c_1 starts at 1/b).
+
+Values are fitted in normalised units (metric / scale, scale = mean |value| over the fit runs);
+simulate() takes and returns metric units. The simulator holds features by example id, so it
+simulates training and test examples it never saw in fitting once their features are known
+(`set_examples`, or `fit`/`load_simulator(..., dynamics=...)`, which embed missing examples).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from gptfluence.config import arg
+from gptfluence.dynamics.store import Dynamics
+from gptfluence.errors import ArtifactMismatchError, InputError
+from gptfluence.simulators.common import FitConfig, RecurrenceSimulator, config_from, write_artifact
+from gptfluence.simulators.encoders import Encoder, embed, resolve_encoder
+from gptfluence.types import Example
+
+
+@dataclasses.dataclass
+class GPTfluenceConfig(FitConfig):
+    """Hyper-parameters of the featurized simulator (see module doc)."""
+
+    order: int = arg(1, "Markov order n (the paper's main tables: 1)")
+    hidden: int = arg(384, "hidden width of each factor MLP (authors' code: H = 384)")
+    proj_dim: int = arg(384, "output width d of each factor MLP (authors' code: H = 384)")
+    share_projection: bool = arg(True, "one MLP per factor for both the train and the test side (authors' code; reproduces the paper)")
+    residual: bool = arg(True, "alpha_1 = 1 + sum A_1 (stable start); false = the paper's literal alpha_1 = sum A_1")
+    factor_bias: bool = arg(True, "a learned scalar offset per factor (lets A take either sign with a shared MLP)")
+    init_std: float = arg(1e-3, "target RMS of the initial per-pair factors A, B (normalised units)")
+    encoder: str = arg("minilm", "text encoder spec for features ('minilm', a model path, or 'bow[:DIM]')")
+
+
+class MLP(nn.Module):
+    """h [N, H] -> [N, d]: Linear(H, hidden) -> ReLU -> Linear(hidden, d)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(in_dim, hidden)
+        self.l2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.relu(self.l1(h)))
+
+
+class FeaturizedFactors(nn.Module):
+    """The n+1 factors (A_1..A_n, B) as inner products of projected features.
+
+    `pair(k, h_train, h_test)` computes factor k for matching rows (the per-pair form the
+    reference loop uses); `forward(H_train [N, H], H_test [M, H]) -> F [n+1, N, M]` is the matrix
+    form: each MLP runs once per call over all N + M examples.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, proj_dim: int, order: int, share: bool, factor_bias: bool) -> None:
+        super().__init__()
+        k = order + 1
+        self.order = order
+        self.share = share
+        self.f = nn.ModuleList(MLP(in_dim, hidden, proj_dim) for _ in range(k))
+        self.g = None if share else nn.ModuleList(MLP(in_dim, hidden, proj_dim) for _ in range(k))
+        self.bias = nn.Parameter(torch.zeros(k)) if factor_bias else None
+
+    def _g(self, k: int) -> MLP:
+        return self.f[k] if self.g is None else self.g[k]
+
+    def forward(self, h_train: torch.Tensor, h_test: torch.Tensor) -> torch.Tensor:
+        out = torch.stack([self.f[k](h_train) @ self._g(k)(h_test).T for k in range(self.order + 1)])
+        if self.bias is not None:
+            out = out + self.bias[:, None, None]
+        return out
+
+    def pair(self, k: int, h_train: torch.Tensor, h_test: torch.Tensor) -> torch.Tensor:
+        """Factor k for rows of ``h_train [b, H]`` against one ``h_test [H]`` -> [b]."""
+        out = self.f[k](h_train) @ self._g(k)(h_test[None])[0]
+        if self.bias is not None:
+            out = out + self.bias[k]
+        return out
+
+    @torch.no_grad()
+    def rescale_init(self, h_train: torch.Tensor, h_test: torch.Tensor, target_std: float) -> None:
+        """Scale each factor's last layers so that the RMS of its pair values is ``target_std``."""
+        F = self.forward(h_train, h_test)
+        for k in range(self.order + 1):
+            s = float(F[k].pow(2).mean().sqrt()) if F[k].numel() else 0.0  # RMS: mean and spread
+            if s <= 0 or not np.isfinite(s):
+                continue
+            per = (target_std / s) ** 0.5  # the factor is bilinear in the two sides' outputs
+            mods = [self.f[k]] if self.g is None else [self.f[k], self.g[k]]
+            for m in mods:
+                m.l2.weight.mul_(per)
+                m.l2.bias.mul_(per)
+
+
+class FeatureTable:
+    """Features of examples by id: ``ids [N]`` int64 and ``values [N, D]`` float32."""
+
+    def __init__(self, dim: int | None = None) -> None:
+        self.dim = dim
+        self._row: dict[int, int] = {}
+        self._vals: list[np.ndarray] = []
+        self._cache: np.ndarray | None = None
+
+    def __contains__(self, i: int) -> bool:
+        return int(i) in self._row
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def add(self, ids: Sequence[int], values: np.ndarray, what: str) -> None:
+        values = np.asarray(values, dtype=np.float32)
+        ids = [int(i) for i in ids]
+        if values.ndim != 2 or values.shape[0] != len(ids):
+            raise InputError(f"{what} features must be [{len(ids)}, dim], got shape {values.shape}")
+        if self.dim is None:
+            self.dim = values.shape[1]
+        elif values.shape[1] != self.dim:
+            raise ArtifactMismatchError(f"{what} features have dim {values.shape[1]}, the simulator uses {self.dim}")
+        for i, v in zip(ids, values):
+            if i in self._row:
+                self._vals[self._row[i]] = v
+            else:
+                self._row[i] = len(self._vals)
+                self._vals.append(v)
+        self._cache = None
+
+    @property
+    def matrix(self) -> np.ndarray:
+        if self._cache is None:
+            self._cache = np.stack(self._vals) if self._vals else np.zeros((0, self.dim or 0), np.float32)
+        return self._cache
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.asarray(list(self._row), dtype=np.int64)
+
+    def missing(self, ids: Sequence[int]) -> list[int]:
+        return [int(i) for i in ids if int(i) not in self._row]
+
+    def get(self, ids: Sequence[int], what: str) -> np.ndarray:
+        miss = self.missing(ids)
+        if miss:
+            raise InputError(f"gptfluence has no features for {what} id {miss[0]}"
+                             + (f" (and {len(miss) - 1} more)" if len(miss) > 1 else "")
+                             + "; give its example with set_examples(...) or load the simulator with dynamics=...")
+        rows = np.fromiter((self._row[int(i)] for i in ids), dtype=np.int64, count=len(ids))
+        return self.matrix[rows]
+
+
+class GPTfluenceSimulator(RecurrenceSimulator):
+    """The featurized simulator. ``encoder``: an object with spec()/dim/encode() (see
+    `gptfluence.simulators.encoders`), or a spec string (= the config field); if no object is
+    given, ``config.encoder`` is resolved on first need."""
+
+    method = "gptfluence"
+
+    def __init__(self, metric: str = "loss", config: GPTfluenceConfig | dict | None = None,
+                 encoder: Encoder | None = None, **overrides: Any) -> None:
+        super().__init__(metric)
+        if isinstance(encoder, str):  # the config field (a spec string), not an encoder object
+            overrides["encoder"], encoder = encoder, None
+        self.config: GPTfluenceConfig = config_from(GPTfluenceConfig, config, overrides, "gptfluence config")
+        if self.config.order < 1:
+            raise InputError(f"gptfluence: order must be >= 1, got {self.config.order}")
+        self.order = self.config.order
+        self.residual = self.config.residual
+        self.encoder = encoder
+        self.encoder_spec: dict[str, Any] | None = encoder.spec() if encoder is not None else None
+        self.train_features = FeatureTable()
+        self.test_features = FeatureTable()
+        self.module: FeaturizedFactors | None = None
+
+    # -- features -----------------------------------------------------------------------------
+    def _get_encoder(self) -> Encoder:
+        if self.encoder is None:
+            enc = resolve_encoder(self.config.encoder)
+            if self.encoder_spec is not None and enc.spec() != self.encoder_spec:
+                raise ArtifactMismatchError(f"encoder {self.config.encoder!r} gives spec {enc.spec()}, but the "
+                                            f"simulator's features come from {self.encoder_spec}")
+            self.encoder = enc
+            self.encoder_spec = enc.spec()
+        return self.encoder
+
+    def set_examples(self, train: Sequence[Example] = (), test: Sequence[Example] = (),
+                     features: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Make examples simulatable: embed them with the encoder, or take ``features`` =
+        (train [len(train), D], test [len(test), D]) computed elsewhere with the same encoder."""
+        train, test = list(train), list(test)
+        if features is None:
+            enc = self._get_encoder()
+            ftr, fte = embed(enc, train), embed(enc, test)
+        else:
+            ftr, fte = features
+            if self.encoder_spec is None:
+                self.encoder_spec = {"name": "precomputed", "spec": self.config.encoder}
+        if train:
+            self.train_features.add([e.id for e in train], ftr, "training")
+        if test:
+            self.test_features.add([e.id for e in test], fte, "test")
+
+    def set_features(self, split: str, ids: Sequence[int], values: np.ndarray) -> None:
+        """Add precomputed features [len(ids), D] for ``split`` ('train' or 'test') ids."""
+        if split not in ("train", "test"):
+            raise InputError(f"split must be 'train' or 'test', got {split!r}")
+        if self.encoder_spec is None:
+            self.encoder_spec = {"name": "precomputed", "spec": self.config.encoder}
+        (self.train_features if split == "train" else self.test_features).add(ids, values, split)
+
+    def ensure_features(self, dynamics: Dynamics, train_ids: Sequence[int] = (), test_ids: Sequence[int] = ()) -> None:
+        """Embed the dynamics' examples among ``train_ids``/``test_ids`` that have no features yet."""
+        mtr = self.train_features.missing(train_ids)
+        mte = self.test_features.missing(test_ids)
+        if mtr or mte:
+            self.set_examples([dynamics.train_example(i) for i in mtr], [dynamics.test_example(i) for i in mte])
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _init_params(self, dynamics: Dynamics, train_ids: np.ndarray, test_ids: np.ndarray,
+                     fit_train_ids: np.ndarray) -> None:
+        self.ensure_features(dynamics, train_ids, test_ids)
+        c = self.config
+        torch.manual_seed(c.seed)
+        self.module = FeaturizedFactors(self.train_features.dim or 0, c.hidden, c.proj_dim, c.order,
+                                        c.share_projection, c.factor_bias)
+        htr = torch.as_tensor(self.train_features.get(train_ids, "training"))
+        hte = torch.as_tensor(self.test_features.get(test_ids, "test"))
+        self.module.rescale_init(htr, hte, c.init_std)
+        if not c.residual:
+            b = max(1, int(np.max([dynamics.run(r).curriculum.shape[1] for r in dynamics.run_ids[:1]])))
+            if self.module.bias is None:
+                raise InputError("gptfluence: residual=false needs factor_bias=true (c_1 starts at 1/batch)")
+            with torch.no_grad():
+                self.module.bias[0] = 1.0 / b
+
+    def _factor_fn(self, train_ids: np.ndarray, test_ids: np.ndarray, unseen: str) -> Callable[[], torch.Tensor]:
+        assert self.module is not None
+        dev = self.device
+        htr = torch.as_tensor(self.train_features.get(train_ids, "training"), device=dev)
+        hte = torch.as_tensor(self.test_features.get(test_ids, "test"), device=dev)
+        module = self.module.to(dev)
+        return lambda: module(htr, hte)
+
+    # -- artifacts ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``config.json`` + ``weights.safetensors`` (MLP weights and the features by id)."""
+        if self.module is None:
+            raise InputError("gptfluence simulator is not fitted; nothing to save")
+        meta = self._meta()
+        meta["encoder_spec"] = self.encoder_spec
+        meta["feature_dim"] = self.train_features.dim
+        tensors: dict[str, Any] = {f"module.{k}": v for k, v in self.module.state_dict().items()}
+        tensors.update({"features.train.ids": self.train_features.ids, "features.train.values": self.train_features.matrix,
+                        "features.test.ids": self.test_features.ids, "features.test.values": self.test_features.matrix})
+        return write_artifact(path, meta, tensors)
+
+    @classmethod
+    def _from_artifact(cls, meta: dict[str, Any], tensors: dict[str, np.ndarray], encoder: Encoder | None = None
+                       ) -> "GPTfluenceSimulator":
+        sim = cls(meta["metric"], meta.get("config") or {})
+        sim._load_meta(meta)
+        sim.encoder_spec = meta.get("encoder_spec")
+        if encoder is not None:
+            if sim.encoder_spec is not None and encoder.spec() != sim.encoder_spec:
+                raise ArtifactMismatchError(f"simulator features come from encoder {sim.encoder_spec}, "
+                                            f"but encoder {encoder.spec()} was given")
+            sim.encoder = encoder
+        c = sim.config
+        sim.train_features.add(tensors["features.train.ids"].tolist(), tensors["features.train.values"], "training")
+        sim.test_features.add(tensors["features.test.ids"].tolist(), tensors["features.test.values"], "test")
+        sim.module = FeaturizedFactors(int(meta["feature_dim"]), c.hidden, c.proj_dim, c.order, c.share_projection,
+                                       c.factor_bias)
+        state = {k[len("module."):]: torch.as_tensor(v) for k, v in tensors.items() if k.startswith("module.")}
+        try:
+            sim.module.load_state_dict(state)
+        except RuntimeError as e:
+            raise ArtifactMismatchError(f"gptfluence weights do not match its config ({e})") from None
+        sim.module.eval()
+        return sim

@@ -1,0 +1,81 @@
+"""A per-step Python-loop implementation of the same model, with the research code's structure.
+
+One trajectory (run, test example) at a time, one step at a time; at each step the factor MLPs
+are called on that step's batch (batch-1 over trajectories) and the test example, and the
+recurrence is applied to scalars. Teacher forcing likewise calls the MLPs once per transition.
+It exists to check the matrix-form engine (tests: equal rollouts and equal loss gradients) and
+to measure what the matrix form buys (`benchmarks/simulators.py`). Never use it for real work.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+PairFn = Callable[[int, torch.Tensor, int], torch.Tensor]
+"""pair_fn(k, train_rows [b] (no padding), test_col) -> factor k of each (row, col) pair, [b]."""
+
+
+def featurized_pair_fn(module: torch.nn.Module, h_train: torch.Tensor, h_test: torch.Tensor) -> PairFn:
+    """Per-pair factors of a `FeaturizedFactors` module: MLP calls on the batch's features."""
+    return lambda k, rows, col: module.pair(k, h_train[rows], h_test[col])
+
+
+def table_pair_fn(F: torch.Tensor) -> PairFn:
+    """Per-pair factors looked up in a table ``F [n+1, N, M]`` (Simfluence)."""
+    return lambda k, rows, col: F[k, rows, col]
+
+
+def _step(pair_fn: PairFn, order: int, rows: torch.Tensor, col: int, hist: list[torch.Tensor],
+          residual: bool) -> torch.Tensor:
+    rows = rows[rows >= 0]
+    if rows.numel() == 0:
+        sums = [torch.zeros(()) for _ in range(order + 1)]
+    else:
+        sums = [pair_fn(k, rows, col).sum() for k in range(order + 1)]
+    out = sums[order] + (hist[0] if residual else 0.0)
+    for j in range(order):
+        out = out + sums[j] * hist[j]
+    return out
+
+
+def loop_rollout(pair_fn: PairFn, order: int, rows: torch.Tensor, cols: torch.Tensor, start: torch.Tensor,
+                 residual: bool = True) -> torch.Tensor:
+    """``rows [R, T, b]`` (provider rows, -1 = padding), ``cols [M]``, ``start [R, M]`` ->
+    ``[R, T+1, M]``, computed trajectory by trajectory and step by step."""
+    R, T, _ = rows.shape
+    M = cols.shape[0]
+    out = torch.empty(R, T + 1, M)
+    with torch.no_grad():
+        for r in range(R):
+            for m in range(M):
+                col = int(cols[m])
+                hist = [start[r, m]] * order
+                out[r, 0, m] = start[r, m]
+                for t in range(T):
+                    new = _step(pair_fn, order, rows[r, t], col, hist, residual)
+                    out[r, t + 1, m] = new
+                    hist = [new] + hist[:-1]
+    return out
+
+
+def loop_teacher_forced_loss(pair_fn: PairFn, order: int, values: torch.Tensor, rows: torch.Tensor,
+                             cols: torch.Tensor, residual: bool = True) -> torch.Tensor:
+    """Mean squared one-step error over every transition whose target and previous ``order``
+    values (history clamped at grid index 0) are finite. ``values [R, S, M]``, ``rows [R, S-1, b]``
+    (-1 = padding), ``cols [M]``; one model call per transition."""
+    R, S, M = values.shape
+    total = torch.zeros(())
+    count = 0
+    for r in range(R):
+        for k in range(1, S):
+            for m in range(M):
+                prev = [values[r, max(k - j, 0), m] for j in range(1, order + 1)]
+                target = values[r, k, m]
+                if not (torch.isfinite(target) and all(torch.isfinite(p) for p in prev)):
+                    continue
+                pred = _step(pair_fn, order, rows[r, k - 1], int(cols[m]), prev, residual)
+                total = total + (pred - target) ** 2
+                count += 1
+    return total / max(count, 1)
