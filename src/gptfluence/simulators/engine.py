@@ -141,7 +141,9 @@ class RunBlock:
         for j in range(1, order + 1):
             idx = torch.clamp(torch.arange(1, S, device=V.device) - j, min=0)
             valid &= ok[:, idx]
-        return valid.nonzero()
+        tr = valid.nonzero()
+        tr[:, 1] += 1  # column j of valid is grid step k = j + 1
+        return tr
 
     def gather(self, tr: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """For transitions ``tr [K, 3]``: (rows [K, b], cols [K], prev [n, K], target [K])."""

@@ -1,0 +1,337 @@
+"""Simulators: matrix form == per-step loop, fitting, unseen ids, artifacts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gptfluence.errors import ArtifactMismatchError, InputError
+from gptfluence.simulators import (SIMULATOR_METHODS, GPTfluenceSimulator, HashingBowEncoder, Simulator,
+                                   load_simulator, make_simulator)
+from gptfluence.simulators import engine
+from gptfluence.simulators.common import stack_curricula
+from gptfluence.simulators.gptfluence import FeaturizedFactors
+from gptfluence.simulators.loop_reference import (featurized_pair_fn, loop_rollout, loop_teacher_forced_loss,
+                                                  table_pair_fn)
+from gptfluence.simulators.synthetic import synthetic_dynamics
+from gptfluence.types import Example
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: OpenMP threads only add overhead (and stall on a busy machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _random_case(order: int, seed: int = 0, N: int = 7, M: int = 4, H: int = 6, R: int = 2, T: int = 6, b: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    module = FeaturizedFactors(H, 8, 5, order, share=bool(seed % 2), factor_bias=True)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(0.5)
+        module.bias.copy_(0.05 * torch.randn(order + 1, generator=g))
+    htr = torch.randn(N, H, generator=g)
+    hte = torch.randn(M, H, generator=g)
+    rows = torch.randint(0, N, (R, T, b), generator=g)
+    rows[0, 1, 2] = -1  # a short batch
+    rows[1, 3, :] = -1  # an empty batch
+    start = torch.rand(R, M, generator=g) + 1.0
+    return module, htr, hte, rows, start
+
+
+@pytest.mark.parametrize("order", [1, 3])
+@pytest.mark.parametrize("residual", [True, False])
+def test_rollout_matrix_equals_loop(order, residual):
+    module, htr, hte, rows, start = _random_case(order, seed=order + 2 * residual)
+    N = htr.shape[0]
+    cols = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        Fp = engine.pad_factors(module(htr, hte))
+        fast = engine.rollout_tensor(Fp[:, :, cols], torch.where(rows < 0, N, rows), start, residual)
+    slow = loop_rollout(featurized_pair_fn(module, htr, hte), order, rows, cols, start, residual)
+    assert fast.shape == (2, 7, 4)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    if residual:  # the empty batch of run 1, step 4 leaves every value unchanged
+        torch.testing.assert_close(fast[1, 4], fast[1, 3])
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_teacher_forced_gradients_equal_loop(order):
+    module, htr, hte, rows, start = _random_case(order, seed=10 + order)
+    N, M = htr.shape[0], hte.shape[0]
+    R, T, b = rows.shape
+    g = torch.Generator().manual_seed(5)
+    values = torch.rand(R, T + 1, M, generator=g) + 0.5
+    values[0, 2, 1] = float("nan")  # drops transitions to step 2 and those that need it as history
+    values[1, 5, :] = float("nan")
+    cols = torch.arange(M)
+    block = engine.RunBlock(values, torch.where(rows < 0, N, rows), cols, 0)
+    tr = block.transitions(order)
+    # fast: all transitions in one tensor expression
+    r_, c_, prev, target = block.gather(tr, order)
+    pred = engine.teacher_forced_pred(engine.pad_factors(module(htr, hte)), r_, c_, prev, True)
+    fast = torch.mean((pred - target) ** 2)
+    gfast = torch.autograd.grad(fast, list(module.parameters()))
+    slow = loop_teacher_forced_loss(featurized_pair_fn(module, htr, hte), order, values, rows, cols, True)
+    gslow = torch.autograd.grad(slow, list(module.parameters()))
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    for a, c in zip(gfast, gslow):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+    # every transition whose target and history are finite is used, and no other
+    n_expected = 0
+    for r in range(R):
+        for k in range(1, T + 1):
+            for m in range(M):
+                need = [values[r, k, m]] + [values[r, max(k - j, 0), m] for j in range(1, order + 1)]
+                n_expected += all(torch.isfinite(v) for v in need)
+    assert tr.shape[0] == n_expected
+
+
+def test_simfluence_table_matches_loop():
+    g = torch.Generator().manual_seed(3)
+    F = 0.05 * torch.randn(2, 6, 3, generator=g)
+    rows = torch.randint(0, 6, (2, 5, 2), generator=g)
+    rows[0, 0, 1] = -1
+    start = torch.rand(2, 3, generator=g)
+    cols = torch.arange(3)
+    fast = engine.rollout_tensor(engine.pad_factors(F), torch.where(rows < 0, 6, rows), start, True)
+    slow = loop_rollout(table_pair_fn(F), 1, rows, cols, start, True)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# fitting on synthetic dynamics
+
+
+@pytest.fixture(scope="module")
+def synth():
+    dyn, enc = synthetic_dynamics(n_runs=10, n_steps=40, n_train=60, n_test=24, dim=32, eta=0.06, seed=3)
+    ids = dyn.run_ids
+    return dyn, enc, ids[:7], ids[7:8], ids[8:]
+
+
+def _heldout_mse(sim, dyn, runs):
+    V, steps, tids = dyn.stack(sim.metric, runs)
+    cur = stack_curricula(dyn, runs)
+    pred = sim.simulate(cur, tids, V[:, 0])
+    return float(np.nanmean((pred[:, 1:] - V[:, 1:]) ** 2)), pred
+
+
+FAST = dict(hidden=32, proj_dim=16, epochs=40, batch_size=1024, lr=3e-3, patience=8)
+
+
+@pytest.fixture(scope="module")
+def fitted(synth):
+    dyn, enc, fit, val, test = synth
+    sims = {
+        "gptfluence": make_simulator("gptfluence", "loss", encoder=enc, **FAST),
+        "simfluence": make_simulator("simfluence", "loss", epochs=40, batch_size=1024),
+        "constant": make_simulator("constant", "loss"),
+        "mean_curve": make_simulator("mean_curve", "loss"),
+    }
+    for s in sims.values():
+        s.fit(dyn, fit, val)
+    return sims
+
+
+def test_fit_recovers_known_process(synth, fitted):
+    dyn, enc, fit, val, test = synth
+    mse = {k: _heldout_mse(s, dyn, test)[0] for k, s in fitted.items()}
+    assert mse["gptfluence"] < 0.5 * mse["mean_curve"], mse
+    assert mse["gptfluence"] < 0.05 * mse["constant"], mse
+    assert mse["simfluence"] < mse["constant"], mse
+    h = fitted["gptfluence"].history
+    assert h["best_val_mse"] < h["val_mse_init"]
+
+
+def test_protocol_and_shapes(synth, fitted):
+    dyn, enc, fit, val, test = synth
+    V, steps, tids = dyn.stack("loss", test)
+    cur = stack_curricula(dyn, test)
+    for name, sim in fitted.items():
+        assert isinstance(sim, Simulator) and sim.method == name
+        out = sim.simulate(cur, tids[:5], V[:, 3, :5], first_step=3)
+        assert out.shape == (2, 41 - 3, 5)
+        np.testing.assert_allclose(out[:, 0], V[:, 3, :5], rtol=1e-6)
+    assert set(SIMULATOR_METHODS) == set(fitted)
+
+
+def test_predictions_come_out_in_metric_units(synth):
+    dyn, enc, fit, val, test = synth
+    # a BLEU-like scale: x 40
+    big, _ = synthetic_dynamics(n_runs=10, n_steps=40, n_train=60, n_test=24, dim=32, eta=0.06, seed=3)
+    for r in big.runs():
+        r.values["loss"] = r.values["loss"] * 40.0
+    s1 = make_simulator("gptfluence", "loss", encoder=enc, **{**FAST, "epochs": 3})
+    s2 = make_simulator("gptfluence", "loss", encoder=enc, **{**FAST, "epochs": 3})
+    s1.fit(dyn, fit, val)
+    s2.fit(big, fit, val)
+    assert s2.scale == pytest.approx(40 * s1.scale, rel=1e-5)
+    _, p1 = _heldout_mse(s1, dyn, test)
+    _, p2 = _heldout_mse(s2, big, test)
+    np.testing.assert_allclose(p2, 40 * p1, rtol=2e-3, atol=1e-3)
+
+
+def test_fit_from_step1_like_imported_data():
+    dyn, enc = synthetic_dynamics(n_runs=4, n_steps=12, n_train=20, n_test=6, dim=16, record_step0=False)
+    sim = make_simulator("gptfluence", "loss", encoder=enc, hidden=8, proj_dim=4, epochs=2)
+    h = sim.fit(dyn, dyn.run_ids[:3], dyn.run_ids[3:])
+    assert h["fit_first_step"] == 1
+    V, _, tids = dyn.stack("loss", dyn.run_ids[3:])
+    out = sim.simulate(stack_curricula(dyn, dyn.run_ids[3:]), tids, V[:, 1], first_step=1)
+    assert out.shape == (1, 12, 6)
+
+
+def test_order3_fits_and_runs(synth):
+    dyn, enc, fit, val, test = synth
+    sim = make_simulator("gptfluence", "loss", encoder=enc, order=3, **{**FAST, "epochs": 3})
+    sim.fit(dyn, fit, val)
+    mse, _ = _heldout_mse(sim, dyn, test)
+    assert np.isfinite(mse)
+    A, B = sim.factors([0, 1, 2], [0, 1])
+    assert A.shape == (3, 3, 2) and B.shape == (3, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# unseen examples
+
+
+def test_simfluence_unseen_ids(synth, fitted):
+    dyn, enc, fit, val, test = synth
+    sim = fitted["simfluence"]
+    V, _, tids = dyn.stack("loss", test)
+    cur = stack_curricula(dyn, test)[:1]
+    bad = cur.copy()
+    bad[0, 2, 0] = 17_000
+    with pytest.raises(InputError, match="simfluence has no parameters for training id 17000"):
+        sim.simulate(bad, tids, V[:1, 0])
+    with pytest.raises(InputError, match="test id 999"):
+        sim.simulate(cur, np.array([999]), V[:1, 0, :1])
+    zero = make_simulator("simfluence", "loss", unseen="zero")
+    zero.module, zero.train_ids, zero.test_ids, zero.scale = sim.module, sim.train_ids, sim.test_ids, sim.scale
+    pad = cur.copy()
+    pad[0, 2, 0] = -1
+    np.testing.assert_allclose(zero.simulate(bad, tids, V[:1, 0]), zero.simulate(pad, tids, V[:1, 0]), rtol=1e-6)
+    # unseen test id: constant trajectory
+    out = zero.simulate(cur, np.array([999]), np.array([[2.5]]))
+    np.testing.assert_allclose(out, 2.5, rtol=1e-6)
+
+
+def test_gptfluence_unseen_examples_via_features(synth, fitted):
+    dyn, enc, fit, val, test = synth
+    sim = fitted["gptfluence"]
+    new_train = Example(5000, "input: t1w1 t1w2 t1w3", " output: s1 s2")
+    new_test = Example(6000, "input: t1w1 t1w5 t1w7", " output: s3")
+    cur = np.array([[[5000, 0], [1, -1]]])
+    with pytest.raises(InputError, match="no features for training id 5000"):
+        sim.simulate(cur, [0], [[1.0]])
+    sim2 = load_simulator_roundtrip(sim)
+    sim2.encoder = enc
+    sim2.set_examples([new_train], [new_test])
+    out = sim2.simulate(cur, [0, 6000], [[1.0, 2.0]])
+    assert out.shape == (1, 3, 2) and np.isfinite(out).all()
+
+
+def load_simulator_roundtrip(sim, tmp=None):
+    import tempfile
+
+    d = tempfile.mkdtemp()
+    sim.save(d)
+    return load_simulator(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# artifacts
+
+
+@pytest.mark.parametrize("method", SIMULATOR_METHODS)
+def test_save_load_same_predictions(tmp_path, synth, fitted, method):
+    dyn, enc, fit, val, test = synth
+    sim = fitted[method]
+    sim.save(tmp_path / method)
+    assert (tmp_path / method / "config.json").exists() and (tmp_path / method / "weights.safetensors").exists()
+    back = load_simulator(tmp_path / method, dynamics=dyn)
+    assert back.method == method and back.metric == "loss"
+    V, _, tids = dyn.stack("loss", test)
+    cur = stack_curricula(dyn, test)
+    np.testing.assert_array_equal(sim.simulate(cur, tids, V[:, 0]), back.simulate(cur, tids, V[:, 0]))
+
+
+def test_load_against_wrong_dynamics_or_encoder(tmp_path, synth, fitted):
+    dyn, enc, fit, val, test = synth
+    other, _ = synthetic_dynamics(n_runs=2, n_steps=5, n_train=60, n_test=24, dim=32, seed=99)
+    for method in ("gptfluence", "simfluence", "mean_curve"):
+        fitted[method].save(tmp_path / method)
+        with pytest.raises(ArtifactMismatchError, match="other train examples"):
+            load_simulator(tmp_path / method, dynamics=other)
+    with pytest.raises(ArtifactMismatchError, match="encoder"):
+        load_simulator(tmp_path / "gptfluence", encoder=HashingBowEncoder(32, seed=1))
+    with pytest.raises(ArtifactMismatchError, match="encoder"):
+        load_simulator(tmp_path / "gptfluence", encoder=HashingBowEncoder(64, seed=3))
+    load_simulator(tmp_path / "gptfluence", encoder=HashingBowEncoder(32, seed=3), dynamics=dyn)
+    # gptfluence may be used on other examples when asked to (it embeds them)
+    sim = load_simulator(tmp_path / "gptfluence", dynamics=other, encoder=HashingBowEncoder(32, seed=3),
+                         allow_new_examples=True)
+    V, _, tids = other.stack("loss")
+    assert np.isfinite(sim.simulate(stack_curricula(other, other.run_ids), tids, V[:, 0])).all()
+    bleu, _ = synthetic_dynamics(n_runs=10, n_steps=40, n_train=60, n_test=24, dim=32, eta=0.06, seed=3, metric="bleu")
+    with pytest.raises(ArtifactMismatchError, match="metric 'loss'"):
+        load_simulator(tmp_path / "simfluence", dynamics=bleu)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"format": "something-else"}')
+    with pytest.raises(ArtifactMismatchError, match="format"):
+        load_simulator(tmp_path / "bad")
+
+
+def test_mean_curve_by_hand():
+    from gptfluence.dynamics.store import Dynamics, Run
+    from gptfluence.simulators.synthetic import synthetic_task
+
+    task = synthetic_task(n_train=4, n_test=2)
+    cur = np.array([[0, 1], [2, 3], [0, 2]])
+    a = Run("a", cur, np.arange(4), [0, 1], {"loss": np.array([[3, 2], [2, 2], [1, 2], [1, 2]], np.float32)})
+    b = Run("b", cur, np.arange(4), [0, 1], {"loss": np.array([[5, 2], [4, 4], [np.nan, 4], [2, 4]], np.float32)})
+    dyn = Dynamics(task, [a, b])
+    sim = make_simulator("mean_curve", "loss")
+    sim.fit(dyn, ["a", "b"])
+    # test 0: changes a: 0,-1,-2,-2; b: 0,-1,nan,-3 -> mean 0,-1,-2,-2.5 ; test 1: 0,1,1,1
+    out = sim.simulate(cur[None], [0, 1, 7], [[10.0, 10.0, 10.0]])
+    np.testing.assert_allclose(out[0, :, 0], [10, 9, 8, 7.5])
+    np.testing.assert_allclose(out[0, :, 1], [10, 11, 11, 11])
+    # unseen test id 7: global mean change over runs and test examples
+    np.testing.assert_allclose(out[0, :, 2], [10, 10, 10 + (-2 + 1 + 1) / 3, 10 + (-2 - 3 + 2) / 4])
+    # from step 1: change relative to step 1
+    out1 = sim.simulate(cur[None], [0], [[5.0]], first_step=1)
+    np.testing.assert_allclose(out1[0, :, 0], [5, 4, 3.5])
+    const = make_simulator("constant", "loss")
+    np.testing.assert_array_equal(const.simulate(cur[None], [0, 1], [[1.0, 2.0]], first_step=2)[0], [[1, 2], [1, 2]])
+
+
+def test_simulate_input_errors(fitted):
+    sim = fitted["gptfluence"]
+    with pytest.raises(InputError, match="runs, steps, batch"):
+        sim.simulate(np.zeros((3, 2), int), [0], [[1.0]])
+    with pytest.raises(InputError, match="start must be"):
+        sim.simulate(np.zeros((1, 3, 2), int), [0, 1], [[1.0]])
+    with pytest.raises(InputError, match="first_step"):
+        sim.simulate(np.zeros((1, 3, 2), int), [0], [[1.0]], first_step=4)
+    with pytest.raises(InputError, match="unknown simulator method"):
+        make_simulator("nope")
+    with pytest.raises(InputError, match="unknown field"):
+        make_simulator("gptfluence", hiden=3)
+    with pytest.raises(InputError, match="unseen"):
+        make_simulator("simfluence", unseen="maybe")
+
+
+def test_gptfluence_options_paper_literal_and_unshared(synth):
+    dyn, enc, fit, val, test = synth
+    for kw in (dict(share_projection=False), dict(residual=False)):
+        sim = make_simulator("gptfluence", "loss", encoder=enc, **{**FAST, "epochs": 3, **kw})
+        h = sim.fit(dyn, fit, val)
+        # rollouts start stable: the initial validation MSE is about that of a constant prediction
+        assert np.isfinite(h["val_mse_init"]) and h["val_mse_init"] < 10
