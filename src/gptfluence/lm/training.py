@@ -1,0 +1,98 @@
+"""One fine-tuning step's pieces: the target-token loss and the optimizer with its schedule.
+
+`causal_lm_loss` is the mean cross-entropy over every target token of the batch (tokens where
+``labels != -100``, predicted from the token before): the standard Hugging Face causal LM loss,
+computed with the LM head applied only at those positions, which is several times faster for
+small models and gives the same value (and gradients).
+
+`make_optimizer` returns AdamW with two parameter groups (weight decay on matrices and embeddings,
+none on biases and LayerNorm parameters, i.e. on every parameter with fewer than 2 dimensions)
+and a `LambdaLR` schedule: linear warmup from 0 to ``lr`` over ``warmup_steps`` steps, then
+linear decay to 0 at ``total_steps`` (``schedule="linear"``, the Hugging Face default), or
+constant after warmup (``schedule="constant"``). Call ``scheduler.step()`` after every
+``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gptfluence.errors import GptfluenceError
+
+IGNORE_INDEX = -100
+
+
+def _base_and_head(model):
+    """(base model returning final hidden states, output embedding) when the head can be split off.
+
+    Returns None for models whose logits are not just ``head(hidden)`` (logit scaling or
+    soft-capping), which then take the full forward pass.
+    """
+    cfg = getattr(model, "config", None)
+    if cfg is not None and (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)):
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", None)
+    if head is None or base is None or base is model:
+        return None
+    return base, head
+
+
+def target_token_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict a target token.
+
+    Returns ``(logits [K, V], targets [K], rows [K])`` where the K positions are every (b, t) with
+    ``labels[b, t + 1] != -100`` and ``rows`` is the batch row of each.
+    """
+    shifted = labels[:, 1:]
+    pos = (shifted != IGNORE_INDEX).nonzero(as_tuple=False)  # [K, 2] (row, t)
+    rows, cols = pos[:, 0], pos[:, 1]
+    targets = shifted[rows, cols]
+    split = _base_and_head(model)
+    if split is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return logits[rows, cols], targets, rows
+    base, head = split
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return head(hidden[rows, cols]), targets, rows
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over all target tokens of ``batch`` (keys input_ids, attention_mask, labels)."""
+    labels = batch["labels"]
+    if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
+        raise GptfluenceError("batch has no target tokens to compute a loss on")
+    logits, targets, _ = target_token_logits(model, batch["input_ids"], batch.get("attention_mask"), labels)
+    return torch.nn.functional.cross_entropy(logits.float(), targets)
+
+
+def make_optimizer(model, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0,
+                   total_steps: int = 1, schedule: str = "linear", betas: tuple[float, float] = (0.9, 0.999),
+                   eps: float = 1e-8) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """``(AdamW, LambdaLR)``: warmup then linear decay to 0 at ``total_steps`` (or constant)."""
+    if schedule not in ("linear", "constant"):
+        raise GptfluenceError(f"unknown learning-rate schedule {schedule!r} (linear or constant)")
+    if total_steps < 1 or warmup_steps < 0:
+        raise GptfluenceError(f"invalid schedule: total_steps={total_steps}, warmup_steps={warmup_steps}")
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 else decay).append(p)
+    groups: list[dict[str, Any]] = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
