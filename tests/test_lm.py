@@ -211,6 +211,7 @@ def test_causal_lm_loss_matches_hf_loss_and_gradients(tiny):
     ref = model(**b).loss
     ref.backward()
     assert abs(ours.item() - ref.item()) < 1e-5
+    assert abs(causal_lm_loss(model, b, head_only=False).item() - ref.item()) < 1e-5
     for n, p in model.named_parameters():
         assert torch.allclose(g1[n], p.grad, atol=1e-6), n
     model.zero_grad()

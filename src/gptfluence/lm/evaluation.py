@@ -41,21 +41,23 @@ class EvalSet:
         return int(len(self.ids))
 
 
-_STOP_CACHE: dict[tuple[int, int], list[int]] = {}
-
-
 def stop_token_ids(tokenizer) -> list[int]:
-    """eos plus every token whose decoded text contains a newline (cached per tokenizer)."""
-    key = (id(tokenizer), len(tokenizer))
-    if key not in _STOP_CACHE:
-        n = len(tokenizer)
-        texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
-                                       clean_up_tokenization_spaces=False)
-        ids = [i for i, t in enumerate(texts) if "\n" in t]
-        if tokenizer.eos_token_id is not None:
-            ids.insert(0, int(tokenizer.eos_token_id))
-        _STOP_CACHE[key] = sorted(set(ids))
-    return _STOP_CACHE[key]
+    """eos plus every token whose decoded text contains a newline (cached on the tokenizer)."""
+    n = len(tokenizer)
+    cached = getattr(tokenizer, "_gptfluence_stop_ids", None)
+    if cached is not None and cached[0] == n:
+        return list(cached[1])
+    texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+    ids = {i for i, t in enumerate(texts) if "\n" in t}
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    out = sorted(ids)
+    try:
+        tokenizer._gptfluence_stop_ids = (n, tuple(out))
+    except AttributeError:  # pragma: no cover - tokenizer without a __dict__
+        pass
+    return out
 
 
 def prepare_eval(tokenizer, examples: Sequence[Example], max_length: int) -> EvalSet:

@@ -60,9 +60,21 @@ def target_token_logits(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return head(hidden[rows, cols]), targets, rows
 
 
-def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over all target tokens of ``batch`` (keys input_ids, attention_mask, labels)."""
+def causal_lm_loss(model, batch: dict[str, torch.Tensor], head_only: bool = True) -> torch.Tensor:
+    """Mean cross-entropy over all target tokens of ``batch`` (keys input_ids, attention_mask, labels).
+
+    ``head_only=True`` applies the LM head only where a target token is predicted (fast, but its
+    shapes depend on the data: not usable under ``torch.func.vmap``); ``head_only=False`` computes
+    the full logits and masks them (vmap-friendly; same value).
+    """
     labels = batch["labels"]
+    if not head_only:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                       use_cache=False).logits[:, :-1].float()
+        shifted = labels[:, 1:]
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return ce / (shifted != IGNORE_INDEX).sum().clamp_min(1)
     if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
         raise GptfluenceError("batch has no target tokens to compute a loss on")
     logits, targets, _ = target_token_logits(model, batch["input_ids"], batch.get("attention_mask"), labels)
