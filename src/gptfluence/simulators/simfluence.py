@@ -34,8 +34,6 @@ from gptfluence.simulators.common import UNSEEN_POLICIES, FitConfig, RecurrenceS
 class SimfluenceConfig(FitConfig):
     """Hyper-parameters of Simfluence-Linear."""
 
-    lr: float = arg(1e-2, "AdamW learning rate (after warmup)")
-    weight_decay: float = arg(1e-3, "AdamW decoupled weight decay (the L2 term)")
     unseen: str = arg("error", "what simulate() does with ids not seen in fitting: 'error' or 'zero' (contribute nothing)")
 
 
