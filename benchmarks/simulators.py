@@ -128,11 +128,10 @@ def main(argv: list[str] | None = None) -> int:
           f"({1 / ref_fit_per_tr:,.0f} transitions/s; {1000 * ref_fit_s / args.ref_fit_steps:.1f} ms per 128)")
 
     # equal one-step predictions with the same weights (the fitted `module`)
-    tr = torch.tensor(picks[:128])
+    tr = torch.tensor([(r, k - 1, k, m) for r, k, m in picks[:128]])
     block = engine.RunBlock(Vn, torch.where(rows_t < 0, train_ids.size, rows_t), torch.arange(M), f0)
-    r_, c_, prev, _ = block.gather(tr, 1)
     with torch.no_grad():
-        fast_pred = engine.teacher_forced_pred(engine.pad_factors(module(htr, hte)), r_, c_, prev, True)
+        fast_pred, _ = block.predict(engine.pad_factors(module(htr, hte)), tr, 1, True)
         slow_pred = torch.stack([
             engine.step_update(torch.stack([pair(k, rows_t[r, kk - 1][rows_t[r, kk - 1] >= 0], m).sum() for k in range(2)]),
                                [Vn[r, kk - 1, m]], True) for r, kk, m in picks[:128]])

@@ -61,35 +61,55 @@ def test_rollout_matrix_equals_loop(order, residual):
 
 
 @pytest.mark.parametrize("order", [1, 3])
-def test_teacher_forced_gradients_equal_loop(order):
+@pytest.mark.parametrize("bridge", [False, True])
+def test_teacher_forced_gradients_equal_loop(order, bridge):
     module, htr, hte, rows, start = _random_case(order, seed=10 + order)
     N, M = htr.shape[0], hte.shape[0]
     R, T, b = rows.shape
     g = torch.Generator().manual_seed(5)
     values = torch.rand(R, T + 1, M, generator=g) + 0.5
-    values[0, 2, 1] = float("nan")  # drops transitions to step 2 and those that need it as history
+    values[0, 2, 1] = float("nan")  # drops/bridges transitions to step 2 and those that need it as history
     values[1, 5, :] = float("nan")
+    values[1, 1:4, 3] = float("nan")  # a gap of 4 steps
     cols = torch.arange(M)
     block = engine.RunBlock(values, torch.where(rows < 0, N, rows), cols, 0)
-    tr = block.transitions(order)
-    # fast: all transitions in one tensor expression
-    r_, c_, prev, target = block.gather(tr, order)
-    pred = engine.teacher_forced_pred(engine.pad_factors(module(htr, hte)), r_, c_, prev, True)
+    tr = block.transitions(order, bridge_gaps=bridge)
+    # fast: all transitions in one tensor expression per step of the longest gap
+    pred, target = block.predict(engine.pad_factors(module(htr, hte)), tr, order, True)
     fast = torch.mean((pred - target) ** 2)
     gfast = torch.autograd.grad(fast, list(module.parameters()))
-    slow = loop_teacher_forced_loss(featurized_pair_fn(module, htr, hte), order, values, rows, cols, True)
+    slow = loop_teacher_forced_loss(featurized_pair_fn(module, htr, hte), order, values, rows, cols, True,
+                                    bridge_gaps=bridge)
     gslow = torch.autograd.grad(slow, list(module.parameters()))
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
     for a, c in zip(gfast, gslow):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
-    # every transition whose target and history are finite is used, and no other
+    # which targets are used
     n_expected = 0
     for r in range(R):
         for k in range(1, T + 1):
             for m in range(M):
-                need = [values[r, k, m]] + [values[r, max(k - j, 0), m] for j in range(1, order + 1)]
-                n_expected += all(torch.isfinite(v) for v in need)
+                if bridge:
+                    n_expected += bool(torch.isfinite(values[r, k, m]))  # step 0 is always recorded here
+                else:
+                    need = [values[r, k, m]] + [values[r, max(k - j, 0), m] for j in range(1, order + 1)]
+                    n_expected += all(torch.isfinite(v) for v in need)
     assert tr.shape[0] == n_expected
+    if bridge:
+        assert int((tr[:, 2] - tr[:, 1]).max()) == 4
+
+
+def test_sparse_metric_fits_with_gap_bridging():
+    # a metric recorded every 5 steps (like BLEU in a collection): no one-step transition exists
+    dyn, enc = synthetic_dynamics(n_runs=5, n_steps=20, n_train=30, n_test=8, dim=16, seed=5)
+    for run in dyn.runs():
+        keep = run.steps % 5 == 0
+        run.values["loss"][~keep] = np.nan
+    with pytest.raises(InputError, match="no usable transitions"):
+        make_simulator("simfluence", "loss", bridge_gaps=False).fit(dyn, dyn.run_ids[:4])
+    sim = make_simulator("gptfluence", "loss", encoder=enc, hidden=8, proj_dim=4, epochs=5)
+    h = sim.fit(dyn, dyn.run_ids[:3], dyn.run_ids[3:4])
+    assert h["transitions"] == 3 * 4 * 8 and np.isfinite(h["best_val_mse"])
 
 
 def test_simfluence_table_matches_loop():

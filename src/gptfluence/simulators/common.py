@@ -34,10 +34,12 @@ class FitConfig:
     weight_decay: float = arg(1e-3, "AdamW decoupled weight decay (the L2 term)")
     epochs: int = arg(60, "maximum epochs over all teacher-forcing transitions of the fit runs")
     batch_size: int = arg(4096, "transitions (run, step, test example) per optimizer step; 0 = all")
+    min_steps_per_epoch: int = arg(16, "small fits: shrink the batch (not below 64) so that an epoch has at least this many optimizer steps (0 = off)")
     warmup_steps: int = arg(20, "optimizer steps of linear learning-rate warmup")
     patience: int = arg(10, "stop after this many epochs without a better validation rollout MSE (0 = never)")
     seed: int = arg(0, "seed of initialisation and transition shuffling")
     device: str = arg("cpu", "torch device: cpu or cuda[:k]")
+    bridge_gaps: bool = arg(True, "teacher forcing across unrecorded steps: roll the model from the last recorded value to the next (metrics recorded every k steps); false = only targets whose previous order values are recorded")
     normalize: bool = arg(True, "fit on metric / scale (scale = mean |value| over the fit runs); outputs stay in metric units")
 
 
@@ -256,8 +258,9 @@ class RecurrenceSimulator(SimulatorBase):
         val_block = self._block(dynamics, val_runs, train_ids, test_ids).to(device) if val_runs else None
         c = self.config
         opts = engine.FitOptions(lr=c.lr, weight_decay=c.weight_decay, epochs=c.epochs, batch_size=c.batch_size,
+                                 min_steps_per_epoch=c.min_steps_per_epoch,
                                  warmup_steps=c.warmup_steps, patience=c.patience, seed=c.seed, device=device,
-                                 residual=self.residual, order=self.order)
+                                 residual=self.residual, order=self.order, bridge_gaps=c.bridge_gaps)
         hist = engine.fit_engine(self.module, fn, fit_block, val_block, opts, progress=progress,
                                  desc=f"{self.method} {self.metric}")
         self.module.eval()

@@ -131,25 +131,69 @@ class RunBlock:
     def to(self, device: str) -> "RunBlock":
         return RunBlock(self.values.to(device), self.rows.to(device), self.cols.to(device), self.first_step)
 
-    def transitions(self, order: int) -> torch.Tensor:
-        """Flat indices ``[K, 3]`` (run, grid step k >= 1, test position) of the transitions
-        whose target and previous ``order`` values (history clamped at the start) are recorded."""
+    def transitions(self, order: int, bridge_gaps: bool = False) -> torch.Tensor:
+        """Teacher-forcing targets ``[K, 4]``: (run, k0, k1, test position), predicting the value
+        at grid step k1 >= 1 from the recorded value at k0 < k1.
+
+        ``bridge_gaps=False``: only one-step transitions (k0 = k1 - 1) whose target and previous
+        ``order`` values (history clamped at grid index 0) are recorded.
+        ``bridge_gaps=True``: every recorded target with an earlier recorded value; k0 = the last
+        recorded step before k1, and the model is rolled through the k1 - k0 batches in between
+        (needed for metrics recorded every few steps). History values before k0 that are not
+        recorded are taken equal to the next newer history value (at a segment start: phi_k0).
+        """
         V = self.values
         R, S, M = V.shape
         ok = torch.isfinite(V)
-        valid = ok[:, 1:].clone()
-        for j in range(1, order + 1):
-            idx = torch.clamp(torch.arange(1, S, device=V.device) - j, min=0)
-            valid &= ok[:, idx]
+        if not bridge_gaps:
+            valid = ok[:, 1:].clone()
+            for j in range(1, order + 1):
+                idx = torch.clamp(torch.arange(1, S, device=V.device) - j, min=0)
+                valid &= ok[:, idx]
+            tr = valid.nonzero()
+            k1 = tr[:, 1] + 1  # column j of valid is grid step k = j + 1
+            return torch.stack([tr[:, 0], k1 - 1, k1, tr[:, 2]], dim=1)
+        ar = torch.arange(S, device=V.device).view(1, S, 1).expand(R, S, M)
+        last = torch.where(ok, ar, torch.full_like(ar, -1)).cummax(dim=1).values  # last recorded index <= k
+        prev = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=1)  # last recorded index < k
+        valid = ok & (prev >= 0)
         tr = valid.nonzero()
-        tr[:, 1] += 1  # column j of valid is grid step k = j + 1
-        return tr
+        k0 = prev[tr[:, 0], tr[:, 1], tr[:, 2]]
+        return torch.stack([tr[:, 0], k0, tr[:, 1], tr[:, 2]], dim=1)
 
-    def gather(self, tr: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For transitions ``tr [K, 3]``: (rows [K, b], cols [K], prev [n, K], target [K])."""
-        r, k, m = tr[:, 0], tr[:, 1], tr[:, 2]
-        prev = torch.stack([self.values[r, torch.clamp(k - j, min=0), m] for j in range(1, order + 1)])
-        return self.rows[r, k - 1], self.cols[m], prev, self.values[r, k, m]
+    def gather(self, tr: torch.Tensor, order: int) -> tuple[torch.Tensor, ...]:
+        """For targets ``tr [K, 4]`` (see `transitions`): (run [K], k0 [K], gap [K] = k1 - k0,
+        cols [K], history [n, K] = phi_k0, phi_k0-1, ... (missing -> newer value), target [K])."""
+        r, k0, k1, m = tr[:, 0], tr[:, 1], tr[:, 2], tr[:, 3]
+        hist = [self.values[r, k0, m]]
+        for j in range(1, order):
+            v = self.values[r, torch.clamp(k0 - j, min=0), m]
+            hist.append(torch.where(torch.isfinite(v), v, hist[-1]))
+        return r, k0, k1 - k0, self.cols[m], torch.stack(hist), self.values[r, k1, m]
+
+    def predict(self, Fp: torch.Tensor, tr: torch.Tensor, order: int, residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced predictions and targets [K] for targets ``tr``: one tensor expression
+        per step of the longest gap in the minibatch (1 when every step is recorded)."""
+        r, k0, gap, cols, hist, target = self.gather(tr, order)
+        return segment_pred(Fp, self.rows, r, k0, gap, cols, hist, residual), target
+
+
+def segment_pred(Fp: torch.Tensor, rows_grid: torch.Tensor, r: torch.Tensor, k0: torch.Tensor, gap: torch.Tensor,
+                 cols: torch.Tensor, hist: torch.Tensor, residual: bool) -> torch.Tensor:
+    """Roll K segments forward from their recorded start: ``Fp [n+1, N+1, M]``, ``rows_grid
+    [R, S-1, b]``, run/start index/gap/test column ``[K]``, ``hist [n, K]`` -> prediction at k0 + gap."""
+    G = int(gap.max()) if gap.numel() else 0
+    h = list(hist)
+    last_row = rows_grid.shape[1] - 1
+    for s in range(G):
+        rows = rows_grid[r, torch.clamp(k0 + s, max=last_row)]  # batch of grid step k0 + s + 1
+        new = teacher_forced_pred(Fp, rows, cols, torch.stack(h), residual)
+        if G == 1:
+            h = [new] + h[:-1]
+            continue
+        act = gap > s
+        h = [torch.where(act, new, h[0])] + [torch.where(act, h[j - 1], h[j]) for j in range(1, len(h))]
+    return h[0]
 
 
 def rollout_mse(Fp: torch.Tensor, block: RunBlock, residual: bool) -> float:
@@ -174,12 +218,14 @@ class FitOptions:
     weight_decay: float
     epochs: int
     batch_size: int
+    min_steps_per_epoch: int
     warmup_steps: int
     patience: int
     seed: int
     device: str
     residual: bool
     order: int
+    bridge_gaps: bool = True
 
 
 def resolve_device(device: str) -> str:
@@ -192,7 +238,7 @@ def resolve_device(device: str) -> str:
 
 def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val: RunBlock | None,
                opt: FitOptions, progress: bool = False, desc: str = "fit") -> dict[str, Any]:
-    """Teacher-forced MSE fitting with AdamW (decoupled weight decay as the L2 term), linear
+    """Teacher-forced MSE fitting (targets from `RunBlock.transitions`) with AdamW (decoupled weight decay as the L2 term), linear
     warmup then constant lr, early stopping on the validation rollout MSE (best weights kept).
 
     ``factor_fn()`` must return ``F [n+1, N, M]`` computed from ``module``'s parameters.
@@ -200,11 +246,14 @@ def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val:
     """
     torch.manual_seed(opt.seed)
     gen = torch.Generator(device="cpu").manual_seed(opt.seed)
-    tr_all = fit.transitions(opt.order)
+    tr_all = fit.transitions(opt.order, opt.bridge_gaps)
     K = int(tr_all.shape[0])
     if K == 0:
-        raise InputError("no usable transitions: every step needs its previous values and its target recorded")
+        raise InputError("no usable transitions: no recorded value follows another recorded value"
+                         + ("" if opt.bridge_gaps else " at the next step (bridge_gaps=True rolls through gaps)"))
     bs = K if opt.batch_size <= 0 else min(opt.batch_size, K)
+    if opt.min_steps_per_epoch > 0:
+        bs = min(bs, max(64, math.ceil(K / opt.min_steps_per_epoch)))
     steps_per_epoch = math.ceil(K / bs)
     params = [p for p in module.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
@@ -233,9 +282,7 @@ def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val:
         module.train()
         for s in range(steps_per_epoch):
             tr = tr_all[perm[s * bs:(s + 1) * bs]]
-            rows, cols, prev, target = fit.gather(tr, opt.order)
-            Fp = pad_factors(factor_fn())
-            pred = teacher_forced_pred(Fp, rows, cols, prev, opt.residual)
+            pred, target = fit.predict(pad_factors(factor_fn()), tr, opt.order, opt.residual)
             loss = torch.mean((pred - target) ** 2)
             optim.zero_grad(set_to_none=True)
             loss.backward()

@@ -61,21 +61,40 @@ def loop_rollout(pair_fn: PairFn, order: int, rows: torch.Tensor, cols: torch.Te
 
 
 def loop_teacher_forced_loss(pair_fn: PairFn, order: int, values: torch.Tensor, rows: torch.Tensor,
-                             cols: torch.Tensor, residual: bool = True) -> torch.Tensor:
-    """Mean squared one-step error over every transition whose target and previous ``order``
-    values (history clamped at grid index 0) are finite. ``values [R, S, M]``, ``rows [R, S-1, b]``
-    (-1 = padding), ``cols [M]``; one model call per transition."""
+                             cols: torch.Tensor, residual: bool = True, bridge_gaps: bool = False) -> torch.Tensor:
+    """Mean squared teacher-forced error, one model call per transition and step.
+
+    ``values [R, S, M]``, ``rows [R, S-1, b]`` (-1 = padding), ``cols [M]``. Without
+    ``bridge_gaps``: every target whose previous ``order`` values (history clamped at grid index
+    0) are finite, predicted in one step. With it: every finite target k1 >= 1 with an earlier
+    finite value; rolled from the last finite k0 < k1 through the batches in between, history
+    before k0 that is not finite taken equal to the next newer history value.
+    """
     R, S, M = values.shape
     total = torch.zeros(())
     count = 0
     for r in range(R):
-        for k in range(1, S):
-            for m in range(M):
-                prev = [values[r, max(k - j, 0), m] for j in range(1, order + 1)]
-                target = values[r, k, m]
-                if not (torch.isfinite(target) and all(torch.isfinite(p) for p in prev)):
+        for m in range(M):
+            for k1 in range(1, S):
+                target = values[r, k1, m]
+                if not torch.isfinite(target):
                     continue
-                pred = _step(pair_fn, order, rows[r, k - 1], int(cols[m]), prev, residual)
-                total = total + (pred - target) ** 2
+                if bridge_gaps:
+                    k0 = max((k for k in range(k1) if torch.isfinite(values[r, k, m])), default=-1)
+                    if k0 < 0:
+                        continue
+                    hist = [values[r, k0, m]]
+                    for j in range(1, order):
+                        v = values[r, max(k0 - j, 0), m]
+                        hist.append(v if torch.isfinite(v) else hist[-1])
+                else:
+                    k0 = k1 - 1
+                    hist = [values[r, max(k1 - j, 0), m] for j in range(1, order + 1)]
+                    if not all(torch.isfinite(p) for p in hist):
+                        continue
+                for k in range(k0 + 1, k1 + 1):
+                    new = _step(pair_fn, order, rows[r, k - 1], int(cols[m]), hist, residual)
+                    hist = [new] + hist[:-1]
+                total = total + (hist[0] - target) ** 2
                 count += 1
     return total / max(count, 1)
