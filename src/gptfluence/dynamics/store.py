@@ -301,7 +301,8 @@ def read_run(run_dir: str | os.PathLike) -> Run:
     run.curriculum = arrays["curriculum"].astype(np.int64)
     run.steps = arrays["steps"].astype(np.int64)
     run.test_ids = arrays["test_ids"].astype(np.int64)
-    run.values = {k: v.astype(np.float32) for k, v in values.items()}
+    order = [m for m in meta.get("metrics") or [] if m in values] + sorted(set(values) - set(meta.get("metrics") or []))
+    run.values = {k: values[k].astype(np.float32) for k in order}  # the order the run was written in
     run.lr = arrays["lr"].astype(np.float64) if "lr" in arrays else None
     run.seed = meta.get("seed")
     run.config = meta.get("config") or {}
