@@ -185,13 +185,21 @@ def test_pretraining_corpus_disjoint_from_test_sets():
     corpus = pretraining_corpus()
     assert len(corpus) == 4000 and corpus == pretraining_corpus()
     assert pretraining_corpus(100, seed=1) != pretraining_corpus(100, seed=2)
-    assert all(isinstance(c, str) and c and "\n" not in c for c in corpus)
+    assert all(isinstance(c, str) and c for c in corpus)
+    formatted = [c for c in corpus if "\n" in c]  # labelled task-format examples (prompt\ntarget)
+    assert 700 <= len(formatted) <= 900  # task_format_fraction 0.2
+    assert any(c.startswith("Review:") and c.endswith((" positive", " negative")) for c in formatted)
+    from gptfluence.tasks.builtin import reserved_for_pretraining
+    assert all(reserved_for_pretraining(c[:c.rindex(":") + 1]) for c in formatted)
     texts = set(corpus) | set(pretraining_corpus(4000, seed=0))
     for name in BUILTIN_TASKS:
         for seed in range(10):
-            t = get_task(name, seed=seed)
-            for e in t.test:
-                assert e.text not in texts and e.prompt not in texts
+            for n_train, n_test in ((200, 100), (100, 50), (24, 10)):
+                t = get_task(name, n_train=n_train, n_test=n_test, seed=seed)
+                for e in t.train + t.test:
+                    assert e.text not in texts and e.prompt not in texts
+                    core = e.prompt.split("\n", 1)[1] if name == "mix" else e.prompt
+                    assert not reserved_for_pretraining(core)
     vocab_line = tokenizer_corpus(50)[-1]
     assert "astronaut" in vocab_line and "Paris" in vocab_line
 

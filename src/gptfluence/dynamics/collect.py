@@ -54,13 +54,15 @@ class CollectConfig:
     model: str = arg("default", "'default' (small GPT-NeoX built and pre-trained offline, cached) or any HF causal LM name/path")
     model_layers: int = arg(2, "default model: number of layers")
     model_hidden: int = arg(64, "default model: hidden size")
+    model_pretrain_steps: int = arg(600, "default model: pre-training steps on the built-in corpus")
     examples_per_run: int = arg(128, "training examples sampled from the pool per run (0 = whole pool)")
-    batch_size: int = arg(4, "training batch size")
+    batch_size: int = arg(8, "training batch size")
     epochs: int = arg(3, "epochs over each run's examples")
     reshuffle_each_epoch: bool = arg(True, "new order each epoch (False: the same order every epoch)")
-    lr: float = arg(1e-3, "peak learning rate (AdamW)")
+    lr: float = arg(3e-4, "peak learning rate (AdamW)")
     weight_decay: float = arg(0.001, "AdamW weight decay")
-    warmup_steps: int = arg(5, "linear warmup steps")
+    lr_schedule: str = arg("constant", "learning-rate schedule after warmup: constant (stationary dynamics, what the simulators assume) or linear (decay to 0)")
+    warmup_steps: int = arg(0, "linear warmup steps")
     max_grad_norm: float = arg(1.0, "gradient clipping norm (0 = off)")
     max_length: int = arg(64, "max tokens per example (prompts are truncated from the left)")
     run_seed: int = arg(0, "run r uses seed run_seed + r for its curriculum and its training randomness")
@@ -103,7 +105,8 @@ def model_spec(cfg: CollectConfig) -> tuple[str, Any]:
     from gptfluence.lm import BaseModelConfig
 
     base = BaseModelConfig(num_layers=cfg.model_layers, hidden_size=cfg.model_hidden,
-                           intermediate_size=4 * cfg.model_hidden, max_length=cfg.max_length)
+                           intermediate_size=4 * cfg.model_hidden, max_length=cfg.max_length,
+                           pretrain_steps=cfg.model_pretrain_steps)
     return "default", base
 
 
@@ -197,7 +200,8 @@ class RunCollector:
         torch.manual_seed(seed)
         T = int(curriculum.shape[0])
         opt, sched = make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    warmup_steps=cfg.warmup_steps, total_steps=T)
+                                    warmup_steps=cfg.warmup_steps, total_steps=T,
+                                    schedule=cfg.lr_schedule)
         M = len(self.task.test)
         values = {m: np.full((T + 1, M), np.nan, dtype=np.float32) for m in self.metrics}
         lrs = np.zeros(T, dtype=np.float64)

@@ -32,7 +32,19 @@ from gptfluence.errors import InputError
 from gptfluence.tasks.common import check_fraction, check_sizes, flip_examples, make_rng
 from gptfluence.types import CLASSIFICATION, GENERATION, Example, Task
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+
+# One eighth of the prompt space of every member task is reserved for the pre-training corpus:
+# task generators never emit a prompt in it and the corpus's task-format lines come only from it,
+# so no pre-training text can equal a train or test example of any seed or size.
+PRETRAINING_PARTITION = 8
+
+
+def reserved_for_pretraining(prompt: str) -> bool:
+    """True if ``prompt`` (without a mix instruction prefix) lies in the pre-training partition."""
+    import hashlib
+
+    return hashlib.sha256(("gptfluence-partition\n" + prompt).encode("utf-8")).digest()[0] % PRETRAINING_PARTITION == 0
 
 BUILTIN_TASKS = ("sentiment", "entailment", "yesno", "data2text", "translation", "mix")
 MIX_MEMBERS = ("sentiment", "entailment", "yesno", "data2text", "translation")
@@ -326,6 +338,8 @@ def _generate(name: str, n_train: int, n_test: int, seed: int, prefix: str = ""
         for label in wanted:
             for _ in range(MAX_TRIES):
                 prompt, target, meta = gen(rng, label)
+                if reserved_for_pretraining(prompt):
+                    continue
                 prompt = prefix + prompt
                 if prompt not in seen:
                     break
@@ -515,14 +529,17 @@ def _corpus_line(rng: random.Random) -> str:
     return rng.choice(FORMAT_LINES)
 
 
-def pretraining_corpus(n_texts: int = 4000, seed: int = 12345) -> list[str]:
+def pretraining_corpus(n_texts: int = 4000, seed: int = 12345, task_format_fraction: float = 0.2) -> list[str]:
     """``n_texts`` short plain texts in the built-in tasks' vocabulary, deterministic from ``seed``.
 
     Reviews without labels, facts about people and animals, questions without answers, sentences
     describing triples, bare triples, Veltish dictionary lines, English and Veltish sentences
-    (never paired), and the tasks' format and instruction lines. No text is in task format, so
-    none equals a test example text (prompt + target) of any built-in task. Meant for training
-    the default GPT's tokenizer and for its brief pre-training. Each text is one line.
+    (never paired), and the tasks' format and instruction lines; plus a ``task_format_fraction``
+    of labelled examples in the five member tasks' formats, drawn only from the prompt partition
+    that task generators never use (`reserved_for_pretraining`), so that the base model knows the
+    formats (as a real pre-trained LM roughly would) while no pre-training text equals a training
+    or test example of any seed or size. Meant for training the default GPT's tokenizer and for
+    its brief pre-training. Texts may span two lines (prompt and target of a task example).
     """
     if isinstance(n_texts, bool) or not isinstance(n_texts, int) or n_texts < 1:
         raise InputError(f"pretraining_corpus: n_texts must be a positive integer, got {n_texts!r}")
@@ -533,8 +550,22 @@ def pretraining_corpus(n_texts: int = 4000, seed: int = 12345) -> list[str]:
         if len(out) >= n_texts:
             break
         out.append(f"the Veltish word {VELTISH[w]} means {w}.")
-    while len(out) < n_texts:
+    n_format = int(round(n_texts * task_format_fraction))
+    formatted: list[str] = []
+    names = list(MIX_MEMBERS)
+    while len(formatted) < n_format:
+        name = names[len(formatted) % len(names)]
+        labels = LABELS.get(name)
+        for _ in range(MAX_TRIES * PRETRAINING_PARTITION):
+            prompt, target, _meta = _GENERATORS[name](rng, rng.choice(labels) if labels else None)
+            if reserved_for_pretraining(prompt):
+                formatted.append(prompt + target)
+                break
+        else:  # pragma: no cover - the partition is 1/8 of a large space
+            raise InputError(f"pretraining_corpus: could not draw a reserved {name!r} example")
+    while len(out) < n_texts - n_format:
         out.append(_corpus_line(rng))
+    out += formatted
     rng.shuffle(out)
     return out
 
