@@ -154,7 +154,8 @@ def _store_name(d: Dynamics) -> str:
 def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | None = None,
              metrics: Sequence[str] | None = None, split: dict[str, Sequence[str]] | None = None, seed: int = 0,
              configs: dict[str, dict[str, Any]] | None = None, encoder: Any = None, progress: bool = False,
-             keep_trajectories: bool = True, n_val: int | None = None, n_test: int | None = None) -> dict[str, Any]:
+             keep_trajectories: bool = True, n_val: int | None = None, n_test: int | None = None,
+             save_simulators: str | os.PathLike | None = None) -> dict[str, Any]:
     """Fit every method on each store's fit runs (early-stopping on its validation runs), roll out
     on the held-out test runs from their first recorded step, and score.
 
@@ -162,6 +163,8 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
     (used for every store), else `split_runs(run_ids, seed, n_val, n_test)` per store.
     ``configs``: per-method config overrides, e.g. ``{"gptfluence": {"epochs": 50}}``.
     ``encoder``: for gptfluence (default: resolved from its config's ``encoder`` spec).
+    ``save_simulators``: if given, every fitted simulator is saved to
+    ``save_simulators/<task>/<method>-<metric>`` (reload with `load_simulator`).
     Returns the JSON-ready dict described in `write_results` (NaN kept as float NaN here).
     """
     from gptfluence.analysis.splits import split_runs
@@ -178,6 +181,10 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
         if m not in SIMULATOR_METHODS:
             raise InputError(f"unknown method {m!r} (known: {', '.join(SIMULATOR_METHODS)})")
     configs = {k: dict(v) for k, v in (configs or {}).items()}
+    if "simfluence" in methods:
+        # held-out curricula may use training ids no fit run used; Simfluence has no parameters
+        # for them, so in the comparison they contribute nothing (recorded in the config)
+        configs.setdefault("simfluence", {}).setdefault("unseen", "zero")
     for k in configs:
         if k not in methods:
             raise InputError(f"config given for method {k!r}, which is not evaluated")
@@ -223,13 +230,16 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
                 if method == "gptfluence":
                     sim = make_simulator(method, metric, encoder=encoder, config=full_cfg[method])
                 else:
-                    sim = make_simulator(method, metric, **configs.get(method, {}))
+                    sim = make_simulator(method, metric, config=full_cfg[method]) if method in full_cfg \
+                        else make_simulator(method, metric, **configs.get(method, {}))
                 if method == "gptfluence":
                     assert feats is not None
                     sim.set_examples(store.task.train, store.task.test, features=feats)  # type: ignore[attr-defined]
                 t0 = time.perf_counter()
                 hist = sim.fit(store, sp["fit"], sp["val"], progress=progress)
                 fit_s = time.perf_counter() - t0
+                if save_simulators is not None:
+                    sim.save(Path(save_simulators) / task / f"{method}-{metric}")
                 t0 = time.perf_counter()
                 pred = sim.simulate(cur, tids, true[:, 0], first_step=f0)
                 sim_s = time.perf_counter() - t0
