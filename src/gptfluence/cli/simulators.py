@@ -75,6 +75,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--val-runs", nargs="*", default=None, help="run ids for early stopping (default: the split's validation runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_flags(p)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the simulators' small tensor ops are fastest single-threaded)")
     p.set_defaults(func=cmd_fit)
 
     p = subparsers.add_parser("simulate", help="roll a fitted simulator out on a curriculum",
@@ -109,6 +110,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-trajectories", action="store_true", help="leave per-run trajectories out of the JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_flags(p)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the simulators' small tensor ops are fastest single-threaded)")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -116,6 +118,10 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     from gptfluence.analysis.splits import split_runs
     from gptfluence.dynamics.store import Dynamics
     from gptfluence.simulators import make_simulator
@@ -268,6 +274,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     from gptfluence.analysis.evaluate import evaluate, format_markdown, write_results
     from gptfluence.dynamics.store import Dynamics
 
