@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup demo test bench clean-venv evaluate-builtin
 
 setup: $(VENV)/.installed
 
@@ -34,3 +34,12 @@ bench: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The table behind benchmarks/results/evaluate_builtin.json: 32 runs of each built-in task
+# (25 fit / 2 validate / 5 held out), default collection settings, every simulator.
+BUILTIN_TASKS ?= sentiment entailment yesno data2text translation
+BUILTIN_DIR ?= runs/builtin
+evaluate-builtin: setup
+	for t in $(BUILTIN_TASKS); do $(BIN)/gptfluence collect --quiet --task $$t --runs 32 --out $(BUILTIN_DIR)/$$t || exit 1; done
+	$(BIN)/gptfluence evaluate $(addprefix $(BUILTIN_DIR)/,$(BUILTIN_TASKS)) --no-progress \
+		--out benchmarks/results/evaluate_builtin.json --markdown benchmarks/results/evaluate_builtin.md

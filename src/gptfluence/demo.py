@@ -36,7 +36,7 @@ SCALES = ("demo", "tiny", "paper")
 class DemoConfig:
     """Sizes and settings of `gptfluence demo` (saved as ``demo_config.json`` in the output)."""
 
-    tasks: list[str] = arg(["sentiment", "data2text", "translation"], "built-in tasks to run")
+    tasks: list[str] = arg(["sentiment", "entailment", "yesno", "data2text", "translation"], "built-in tasks to run")
     runs: int = arg(16, "fine-tuning runs (curricula) per task")
     n_train: int = arg(100, "training pool size per task")
     n_test: int = arg(50, "test examples per task")
