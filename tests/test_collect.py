@@ -252,8 +252,6 @@ def test_ctrl_c_exits_130_cleanly_and_keeps_finished_runs(ref, tmp_path):
     assert_same_runs(ref, kept)
 
 
-@pytest.mark.xfail(strict=True, reason="collect._collect_parallel: ex._processes is None after "
-                   "ex.shutdown(), so Ctrl-C ends in AttributeError (rc 1, traceback); workers do not ignore SIGINT")
 def test_ctrl_c_with_worker_processes_exits_130_cleanly(ref, tmp_path):
     out = tmp_path / "store"
     p, done_before = _start_and_signal(out, signal.SIGINT, tmp_path, workers=2)
@@ -380,8 +378,6 @@ def test_checkpoint_capture_schedule():
     CheckpointCapture(0)(0, None, 0.1, no_write)
 
 
-@pytest.mark.xfail(strict=True, raises=InputError,
-                   reason="collect() checks --examples-per-run against the pool even when --curriculum-file is given")
 def test_curriculum_file_ignores_examples_per_run(tmp_path):
     cur = tmp_path / "c.jsonl"
     cur.write_text(json.dumps({"run_id": "a", "curriculum": [[0, 1], [2, 3]]}) + "\n")

@@ -164,7 +164,8 @@ class RunCollector:
         self.device = device
         name, base = model_spec(cfg)
         dtype = torch.bfloat16 if device.startswith("cuda") else None
-        self.model, self.tokenizer = load_model(name, device=device, dtype=dtype, base_config=base)
+        # the default model was built (or found) by collect(); no "reusing cached base model" line per worker
+        self.model, self.tokenizer = load_model(name, device=device, dtype=dtype, base_config=base, progress=False)
         self.init_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.train_data = tokenize_examples(self.tokenizer, task.train, cfg.max_length)
         self.train_row = {e.id: r for r, e in enumerate(task.train)}
@@ -249,6 +250,9 @@ _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(cfg_dict: dict[str, Any], store_path: str, device: str, progress_q: Any) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business; it terminates us
     cfg = CollectConfig(**cfg_dict)
     store = Dynamics.open(store_path)
     _WORKER["collector"] = RunCollector(cfg, store.task, device, threads=1)
@@ -296,7 +300,7 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, runs: int = 8, workers: 
     """
     from tqdm.auto import tqdm
 
-    if cfg.examples_per_run > cfg.n_train:
+    if not cfg.curriculum_file and cfg.examples_per_run > cfg.n_train:
         raise InputError(f"--examples-per-run {cfg.examples_per_run} exceeds the pool size --n-train {cfg.n_train}")
     device = resolve_device(cfg.device)
     task = load_task_for(cfg)
@@ -307,7 +311,13 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, runs: int = 8, workers: 
         from gptfluence.lm import ensure_default_model
 
         path = ensure_default_model(base, progress=progress)
-        identity["base_model"] = str(path)
+        identity["base_model"] = path.name  # the config+corpus hash; not the cache location, so a moved cache still resumes
+    if cfg.curriculum_file:
+        import hashlib
+
+        # the file's content, not only its path, decides the runs: an edited file is a new collection
+        identity["curriculum_sha256"] = hashlib.sha256(Path(cfg.curriculum_file).read_bytes()).hexdigest() \
+            if Path(cfg.curriculum_file).exists() else None
     store = create_store(out, task, metrics_for(cfg, task), identity)
     removed = store.clean_staging()
     if removed:
@@ -328,12 +338,18 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, runs: int = 8, workers: 
                     dynamic_ncols=True, position=1, leave=False) if progress else None
     try:
         if workers == 1:
-            collector = RunCollector(cfg, task, device, threads=None if device.startswith("cuda") else 1)
-            hooks = [CheckpointCapture(cfg.capture_every)] if cfg.capture_every > 0 else []
-            for rid, seed, c in todo:
-                collector.run(rid, seed, c, store, hooks=hooks, on_step=bar.update)
-                if runs_bar:
-                    runs_bar.update(1)
+            import torch
+
+            threads = torch.get_num_threads()
+            try:
+                collector = RunCollector(cfg, task, device, threads=None if device.startswith("cuda") else 1)
+                hooks = [CheckpointCapture(cfg.capture_every)] if cfg.capture_every > 0 else []
+                for rid, seed, c in todo:
+                    collector.run(rid, seed, c, store, hooks=hooks, on_step=bar.update)
+                    if runs_bar:
+                        runs_bar.update(1)
+            finally:
+                torch.set_num_threads(threads)  # one thread per run for determinism; the caller's setting back
         else:
             _collect_parallel(cfg, str(out), device, todo, workers, bar, runs_bar)
     finally:
@@ -373,8 +389,9 @@ def _collect_parallel(cfg: CollectConfig, out: str, device: str, todo: list, wor
                 if runs_bar:
                     runs_bar.update(1)
     except BaseException:
+        procs = list((getattr(ex, "_processes", None) or {}).values())  # shutdown() sets it to None
         ex.shutdown(wait=False, cancel_futures=True)
-        for p in list(getattr(ex, "_processes", {}).values()):
+        for p in procs:
             p.terminate()
         raise
     finally:
