@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from gptfluence.config import add_arguments
+from gptfluence.config import add_arguments, load_json
 from gptfluence.errors import InputError
 
 
@@ -154,63 +154,28 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def read_curriculum(path: str | Path) -> np.ndarray:
     """A curriculum [T, b] int64 (-1 = padding) from .npy, a .json [T][b] array, or JSON lines
-    ``{"step": s, "samples_id": [...]}`` (s = 1..T; exact repeats tolerated)."""
+    ``{"step": s, "samples_id": [...]}`` (s = 1..T; exact repeats tolerated, see
+    `gptfluence.dynamics.curriculum.StepBatches`)."""
+    from gptfluence.dynamics.curriculum import load_npy, pad_rows, read_samples_id
+
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found")
     if path.suffix == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise InputError(f"{path}: not a readable .npy file ({e})") from None
+        arr = load_npy(path)
         if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
             raise InputError(f"{path}: expected an integer array [steps, batch], got {arr.dtype} {arr.shape}")
         return arr.astype(np.int64)
-    text = path.read_text(encoding="utf-8")
-    rows: list[list[int]]
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
-        rows = []
+    if path.read_text(encoding="utf-8").lstrip().startswith("["):
+        data = load_json(path)
         for t, row in enumerate(data):
             if not isinstance(row, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in row):
                 raise InputError(f"{path}: row {t} (step {t + 1}) must be a list of integer ids")
-            rows.append(row)
+        if not data:
+            raise InputError(f"{path}: empty curriculum")
+        out = pad_rows(data)
     else:
-        by_step: dict[int, list[int]] = {}
-        for ln, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path} line {ln}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or "step" not in rec or "samples_id" not in rec:
-                raise InputError(f"{path} line {ln}: expected an object with 'step' and 'samples_id'")
-            s, ids = rec["step"], rec["samples_id"]
-            if not isinstance(s, int) or s < 1:
-                raise InputError(f"{path} line {ln}, field 'step': expected an integer >= 1, got {s!r}")
-            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-                raise InputError(f"{path} line {ln}, field 'samples_id': expected a list of integer ids")
-            if s in by_step and by_step[s] != ids:
-                raise InputError(f"{path} line {ln}: step {s} appears twice with different batches")
-            by_step[s] = ids
-        if not by_step:
-            raise InputError(f"{path}: no steps")
-        T = max(by_step)
-        missing = [s for s in range(1, T + 1) if s not in by_step]
-        if missing:
-            raise InputError(f"{path}: step {missing[0]} is missing (steps must cover 1..{T})")
-        rows = [by_step[s] for s in range(1, T + 1)]
-    if not rows:
-        raise InputError(f"{path}: empty curriculum")
-    b = max(len(r) for r in rows)
-    out = np.full((len(rows), b), -1, dtype=np.int64)
-    for t, r in enumerate(rows):
-        out[t, :len(r)] = r
+        out = read_samples_id(path)
     if out.min() < -1:
         raise InputError(f"{path}: id {int(out.min())} is negative (only -1, padding, may be)")
     return out

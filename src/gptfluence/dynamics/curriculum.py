@@ -7,14 +7,14 @@ order per epoch) or read from a file.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Collection, Iterable, Sequence
 
 import numpy as np
 
 from gptfluence.errors import InputError
+from gptfluence.jsonl import as_int, get_field, iter_json_lines
 
 PAD = -1
 
@@ -69,9 +69,82 @@ def check_curriculum(curriculum: np.ndarray, train_ids: set[int], source: str) -
     return c.astype(np.int64)
 
 
-def _pad_rows(rows: list[list[int]], source: str) -> np.ndarray:
-    width = max(len(r) for r in rows)
-    return np.asarray([list(r) + [PAD] * (width - len(r)) for r in rows], dtype=np.int64)
+def pad_rows(rows: Iterable[Sequence[int]], width: int | None = None) -> np.ndarray:
+    """Rows of ids -> int64 [T, width] (``width`` = the longest row by default), -1 after each row."""
+    rows = [list(r) for r in rows]
+    b = max((len(r) for r in rows), default=0) if width is None else width
+    out = np.full((len(rows), b), PAD, dtype=np.int64)
+    for t, r in enumerate(rows):
+        if len(r) > b:
+            raise ValueError(f"row {t} has {len(r)} ids, more than the width {b}")
+        out[t, :len(r)] = r
+    return out
+
+
+def load_npy(path: str | os.PathLike) -> np.ndarray:
+    """The array of a .npy file (no pickles); `InputError` naming the file when unreadable."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise InputError(f"{path}: not a readable .npy file ({e})") from None
+
+
+class StepBatches:
+    """One curriculum in the published GPTDynamics style: lines ``{"step": s, "samples_id": [...]}``.
+
+    `add` each line (in file order); `curriculum` then gives the [T, b] array (-1 pads short
+    batches). Steps must be 1..T without gaps, in any order. An exact repeat of a step is kept
+    once; a repeat with a different batch is an error naming the file, line and step. With
+    ``train_ids``, an unknown id is an error naming the file, line, id and step.
+    """
+
+    def __init__(self, path: str | os.PathLike, train_ids: Collection[int] | None = None):
+        self.path = Path(path)
+        self.train_ids = train_ids
+        self.batches: dict[int, tuple[list[int], int]] = {}  # step -> (ids, line)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def add(self, lineno: int, obj: dict[str, Any]) -> None:
+        path = self.path
+        s = as_int(get_field(obj, "step", path, lineno), path, lineno, "step")
+        ids = get_field(obj, "samples_id", path, lineno, f" (step {s})")
+        if not isinstance(ids, list):
+            raise InputError(f"{path} line {lineno} (step {s}), field 'samples_id': expected a list, got {ids!r}")
+        ids = [as_int(i, path, lineno, "samples_id", f" (step {s})") for i in ids]
+        if self.train_ids is not None:
+            for i in ids:
+                if i not in self.train_ids:
+                    raise InputError(f"{path} line {lineno}: unknown training id {i} (step {s})")
+        if s in self.batches:
+            first, first_line = self.batches[s]
+            if first != ids:
+                raise InputError(f"{path} line {lineno}: step {s} repeated with a different batch "
+                                 f"(line {first_line} has {first}, this line {ids})")
+            return
+        self.batches[s] = (ids, lineno)
+
+    def curriculum(self) -> np.ndarray:
+        path, batches = self.path, self.batches
+        if not batches:
+            raise InputError(f"{path}: no steps")
+        steps = sorted(batches)
+        T = len(steps)
+        if steps[0] != 1 or steps[-1] != T:
+            missing = sorted(set(range(1, max(steps[-1], 1) + 1)) - set(steps))
+            bad = [s for s in steps if s < 1]
+            detail = f"step {bad[0]} (line {batches[bad[0]][1]}) is out of range" if bad else f"missing step {missing[0]}"
+            raise InputError(f"{path}: steps must be 1..T without gaps; {detail}")
+        return pad_rows(batches[s][0] for s in steps)
+
+
+def read_samples_id(path: str | os.PathLike, train_ids: Collection[int] | None = None) -> np.ndarray:
+    """Curriculum [T, b] int64 from a GPTDynamics ``train_samples_id.json`` (see `StepBatches`)."""
+    steps = StepBatches(path, train_ids)
+    for lineno, obj in iter_json_lines(path):
+        steps.add(lineno, obj)
+    return steps.curriculum()
 
 
 def read_curricula(path: str | os.PathLike, train_ids: Sequence[int]) -> dict[str, np.ndarray]:
@@ -81,7 +154,7 @@ def read_curricula(path: str | os.PathLike, train_ids: Sequence[int]) -> dict[st
 
     * ``{"run_id": "a", "curriculum": [[3, 1], [0, 2], ...]}``: one run per line;
     * ``{"step": 1, "samples_id": [3, 1]}``: the published GPTDynamics ``train_samples_id.json``
-      (one run, named after the file's stem; steps must be 1..T without gaps);
+      (one run, named after the file's stem; steps must be 1..T without gaps, see `StepBatches`);
     * a ``.npy`` file holding one [T, b] array (run id = file stem).
     """
     path = Path(path)
@@ -89,59 +162,30 @@ def read_curricula(path: str | os.PathLike, train_ids: Sequence[int]) -> dict[st
         raise InputError(f"{path}: curriculum file not found")
     ids = {int(i) for i in train_ids}
     if path.suffix == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise InputError(f"{path}: not a readable .npy array ({e})") from None
-        return {path.stem: check_curriculum(arr, ids, str(path))}
+        return {path.stem: check_curriculum(load_npy(path), ids, str(path))}
     runs: dict[str, np.ndarray] = {}
-    steps: list[tuple[int, list[int]]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path} line {lineno}: expected a JSON object")
-            if "curriculum" in obj:
-                rid = obj.get("run_id")
-                if not isinstance(rid, str) or not rid:
-                    raise InputError(f"{path} line {lineno}, field 'run_id': expected a non-empty string")
-                if rid in runs:
-                    raise InputError(f"{path} line {lineno}: duplicate run_id {rid!r}")
-                rows = obj["curriculum"]
-                if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
-                    raise InputError(f"{path} line {lineno}, field 'curriculum': expected a list of non-empty id lists")
-                if not all(isinstance(i, int) and not isinstance(i, bool) for r in rows for i in r):
-                    raise InputError(f"{path} line {lineno}, field 'curriculum': ids must be integers")
-                runs[rid] = check_curriculum(_pad_rows(rows, str(path)), ids, f"{path} line {lineno} (run {rid!r})")
-            elif "samples_id" in obj:
-                s, b = obj.get("step"), obj["samples_id"]
-                if not isinstance(s, int) or isinstance(s, bool):
-                    raise InputError(f"{path} line {lineno}, field 'step': expected an integer")
-                if not isinstance(b, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in b):
-                    raise InputError(f"{path} line {lineno}, field 'samples_id': expected a list of integer ids")
-                for i in b:
-                    if i not in ids:
-                        raise InputError(f"{path} line {lineno}: unknown training id {i}")
-                steps.append((s, b))
-            else:
-                raise InputError(f"{path} line {lineno}: expected field 'curriculum' or 'samples_id'")
+    steps = StepBatches(path, ids)
+    for lineno, obj in iter_json_lines(path):
+        if "curriculum" in obj:
+            rid = obj.get("run_id")
+            if not isinstance(rid, str) or not rid:
+                raise InputError(f"{path} line {lineno}, field 'run_id': expected a non-empty string")
+            if rid in runs:
+                raise InputError(f"{path} line {lineno}: duplicate run_id {rid!r}")
+            rows = obj["curriculum"]
+            if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
+                raise InputError(f"{path} line {lineno}, field 'curriculum': expected a list of non-empty id lists")
+            if not all(isinstance(i, int) and not isinstance(i, bool) for r in rows for i in r):
+                raise InputError(f"{path} line {lineno}, field 'curriculum': ids must be integers")
+            runs[rid] = check_curriculum(pad_rows(rows), ids, f"{path} line {lineno} (run {rid!r})")
+        elif "samples_id" in obj:
+            steps.add(lineno, obj)
+        else:
+            raise InputError(f"{path} line {lineno}: expected field 'curriculum' or 'samples_id'")
     if steps and runs:
         raise InputError(f"{path}: mixes per-run lines ('curriculum') and per-step lines ('samples_id')")
     if steps:
-        steps.sort(key=lambda x: x[0])
-        got = [s for s, _ in steps]
-        if got != list(range(1, len(got) + 1)):
-            missing = sorted(set(range(1, max(got) + 1)) - set(got))
-            dup = sorted({s for s in got if got.count(s) > 1})
-            raise InputError(f"{path}: steps must be 1..T without gaps or repeats"
-                             + (f" (missing step {missing[0]})" if missing else "")
-                             + (f" (step {dup[0]} repeated)" if dup else ""))
-        runs[path.stem] = _pad_rows([b for _, b in steps], str(path))
+        runs[path.stem] = steps.curriculum()
     if not runs:
         raise InputError(f"{path}: no curricula found")
     return runs

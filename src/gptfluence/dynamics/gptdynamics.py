@@ -44,14 +44,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from gptfluence.config import load_json, save_json
 from gptfluence.errors import InputError
+from gptfluence.jsonl import as_int, get_field, iter_json_lines
 from gptfluence.types import CLASSIFICATION, GENERATION, Example, Task
 
+from gptfluence.dynamics.curriculum import pad_rows, read_samples_id
 from gptfluence.dynamics.store import Dynamics, Run, create_store
 
 MANIFEST_NAME = "gptfluence_manifest.json"
@@ -109,35 +111,6 @@ def _format_float64(v: float) -> Any:
 
 def _natural_key(s: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
-
-
-def _json_lines(path: Path) -> Iterable[tuple[int, Any]]:
-    """Yield (line number, parsed object) of a JSON-lines file, skipping blank lines."""
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
-
-
-def _get(obj: dict, key: str, path: Path, lineno: int, what: str = "") -> Any:
-    if key not in obj:
-        raise InputError(f"{path} line {lineno}{what}: missing field {key!r}")
-    return obj[key]
-
-
-def _as_int(v: Any, path: Path, lineno: int, field: str, what: str = "") -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
-        raise InputError(f"{path} line {lineno}{what}, field {field!r}: expected an integer, got {v!r}")
-    return int(v)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -319,10 +292,10 @@ def read_texts(path: str | os.PathLike) -> list[Example]:
     path = Path(path)
     out: list[Example] = []
     seen: dict[int, int] = {}
-    for lineno, obj in _json_lines(path):
-        i = _as_int(_get(obj, "id", path, lineno), path, lineno, "id")
-        inp = _get(obj, "input", path, lineno, f" (id {i})")
-        ctx = _get(obj, "context", path, lineno, f" (id {i})")
+    for lineno, obj in iter_json_lines(path):
+        i = as_int(get_field(obj, "id", path, lineno), path, lineno, "id")
+        inp = get_field(obj, "input", path, lineno, f" (id {i})")
+        ctx = get_field(obj, "context", path, lineno, f" (id {i})")
         if not isinstance(inp, str) or not isinstance(ctx, str):
             raise InputError(f"{path} line {lineno} (id {i}): 'input' and 'context' must be strings")
         if not inp.startswith(ctx):
@@ -354,45 +327,15 @@ def read_curriculum(path: str | os.PathLike, train_ids: set[int] | None = None,
                     width: int | None = None) -> np.ndarray:
     """Curriculum [T, b] int64 from ``train_samples_id.json`` (steps 1..T, -1 pads short batches).
 
-    Exact repeats of a step are tolerated; conflicting repeats, gaps and unknown ids are errors
-    naming the file and line.
+    Parsed by `gptfluence.dynamics.curriculum.StepBatches`: exact repeats of a step are tolerated;
+    conflicting repeats, gaps and unknown ids are errors naming the file and line. ``width`` (the
+    sidecar's batch width) pads the rows further.
     """
-    path = Path(path)
-    batches: dict[int, tuple[list[int], int]] = {}
-    for lineno, obj in _json_lines(path):
-        s = _as_int(_get(obj, "step", path, lineno), path, lineno, "step")
-        ids = _get(obj, "samples_id", path, lineno, f" (step {s})")
-        if not isinstance(ids, list):
-            raise InputError(f"{path} line {lineno} (step {s}), field 'samples_id': expected a list, got {ids!r}")
-        ids = [_as_int(i, path, lineno, "samples_id", f" (step {s})") for i in ids]
-        if train_ids is not None:
-            for i in ids:
-                if i not in train_ids:
-                    raise InputError(f"{path} line {lineno} (step {s}): unknown training id {i} (not in the train texts)")
-        if s in batches:
-            if batches[s][0] != ids:
-                raise InputError(f"{path} line {lineno}: step {s} repeated with a different batch "
-                                 f"(line {batches[s][1]} has {batches[s][0]}, this line {ids})")
-            continue
-        batches[s] = (ids, lineno)
-    if not batches:
-        raise InputError(f"{path}: no steps")
-    steps = sorted(batches)
-    T = len(steps)
-    if steps[0] != 1 or steps[-1] != T:
-        missing = sorted(set(range(1, max(steps[-1], 1) + 1)) - set(steps))
-        bad = [s for s in steps if s < 1]
-        detail = f"step {bad[0]} (line {batches[bad[0]][1]}) is out of range" if bad else f"missing step {missing[0]}"
-        raise InputError(f"{path}: steps must be 1..T without gaps; {detail}")
-    b = max(len(batches[s][0]) for s in steps)
+    cur = read_samples_id(path, train_ids)
     if width is not None:
-        if width < b:
-            raise InputError(f"{path}: a batch has {b} ids but the sidecar says batch width {width}")
-        b = width
-    cur = np.full((T, b), -1, dtype=np.int64)
-    for s in steps:
-        ids = batches[s][0]
-        cur[s - 1, :len(ids)] = ids
+        if width < cur.shape[1]:
+            raise InputError(f"{path}: a batch has {cur.shape[1]} ids but the sidecar says batch width {width}")
+        cur = pad_rows(cur, width)
     return cur
 
 
@@ -407,11 +350,11 @@ def read_trajectories(path: str | os.PathLike, test_ids: set[int] | None = None,
     path = Path(path)
     out: dict[int, dict[int, float]] = {}
     where_first: dict[tuple[int, int], int] = {}
-    for lineno, obj in _json_lines(path):
-        tid = _as_int(_get(obj, "id", path, lineno), path, lineno, "id")
+    for lineno, obj in iter_json_lines(path):
+        tid = as_int(get_field(obj, "id", path, lineno), path, lineno, "id")
         if test_ids is not None and tid not in test_ids:
             raise InputError(f"{path} line {lineno}: unknown test id {tid} (not in the test texts)")
-        traj = _get(obj, "loss_trajectory", path, lineno, f" (id {tid})")
+        traj = get_field(obj, "loss_trajectory", path, lineno, f" (id {tid})")
         if not isinstance(traj, list):
             raise InputError(f"{path} line {lineno} (id {tid}), field 'loss_trajectory': expected a list")
         rec = out.setdefault(tid, {})
@@ -419,8 +362,8 @@ def read_trajectories(path: str | os.PathLike, test_ids: set[int] | None = None,
             what = f" (id {tid}, record {k})"
             if not isinstance(item, dict):
                 raise InputError(f"{path} line {lineno}{what}: expected an object {{'step', 'loss'}}, got {item!r}")
-            s = _as_int(_get(item, "step", path, lineno, what), path, lineno, "step", what)
-            v = _get(item, "loss", path, lineno, f" (id {tid}, step {s})")
+            s = as_int(get_field(item, "step", path, lineno, what), path, lineno, "step", what)
+            v = get_field(item, "loss", path, lineno, f" (id {tid}, step {s})")
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise InputError(f"{path} line {lineno} (id {tid}, step {s}), field 'loss': expected a number, got {v!r}")
             if s < 0 or (num_steps is not None and s > num_steps):

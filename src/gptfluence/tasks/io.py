@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+from gptfluence.config import load_json
 from gptfluence.errors import InputError
+from gptfluence.jsonl import iter_json_lines
 
 Row = tuple[int, dict[str, Any]]  # (line number, or row number for parquet / JSON arrays; the row)
 TABLE_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
@@ -31,36 +33,18 @@ def read_rows(path: str | Path, json_cells: bool = False) -> tuple[list[Row], st
     if ext == ".csv":
         return list(_csv(path, json_cells)), "line"
     if ext == ".json":
-        text = path.read_text(encoding="utf-8")
-        if text.lstrip().startswith("["):
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
+        if path.read_text(encoding="utf-8").lstrip().startswith("["):
+            data = load_json(path)
             rows = []
             for i, obj in enumerate(data, 1):
                 if not isinstance(obj, dict):
                     raise InputError(f"{path} row {i}: expected a JSON object, got {type(obj).__name__}")
                 rows.append((i, obj))
             return rows, "row"
-        return list(_jsonl(path)), "line"
+        return list(iter_json_lines(path)), "line"
     if ext in (".jsonl", ".ndjson", ".txt", ""):
-        return list(_jsonl(path)), "line"
+        return list(iter_json_lines(path)), "line"
     raise InputError(f"{path}: unsupported file type {ext!r} (use .jsonl, .json, .csv or .parquet)")
-
-
-def _jsonl(path: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
 
 
 def _maybe_json(cell: Any) -> Any:
