@@ -40,6 +40,8 @@ class FitConfig:
     seed: int = arg(0, "seed of initialisation and transition shuffling")
     device: str = arg("cpu", "torch device: cpu or cuda[:k]")
     bridge_gaps: bool = arg(True, "teacher forcing across unrecorded steps: roll the model from the last recorded value to the next (metrics recorded every k steps); false = only targets whose previous order values are recorded")
+    objective: str = arg("teacher_forcing", "fitting loss: teacher_forcing (the paper: one-step MSE from true previous values) or rollout (MSE of whole autoregressive rollouts of the fit runs, backpropagated through time; what evaluation measures)")
+    rollout_runs: int = arg(8, "objective=rollout: fit runs per optimizer step (0 = all)")
     normalize: bool = arg(True, "fit on metric / scale (scale = mean |value| over the fit runs); outputs stay in metric units")
 
 
@@ -260,7 +262,8 @@ class RecurrenceSimulator(SimulatorBase):
         opts = engine.FitOptions(lr=c.lr, weight_decay=c.weight_decay, epochs=c.epochs, batch_size=c.batch_size,
                                  min_steps_per_epoch=c.min_steps_per_epoch,
                                  warmup_steps=c.warmup_steps, patience=c.patience, seed=c.seed, device=device,
-                                 residual=self.residual, order=self.order, bridge_gaps=c.bridge_gaps)
+                                 residual=self.residual, order=self.order, bridge_gaps=c.bridge_gaps,
+                                 objective=c.objective, rollout_runs=c.rollout_runs)
         hist = engine.fit_engine(self.module, fn, fit_block, val_block, opts, progress=progress,
                                  desc=f"{self.method} {self.metric}")
         self.module.eval()

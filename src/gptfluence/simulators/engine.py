@@ -35,6 +35,7 @@ import torch
 from gptfluence.errors import InputError
 
 FactorFn = Callable[[], torch.Tensor]
+OBJECTIVES = ("teacher_forcing", "rollout")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,17 +79,16 @@ def rollout_tensor(Fp: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, re
     -> ``[R, T+1, M]`` with ``out[:, 0] = start``."""
     n = Fp.shape[0] - 1
     R, T, _ = rows.shape
-    out = start.new_empty((R, T + 1, start.shape[1]))
-    out[:, 0] = start
     if T == 0:
-        return out
+        return start[:, None].clone()
     sums = batch_sums(Fp, rows)  # [n+1, R, T, M]
     hist = [start] * n
+    outs = [start]
     for t in range(T):
         new = step_update(sums[:, :, t], hist, residual)
-        out[:, t + 1] = new
+        outs.append(new)
         hist = [new] + hist[:-1]
-    return out
+    return torch.stack(outs, dim=1)  # differentiable (objective="rollout" backpropagates through it)
 
 
 def teacher_forced_pred(Fp: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, prev: torch.Tensor,
@@ -196,16 +196,23 @@ def segment_pred(Fp: torch.Tensor, rows_grid: torch.Tensor, r: torch.Tensor, k0:
     return h[0]
 
 
-def rollout_mse(Fp: torch.Tensor, block: RunBlock, residual: bool) -> float:
-    """Mean squared error (normalised units) of rollouts from the first grid value over all
-    recorded later values; NaN if nothing is recorded."""
-    V = block.values
-    pred = rollout_tensor(Fp[:, :, block.cols], block.rows, V[:, 0], residual)
+def rollout_loss(Fp: torch.Tensor, block: RunBlock, residual: bool, runs: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error (normalised units, a differentiable scalar) of rollouts of ``block``'s
+    runs (or the subset ``runs``) from the first grid value over all recorded later values;
+    NaN if nothing is recorded."""
+    V = block.values if runs is None else block.values[runs]
+    rows = block.rows if runs is None else block.rows[runs]
+    pred = rollout_tensor(Fp[:, :, block.cols], rows, V[:, 0], residual)
     err = (pred[:, 1:] - V[:, 1:]) ** 2
     ok = torch.isfinite(err)
     if not ok.any():
-        return float("nan")
-    return float(err[ok].mean())
+        return err.new_tensor(float("nan"))
+    return err[ok].mean()
+
+
+def rollout_mse(Fp: torch.Tensor, block: RunBlock, residual: bool) -> float:
+    """`rollout_loss` as a float."""
+    return float(rollout_loss(Fp, block, residual))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +233,8 @@ class FitOptions:
     residual: bool
     order: int
     bridge_gaps: bool = True
+    objective: str = "teacher_forcing"
+    rollout_runs: int = 8
 
 
 def resolve_device(device: str) -> str:
@@ -244,6 +253,8 @@ def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val:
     ``factor_fn()`` must return ``F [n+1, N, M]`` computed from ``module``'s parameters.
     Returns a history dict (per-epoch train loss and validation MSE in normalised units).
     """
+    if opt.objective not in OBJECTIVES:
+        raise InputError(f"objective must be one of {OBJECTIVES}, got {opt.objective!r}")
     torch.manual_seed(opt.seed)
     gen = torch.Generator(device="cpu").manual_seed(opt.seed)
     tr_all = fit.transitions(opt.order, opt.bridge_gaps)
@@ -251,10 +262,17 @@ def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val:
     if K == 0:
         raise InputError("no usable transitions: no recorded value follows another recorded value"
                          + ("" if opt.bridge_gaps else " at the next step (bridge_gaps=True rolls through gaps)"))
-    bs = K if opt.batch_size <= 0 else min(opt.batch_size, K)
-    if opt.min_steps_per_epoch > 0:
-        bs = min(bs, max(64, math.ceil(K / opt.min_steps_per_epoch)))
-    steps_per_epoch = math.ceil(K / bs)
+    rollout = opt.objective == "rollout"
+    if rollout:  # an epoch = one pass over the fit runs, `rollout_runs` whole runs per step
+        R = int(fit.values.shape[0])
+        bs = R if opt.rollout_runs <= 0 else min(opt.rollout_runs, R)
+        steps_per_epoch = math.ceil(R / bs)
+        K = R
+    else:
+        bs = K if opt.batch_size <= 0 else min(opt.batch_size, K)
+        if opt.min_steps_per_epoch > 0:
+            bs = min(bs, max(64, math.ceil(K / opt.min_steps_per_epoch)))
+        steps_per_epoch = math.ceil(K / bs)
     params = [p for p in module.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
     warm = max(0, opt.warmup_steps)
@@ -281,16 +299,21 @@ def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val:
         total, count = 0.0, 0
         module.train()
         for s in range(steps_per_epoch):
-            tr = tr_all[perm[s * bs:(s + 1) * bs]]
-            pred, target = fit.predict(pad_factors(factor_fn()), tr, opt.order, opt.residual)
-            loss = torch.mean((pred - target) ** 2)
+            idx = perm[s * bs:(s + 1) * bs]
+            if rollout:
+                loss = rollout_loss(pad_factors(factor_fn()), fit, opt.residual, runs=idx)
+                if not torch.isfinite(loss):
+                    continue
+            else:
+                pred, target = fit.predict(pad_factors(factor_fn()), tr_all[idx], opt.order, opt.residual)
+                loss = torch.mean((pred - target) ** 2)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
             sched.step()
-            total += float(loss.detach()) * tr.shape[0]
-            count += tr.shape[0]
-        history["train_loss"].append(total / count)
+            total += float(loss.detach()) * idx.shape[0]
+            count += idx.shape[0]
+        history["train_loss"].append(total / max(count, 1))
         module.eval()
         if val is not None:
             with torch.no_grad():
