@@ -212,7 +212,7 @@ def rollout_loss(Fp: torch.Tensor, block: RunBlock, residual: bool, runs: torch.
 
 def rollout_mse(Fp: torch.Tensor, block: RunBlock, residual: bool) -> float:
     """`rollout_loss` as a float."""
-    return float(rollout_loss(Fp, block, residual))
+    return float(rollout_loss(Fp, block, residual).detach())
 
 
 # ---------------------------------------------------------------------------------------------
