@@ -16,11 +16,11 @@ from gptfluence.dynamics.store import Dynamics, Run
 from gptfluence.errors import InputError
 from gptfluence.types import Example, Task
 
-SAMPLE = Path("/work/shared/mission/gptdynamics-sample")
+SAMPLE = Path(__file__).parent / "data" / "gptdynamics-sample"  # copy of the published-layout sample
 RUN1 = "output_sample_bs-2_shot-8_sample-6_model-tiny_lr-1e-3_epoch-2_seed-1"
 RUN2 = "output_sample_bs-2_shot-8_sample-6_model-tiny_lr-1e-3_epoch-2_seed-2"
 
-needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason="GPTDynamics sample not present")
+needs_sample = pytest.mark.usefixtures()  # the sample ships with the tests: never skipped
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -38,8 +38,7 @@ def _published_files(root: Path) -> dict[str, str]:
 
 @pytest.fixture
 def sample(tmp_path) -> Path:
-    if not SAMPLE.is_dir():
-        pytest.skip("GPTDynamics sample not present")
+    assert SAMPLE.is_dir(), f"{SAMPLE} missing: the sample ships with the tests"
     dst = tmp_path / "sample"
     shutil.copytree(SAMPLE, dst)
     return dst

@@ -382,3 +382,23 @@ def test_rollout_objective_fits_and_its_loss_is_the_rollout_mse(synth, fitted):
     assert Fp.grad is not None and torch.isfinite(Fp.grad).all() and Fp.grad.abs().sum() > 0
     with pytest.raises(Exception, match="objective must be one of"):
         make_simulator("gptfluence", "loss", encoder=enc, objective="magic", **FAST).fit(dyn, fit, val)
+
+
+def test_rollout_loss_ignores_unrecorded_targets_in_the_gradient():
+    """A NaN target (metric not recorded at that step) must not turn gradients into NaN."""
+    import torch
+
+    from gptfluence.simulators import engine
+
+    V = torch.randn(2, 5, 3)
+    V[0, 2, 1] = float("nan")
+    V[1, 3, :] = float("nan")
+    Fp = torch.randn(2, 5, 3, requires_grad=True)
+    block = engine.RunBlock(values=V, rows=torch.randint(0, 5, (2, 4, 2)), cols=torch.arange(3), first_step=0)
+    loss = engine.rollout_loss(Fp, block, residual=True)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(Fp.grad).all()
+    with torch.no_grad():
+        pred = engine.rollout_tensor(Fp, block.rows, V[:, 0], True)
+    ok = torch.isfinite(V[:, 1:])
+    assert abs(float(loss.detach()) - float(((pred[:, 1:] - V[:, 1:])[ok] ** 2).mean())) < 1e-5

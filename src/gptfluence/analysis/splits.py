@@ -38,6 +38,10 @@ def split_runs(run_ids: Sequence[str], seed: int = 0, n_val: int | None = None, 
             if r in used:
                 raise InputError(f"run {r!r} is named in two splits")
             used.add(r)
+    if n_test is not None and n_test < 1:
+        raise InputError(f"n_test must be >= 1 (got {n_test})")
+    if n_val is not None and n_val < 0:
+        raise InputError(f"n_val must be >= 0 (got {n_val})")
     R = len(ids)
     rest = [r for r in ids if r not in used]
     rng = np.random.default_rng(seed)

@@ -43,9 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # the default pipeline never touches a hub; a hub model or dataset named by the user may
+    # (set HF_HUB_OFFLINE=1 to forbid it, as `make demo` and the tests do)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -56,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except GptfluenceError as e:
         print(f"gptfluence {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # permissions, a file where a folder is expected, a full disk, ...
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"gptfluence {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as e:
+        print(f"gptfluence {args.command}: error: a file is not UTF-8 text ({e.reason} at byte {e.start})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ngptfluence {args.command}: interrupted; finished work is saved, rerun the same command to resume",

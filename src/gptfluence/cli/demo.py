@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from gptfluence.config import add_arguments, from_dict, from_namespace, load_json
+from gptfluence.config import add_arguments, from_dict, from_namespace, load_json, to_dict
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,10 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from gptfluence.demo import DemoConfig, load_scale, run_demo, terminal_table
 
-    data = load_scale(args.scale)
+    from gptfluence.errors import InputError
+
+    base = from_dict(DemoConfig, load_scale(args.scale), source=f"scale {args.scale!r}")
     if args.config:
-        data.update(load_json(args.config))
-    base = from_dict(DemoConfig, data, source=args.config or f"scale {args.scale!r}")
+        given = load_json(args.config)
+        if not isinstance(given, dict):
+            raise InputError(f"{args.config}: expected a JSON object of DemoConfig fields, got {type(given).__name__}")
+        base = from_dict(DemoConfig, {**to_dict(base), **given}, source=args.config)
     cfg = from_namespace(DemoConfig, args, base)
     t0 = time.perf_counter()
     res = run_demo(cfg, Path(args.out), progress=not args.quiet)

@@ -196,6 +196,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if not Path(cur_src).exists():
             raise InputError(f"--curriculum {cur_src!r}: neither a run id of the store nor a file")
         cur = read_curriculum(cur_src)
+        if not args.start_run and not store.run_ids:
+            raise InputError(f"{args.dynamics}: the store has no runs to take start values from")
         start_run = args.start_run or store.run_ids[0]
         src_name = str(cur_src)
         for t, row in enumerate(cur):

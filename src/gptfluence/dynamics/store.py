@@ -533,6 +533,9 @@ class Dynamics:
         return RunStaging(self.root / "runs", run_id)
 
     def write_run(self, run: Run) -> None:
+        """Commit ``run`` to the store (ids checked against the examples first)."""
+        rows_for(run.test_ids.tolist(), self.test_row, f"test (run {run.run_id!r})")
+        rows_for(np.unique(run.curriculum).tolist(), self.train_row, f"training (run {run.run_id!r})")
         with self.stage_run(run.run_id) as st:
             st.commit(run)
         self._runs[run.run_id] = run

@@ -202,12 +202,14 @@ def rollout_loss(Fp: torch.Tensor, block: RunBlock, residual: bool, runs: torch.
     NaN if nothing is recorded."""
     V = block.values if runs is None else block.values[runs]
     rows = block.rows if runs is None else block.rows[runs]
-    pred = rollout_tensor(Fp[:, :, block.cols], rows, V[:, 0], residual)
-    err = (pred[:, 1:] - V[:, 1:]) ** 2
-    ok = torch.isfinite(err)
+    start = V[:, 0]
+    pred = rollout_tensor(Fp[:, :, block.cols], rows, torch.nan_to_num(start), residual)
+    # mask before squaring: a NaN target must not reach the gradient (NaN * 0 is NaN)
+    ok = torch.isfinite(V[:, 1:]) & torch.isfinite(start)[:, None, :]
     if not ok.any():
-        return err.new_tensor(float("nan"))
-    return err[ok].mean()
+        return pred.new_tensor(float("nan"))
+    diff = torch.where(ok, pred[:, 1:] - torch.nan_to_num(V[:, 1:]), torch.zeros_like(pred[:, 1:]))
+    return (diff * diff).sum() / ok.sum()
 
 
 def rollout_mse(Fp: torch.Tensor, block: RunBlock, residual: bool) -> float:
