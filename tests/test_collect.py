@@ -384,3 +384,28 @@ def test_curriculum_file_ignores_examples_per_run(tmp_path):
     cfg = dataclasses.replace(SENT, examples_per_run=CollectConfig().examples_per_run, curriculum_file=str(cur))
     store = collect(cfg, tmp_path / "s", runs=1, workers=1, progress=False, log=lambda s: None)
     assert store.run_ids == ["a"]
+
+
+def test_invalid_settings_fail_before_the_store_exists(tmp_path, capsys):
+    """A bad flag or curriculum must not lock a config into a new store: fixing it just works."""
+    bad_cur = tmp_path / "c.jsonl"
+    bad_cur.write_text(json.dumps({"run_id": "a", "curriculum": [[0, 999]]}) + "\n")
+    for flags, msg in ((["--lr-schedule", "cosine"], "--lr-schedule must be 'constant' or 'linear'"),
+                       (["--batch-size", "0"], "--batch-size must be >= 1"),
+                       (["--curriculum-file", str(bad_cur)], "unknown training id 999")):
+        out = tmp_path / f"s{len(flags)}{flags[0]}"
+        assert _main(["--out", str(out), *cli_flags(SENT), *flags]) == 2
+        assert msg in capsys.readouterr().err
+        assert not (out / "manifest.json").exists()
+
+
+def test_worker_start_failure_is_a_clean_error(tmp_path, capsys):
+    """A model that cannot load in the worker processes ends with one error line, not a broken pool."""
+    from gptfluence.cli import main
+
+    missing = tmp_path / "no-such-model"
+    rc = main(["collect", "--workers", "2", "--quiet", "--runs", "2", "--out", str(tmp_path / "s"),
+               *cli_flags(SENT), "--model", str(missing)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "gptfluence collect: error:" in err
+    assert str(missing) in err or "no-such-model" in err

@@ -21,6 +21,7 @@ so no second pass over training is ever needed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import multiprocessing as mp
@@ -37,7 +38,7 @@ import numpy as np
 from gptfluence.config import arg, to_dict
 from gptfluence.dynamics.curriculum import read_curricula, sample_curriculum
 from gptfluence.dynamics.store import Dynamics, Run, create_store
-from gptfluence.errors import InputError
+from gptfluence.errors import GptfluenceError, InputError
 from gptfluence.types import CLASSIFICATION, Task
 
 
@@ -72,6 +73,25 @@ class CollectConfig:
     eval_batch_size: int = arg(128, "test examples per forward pass")
     capture_every: int = arg(0, "save a weights checkpoint into the run's captures/ every k steps (0 = off; for TracIn-CP)")
     device: str = arg("auto", "auto, cpu or cuda")
+
+    def validate(self) -> None:
+        """Raise `InputError` naming the first invalid field (before anything is written)."""
+        positive = ("n_train", "n_test", "batch_size", "epochs", "max_length", "eval_batch_size",
+                    "model_layers", "model_hidden", "gen_max_new_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        for name in ("examples_per_run", "warmup_steps", "gen_every", "capture_every", "model_pretrain_steps"):
+            if getattr(self, name) < 0:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if not self.lr > 0:
+            raise InputError(f"--lr must be > 0 (got {self.lr})")
+        if self.lr_schedule not in ("constant", "linear"):
+            raise InputError(f"--lr-schedule must be 'constant' or 'linear' (got {self.lr_schedule!r})")
+        if not 0.0 <= self.flip_fraction <= 1.0:
+            raise InputError(f"--flip-fraction must be in [0, 1] (got {self.flip_fraction})")
+        if not self.curriculum_file and self.examples_per_run > self.n_train:
+            raise InputError(f"--examples-per-run {self.examples_per_run} exceeds the pool size --n-train {self.n_train}")
 
     def task_fields(self) -> dict[str, Any]:
         return {"name": self.task, "n_train": self.n_train, "n_test": self.n_test, "seed": self.task_seed,
@@ -163,10 +183,13 @@ class RunCollector:
         self.task = task
         self.device = device
         name, base = model_spec(cfg)
-        dtype = torch.bfloat16 if device.startswith("cuda") else None
+        # fp32 weights (AdamW updates need them); on CUDA forward passes run under bf16 autocast
+        dtype = None
         # the default model was built (or found) by collect(); no "reusing cached base model" line per worker
         self.model, self.tokenizer = load_model(name, device=device, dtype=dtype, base_config=base, progress=False)
         self.init_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") \
+            else contextlib.nullcontext
         self.train_data = tokenize_examples(self.tokenizer, task.train, cfg.max_length)
         self.train_row = {e.id: r for r, e in enumerate(task.train)}
         self.eval_set = prepare_eval(self.tokenizer, task.test, cfg.max_length)
@@ -208,7 +231,9 @@ class RunCollector:
         lrs = np.zeros(T, dtype=np.float64)
         with store.stage_run(run_id) as staging:
             def record(step: int) -> None:
-                for m, v in self._evaluate(step, T).items():
+                with self.autocast():
+                    scores = self._evaluate(step, T)
+                for m, v in scores.items():
                     values[m][step] = v
 
             record(0)
@@ -220,7 +245,8 @@ class RunCollector:
                 batch = self.train_data.batch(rows)
                 batch = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in batch.items()}
                 lrs[t - 1] = float(sched.get_last_lr()[0])
-                loss = causal_lm_loss(self.model, batch)
+                with self.autocast():
+                    loss = causal_lm_loss(self.model, batch)
                 if not torch.isfinite(loss):
                     raise InputError(f"run {run_id!r}, step {t}: training loss is {loss.item()} (lower --lr?)")
                 opt.zero_grad(set_to_none=True)
@@ -253,15 +279,23 @@ def _worker_init(cfg_dict: dict[str, Any], store_path: str, device: str, progres
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business; it terminates us
-    cfg = CollectConfig(**cfg_dict)
-    store = Dynamics.open(store_path)
-    _WORKER["collector"] = RunCollector(cfg, store.task, device, threads=1)
-    _WORKER["store"] = store
-    _WORKER["q"] = progress_q
-    _WORKER["hooks"] = [CheckpointCapture(cfg.capture_every)] if cfg.capture_every > 0 else []
+    try:
+        cfg = CollectConfig(**cfg_dict)
+        store = Dynamics.open(store_path)
+        _WORKER["collector"] = RunCollector(cfg, store.task, device, threads=1)
+        _WORKER["store"] = store
+        _WORKER["q"] = progress_q
+        _WORKER["hooks"] = [CheckpointCapture(cfg.capture_every)] if cfg.capture_every > 0 else []
+    except Exception as e:  # reported by the first job instead of breaking the pool
+        _WORKER["init_error"] = e
 
 
 def _worker_run(run_id: str, seed: int, curriculum: np.ndarray) -> str:
+    err = _WORKER.get("init_error")
+    if err is not None:
+        if isinstance(err, GptfluenceError):
+            raise err
+        raise GptfluenceError(f"worker could not start: {type(err).__name__}: {err}")
     q = _WORKER["q"]
     _WORKER["collector"].run(run_id, seed, curriculum, _WORKER["store"], hooks=_WORKER["hooks"],
                              on_step=(lambda n: q.put(n)) if q is not None else None)
@@ -300,10 +334,10 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, runs: int = 8, workers: 
     """
     from tqdm.auto import tqdm
 
-    if not cfg.curriculum_file and cfg.examples_per_run > cfg.n_train:
-        raise InputError(f"--examples-per-run {cfg.examples_per_run} exceeds the pool size --n-train {cfg.n_train}")
+    cfg.validate()
     device = resolve_device(cfg.device)
     task = load_task_for(cfg)
+    plan = plan_runs(cfg, task, runs)  # bad curricula fail here, before the store is created
     identity = {k: v for k, v in to_dict(cfg).items() if k not in NON_IDENTITY_FIELDS}
     # make sure the base model exists before workers start (they would race to build it)
     name, base = model_spec(cfg)
@@ -322,7 +356,6 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, runs: int = 8, workers: 
     removed = store.clean_staging()
     if removed:
         log(f"removed {removed} unfinished run folder(s) left by an interrupted collection")
-    plan = plan_runs(cfg, task, runs)
     todo = [p for p in plan if p[0] not in store.run_ids]
     done = len(plan) - len(todo)
     if done:
@@ -362,6 +395,7 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, runs: int = 8, workers: 
 def _collect_parallel(cfg: CollectConfig, out: str, device: str, todo: list, workers: int, bar: Any,
                       runs_bar: Any) -> None:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -388,6 +422,11 @@ def _collect_parallel(cfg: CollectConfig, out: str, device: str, todo: list, wor
                 f.result()  # re-raise worker errors here
                 if runs_bar:
                     runs_bar.update(1)
+    except BrokenProcessPool:
+        for p in list((getattr(ex, "_processes", None) or {}).values()):
+            p.terminate()
+        raise GptfluenceError("a collection worker process died (out of memory?); finished runs are kept, "
+                              "rerun the same command to resume (try --workers 1)") from None
     except BaseException:
         procs = list((getattr(ex, "_processes", None) or {}).values())  # shutdown() sets it to None
         ex.shutdown(wait=False, cancel_futures=True)
