@@ -61,6 +61,17 @@ def test_demo_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     cfg = json.loads((out / "demo_config.json").read_text())
     assert cfg["runs"] == 6 and cfg["tasks"] == ["sentiment", "data2text"]
 
+    # the same influence from the command line, on any run; bad ids are clean errors
+    sp = ev["splits"]["sentiment"]
+    args = ["influence", str(out / "simulators" / "sentiment" / "gptfluence-loss"), "--dynamics",
+            str(out / "dynamics" / "sentiment"), "--k", "2"]
+    assert main([*args, "--run", sp["test"][0], "--test-ids", "0", "1", "--out", str(tmp_path / "i.json")]) == 0
+    rep = json.loads((tmp_path / "i.json").read_text())["reports"][0]
+    assert [e["test_id"] for e in rep["test_examples"]] == [0, 1] and rep["run_id"] == sp["test"][0]
+    assert all(h["score"] > 0 for e in rep["test_examples"] for h in e["helpful"])
+    assert main([*args, "--run", "run-9999", "--out", str(tmp_path / "j.json")]) == 2
+    assert "unknown run id 'run-9999'" in capsys.readouterr().err
+
     # a second run reuses the collected dynamics (and says so) and gives the same table
     assert main(["demo", "--scale", "tiny", "--out", str(out), "--quiet"]) == 0
     again = capsys.readouterr().out

@@ -270,6 +270,13 @@ def test_export_metric_subset_and_refuses_nonempty(tmp_path):
         export_gptdynamics(mem, tmp_path / "exp")
     with pytest.raises(InputError, match="unknown metric"):
         export_gptdynamics(mem, tmp_path / "exp2", metrics=["accuracy"])
+    # overwriting with fewer runs and metrics leaves nothing stale behind
+    full = export_gptdynamics(mem, tmp_path / "exp3")
+    assert any(p.name.startswith("all_bleu") for p in full.rglob("*"))
+    fewer = Dynamics(mem.task, mem.runs(mem.run_ids[:1]), manifest=mem.manifest)
+    export_gptdynamics(fewer, full, metrics=["loss"], overwrite=True)
+    assert not any(p.name.startswith("all_bleu") for p in full.rglob("*"))
+    assert import_gptdynamics(full).run_ids == [mem.run_ids[0]]
 
 
 def test_format_float32_round_trips():

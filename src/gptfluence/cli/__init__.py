@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "gptfluence.cli.collect",
     "gptfluence.cli.gptdynamics",
     "gptfluence.cli.simulators",
+    "gptfluence.cli.influence",
     "gptfluence.cli.report",
     "gptfluence.cli.demo",
 )

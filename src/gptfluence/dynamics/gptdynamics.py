@@ -189,6 +189,12 @@ def export_gptdynamics(dynamics: Dynamics, out_dir: str | os.PathLike,
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise InputError(f"{out}: folder exists and is not empty (pass overwrite=True / use another folder)")
+    if overwrite and out.is_dir():  # no stale run folders or metric files from an earlier export
+        import shutil
+
+        for name in ("runs", "texts"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
     runs = dynamics.runs()
     all_metrics = list(dynamics.metrics)
     if metrics is None:
