@@ -139,6 +139,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True, log: Calla
         log(f"[1/4 collect] {task}: {cfg.runs} runs" + (f" ({min(have, cfg.runs)} cached)" if have else ""))
         store = collect(ccfg, path, runs=cfg.runs, workers=cfg.workers, progress=progress, log=log)
         save_json(ccfg, path / "collect_config.json")
+        if len(store) > cfg.runs:  # the folder holds more runs than asked for: use the first `runs`
+            store = Dynamics(store.task, store.runs(store.run_ids[:cfg.runs]), manifest=store.manifest)
         stores.append(store)
     timings["collect_s"] = time.perf_counter() - t0
 

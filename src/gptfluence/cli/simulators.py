@@ -72,7 +72,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--metric", default="loss", help="metric to simulate (default: loss)")
     p.add_argument("--out", required=True, help="simulator folder to write (config.json + weights.safetensors)")
     p.add_argument("--fit-runs", nargs="+", default=None, help="run ids to fit on (default: the seeded split's fit runs)")
-    p.add_argument("--val-runs", nargs="*", default=None, help="run ids for early stopping (default: the split's validation runs)")
+    p.add_argument("--val-runs", nargs="*", default=None, help="run ids for early stopping (default: the seeded split's validation runs; none when --fit-runs is given)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_flags(p)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the simulators' small tensor ops are fastest single-threaded)")
