@@ -161,7 +161,9 @@ class CheckpointCapture:
 
 
 def generation_metric_names(task: Task) -> list[str]:
-    return ["accuracy"] if task.kind == CLASSIFICATION else ["bleu", "rougeL"]
+    from gptfluence.lm.metrics import metric_names
+
+    return list(metric_names(task.kind))
 
 
 def metrics_for(cfg: CollectConfig, task: Task) -> list[str]:
@@ -193,7 +195,6 @@ class RunCollector:
         self.train_data = tokenize_examples(self.tokenizer, task.train, cfg.max_length)
         self.train_row = {e.id: r for r, e in enumerate(task.train)}
         self.eval_set = prepare_eval(self.tokenizer, task.test, cfg.max_length)
-        self.references = [e.target.strip() for e in task.test]
         self.gen_tokens = 3 if task.kind == CLASSIFICATION else cfg.gen_max_new_tokens
         self.gen_metrics = generation_metric_names(task)
         self.metrics = metrics_for(cfg, task)
@@ -206,7 +207,7 @@ class RunCollector:
         if k > 0 and (step % k == 0 or step == T):
             preds = greedy_generate(self.model, self.tokenizer, self.eval_set,
                                     max_new_tokens=self.gen_tokens, batch_size=self.cfg.eval_batch_size)
-            scores = generation_metrics(preds, self.references, self.task.kind)
+            scores = generation_metrics(preds, self.eval_set.references, self.task.kind)
             for m in self.gen_metrics:
                 out[m] = np.asarray(scores[m])
         return out
