@@ -95,7 +95,24 @@ def _load_failed(what: str, name: str, e: Exception) -> GptfluenceError:
                            f"pass a local folder holding the model")
 
 
-class SentenceTransformerEncoder:
+class _EncoderBase:
+    """`spec` and `repr` shared by the concrete encoders (attributes set by their __init__)."""
+
+    kind: str
+    name: str
+    pooling: str
+    max_length: int
+    normalize: bool
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "pooling": self.pooling,
+                "max_length": self.max_length, "normalize": self.normalize}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec()})"
+
+
+class SentenceTransformerEncoder(_EncoderBase):
     """A sentence-transformers model (default: all-MiniLM-L6-v2 from the gt package, 384-d).
 
     ``pooling=None`` keeps the model's own pooling (mean for MiniLM); "cls" / "last" override it.
@@ -153,15 +170,9 @@ class SentenceTransformerEncoder:
                                 normalize_embeddings=self.normalize, show_progress_bar=False)
         return np.asarray(out, dtype=np.float32).reshape(len(texts), self.dim)
 
-    def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "pooling": self.pooling,
-                "max_length": self.max_length, "normalize": self.normalize}
-
-    def __repr__(self) -> str:
-        return f"SentenceTransformerEncoder({self.spec()})"
 
 
-class HFEncoder:
+class HFEncoder(_EncoderBase):
     """Any Hugging Face encoder (``AutoModel``) by local folder (or cached hub name).
 
     Token states of the last layer are pooled ("mean" over non-pad tokens or "cls" = first token,
@@ -203,15 +214,9 @@ class HFEncoder:
             out[i:i + len(batch)] = v.cpu().numpy()
         return out
 
-    def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "pooling": self.pooling,
-                "max_length": self.max_length, "normalize": self.normalize}
-
-    def __repr__(self) -> str:
-        return f"HFEncoder({self.spec()})"
 
 
-class CausalLMEncoder:
+class CausalLMEncoder(_EncoderBase):
     """A causal LM used as encoder: its last hidden layer at the last non-pad token, or the mean
     over non-pad tokens.
 
@@ -281,12 +286,6 @@ class CausalLMEncoder:
             out[i:i + len(batch)] = v.cpu().numpy()
         return out
 
-    def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "pooling": self.pooling,
-                "max_length": self.max_length, "normalize": self.normalize}
-
-    def __repr__(self) -> str:
-        return f"CausalLMEncoder({self.spec()})"
 
 
 def load_encoder(spec: str = "minilm", pooling: str | None = None, max_length: int = 128,
