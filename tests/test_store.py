@@ -106,3 +106,22 @@ def test_examples_parquet_round_trip_and_errors(tmp_path):
     (tmp_path / "x.parquet").write_text("garbage")
     with pytest.raises(InputError, match="x.parquet: not a readable Parquet file"):
         read_examples(tmp_path / "x.parquet")
+
+
+def test_cleaning_spares_a_live_writers_staging_folder(tmp_path, tiny_task):
+    import subprocess
+    import sys
+
+    store = create_store(tmp_path / "s", tiny_task, ["loss"])
+    runs = tmp_path / "s" / "runs"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        live = runs / f".staging-run-1-{child.pid}-abcd1234"
+        live.mkdir()
+        (runs / ".staging-run-2-999999999-abcd1234").mkdir()  # no such process: left by a dead writer
+        assert store.clean_staging() == 1
+        assert live.exists() and not (runs / ".staging-run-2-999999999-abcd1234").exists()
+    finally:
+        child.kill()
+        child.wait()
+    assert store.clean_staging() == 1 and not live.exists()

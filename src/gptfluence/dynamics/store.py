@@ -218,7 +218,8 @@ class RunStaging:
     def __init__(self, runs_dir: Path, run_id: str) -> None:
         self.runs_dir = runs_dir
         self.run_id = run_id
-        self.path = runs_dir / f"{STAGING_PREFIX}{run_id}-{uuid.uuid4().hex[:8]}"
+        # the writer's pid is part of the name, so cleaning never removes a live writer's folder
+        self.path = runs_dir / f"{STAGING_PREFIX}{run_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.path.mkdir(parents=True)
         self.final_path = runs_dir / run_id
         self._done = False
@@ -271,6 +272,23 @@ class RunStaging:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def _writer_alive(staging_name: str) -> bool:
+    """True if the staging folder's writer process (pid in its name) is still running here."""
+    parts = staging_name[len(STAGING_PREFIX):].rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def read_run(run_dir: str | os.PathLike) -> Run:
@@ -546,6 +564,8 @@ class Dynamics:
             return 0
         n = 0
         for p in (self.root / "runs").glob(STAGING_PREFIX + "*"):
+            if _writer_alive(p.name):
+                continue  # another collection is writing this run right now
             shutil.rmtree(p, ignore_errors=True)
             n += 1
         return n
