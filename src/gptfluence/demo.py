@@ -97,7 +97,8 @@ def terminal_table(result: dict[str, Any]) -> str:
         best = min(finite) if finite else None
         for r in rs:
             star = "*" if best is not None and r["mse_mean"] == best else " "
-            body.append([task, metric, r["method"], f"{_fmt(r['mse_mean'])}{star}", _fmt(r["mae_mean"]),
+            name = r["method"] + (" (untrained)" if r.get("best_epoch") == 0 else "")
+            body.append([task, metric, name, f"{_fmt(r['mse_mean'])}{star}", _fmt(r["mae_mean"]),
                          f"{_fmt(r['spearman_final_mean'], 3)} ± {_fmt(r['spearman_final_std'], 2)}",
                          _fmt(r["curriculum_spearman_mean"], 3)])
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]

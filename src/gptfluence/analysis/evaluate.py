@@ -298,14 +298,21 @@ def _fmt(mean: Any, std: Any) -> str:
 
 
 def format_markdown(result: dict[str, Any]) -> str:
-    """One Markdown table of every (task, metric, method) record (mean ± std)."""
+    """One Markdown table of every (task, metric, method) record (mean ± std). A learned method
+    whose early stopping kept its initial weights (``best_epoch`` 0: no epoch beat the untrained
+    simulator on the validation runs) is marked with a dagger."""
     lines = ["| task | metric | method | MSE | MAE | final-step Spearman | curriculum Spearman (LDS-style) | runs | tests | fit s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    untrained = False
     for r in result["results"]:
-        lines.append(f"| {r['task']} | {r['metric']} | {r['method']} | {_fmt(r['mse_mean'], r['mse_std'])} | "
+        mark = " †" if r.get("best_epoch") == 0 else ""
+        untrained = untrained or bool(mark)
+        lines.append(f"| {r['task']} | {r['metric']} | {r['method']}{mark} | {_fmt(r['mse_mean'], r['mse_std'])} | "
                      f"{_fmt(r['mae_mean'], r['mae_std'])} | {_fmt(r['spearman_final_mean'], r['spearman_final_std'])} | "
                      f"{_fmt(r['curriculum_spearman_mean'], r['curriculum_spearman_std'])} | {r['n_runs']} | "
                      f"{r['n_test_examples']} | {r['fit_seconds']:.1f} |")
+    if untrained:
+        lines += ["", "† early stopping kept the initial (untrained) weights: no fitted epoch beat them on the validation runs."]
     return "\n".join(lines) + "\n"
 
 
