@@ -195,3 +195,16 @@ def test_cli_fit_simulate_evaluate(tmp_path, stores, capsys):
     d = json.loads(out.read_text())
     assert len(d["results"]) == 8 and set(d["splits"]) == {"taskA", "taskB"}
     assert d["config"]["method_configs"]["gptfluence"]["epochs"] == 2
+
+
+def test_markdown_marks_fits_that_kept_untrained_weights():
+    from gptfluence.analysis.evaluate import format_markdown
+
+    rec = dict(task="t", metric="loss", mse_mean=1.0, mse_std=0.0, mae_mean=1.0, mae_std=0.0,
+               spearman_final_mean=0.5, spearman_final_std=0.0, curriculum_spearman_mean=None,
+               curriculum_spearman_std=None, n_runs=2, n_test_examples=3, fit_seconds=0.1)
+    md = format_markdown({"results": [dict(rec, method="simfluence", best_epoch=0),
+                                      dict(rec, method="gptfluence", best_epoch=7),
+                                      dict(rec, method="constant", best_epoch=None)]})
+    assert "| simfluence † |" in md and "| gptfluence |" in md and "| constant |" in md
+    assert "kept the initial (untrained) weights" in md

@@ -125,3 +125,12 @@ def test_cleaning_spares_a_live_writers_staging_folder(tmp_path, tiny_task):
         child.kill()
         child.wait()
     assert store.clean_staging() == 1 and not live.exists()
+
+
+def test_write_run_refuses_ids_the_store_does_not_know(tmp_path, tiny_task):
+    store = create_store(tmp_path / "s", tiny_task, ["loss", "accuracy"])
+    bad = make_run("run-0", tiny_task)
+    bad.test_ids[1] = 42
+    with pytest.raises(InputError, match="unknown test .*id 42"):
+        store.write_run(bad)
+    assert Dynamics.open(tmp_path / "s").run_ids == []
