@@ -402,3 +402,36 @@ def test_rollout_loss_ignores_unrecorded_targets_in_the_gradient():
         pred = engine.rollout_tensor(Fp, block.rows, V[:, 0], True)
     ok = torch.isfinite(V[:, 1:])
     assert abs(float(loss.detach()) - float(((pred[:, 1:] - V[:, 1:])[ok] ** 2).mean())) < 1e-5
+
+
+def test_detrend_fits_deviations_from_the_mean_trajectory(tmp_path):
+    """detrend=True: a shared non-stationary trend (which a stationary recurrence cannot follow)
+    is taken from the fit runs, the factors model the deviations, and artifacts keep the trend."""
+    from gptfluence.dynamics.store import Dynamics, Run
+    from gptfluence.simulators import load_simulator
+
+    base, _ = synthetic_dynamics(n_runs=10, n_steps=30, n_train=40, n_test=12, dim=16, eta=0.03, seed=5)
+    wave = 0.5 * np.sin(np.arange(31) / 3.0)[:, None]  # the same bumpy trend in every run
+    runs = [Run(r.run_id, r.curriculum, r.steps, r.test_ids, {"loss": r.values["loss"] + wave}, seed=r.seed)
+            for r in base.runs()]
+    dyn = Dynamics(base.task, runs, manifest=dict(base.manifest, metrics=["loss"]))
+    ids = dyn.run_ids
+    fit, val, test = ids[:7], ids[7:8], ids[8:]
+    mse = {}
+    for detrend in (False, True):
+        sim = make_simulator("simfluence", "loss", epochs=40, batch_size=1024, detrend=detrend)
+        sim.fit(dyn, fit, val)
+        mse[detrend], pred = _heldout_mse(sim, dyn, test)
+    mean = make_simulator("mean_curve", "loss")
+    mean.fit(dyn, fit, val)
+    mse["mean_curve"] = _heldout_mse(mean, dyn, test)[0]
+    assert mse[True] < 0.5 * mse[False], mse
+    assert mse[True] < mse["mean_curve"], mse
+    sim.save(tmp_path / "s")
+    again = load_simulator(tmp_path / "s", dynamics=dyn)
+    np.testing.assert_allclose(_heldout_mse(again, dyn, test)[1], pred, rtol=1e-5, atol=1e-6)
+    # a test id the trend has not seen takes the mean trend of the others
+    from gptfluence.simulators.common import Trend
+
+    tr = Trend(np.arange(3), np.array([4, 7]), np.array([[1.0, 3.0], [2.0, 4.0], [3.0, 5.0]]))
+    np.testing.assert_allclose(tr.values([7, 99], [0, 2, 10]), [[3.0, 2.0], [5.0, 4.0], [5.0, 4.0]])

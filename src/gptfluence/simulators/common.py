@@ -40,6 +40,7 @@ class FitConfig:
     seed: int = arg(0, "seed of initialisation and transition shuffling")
     device: str = arg("cpu", "torch device: cpu or cuda[:k]")
     bridge_gaps: bool = arg(True, "teacher forcing across unrecorded steps: roll the model from the last recorded value to the next (metrics recorded every k steps); false = only targets whose previous order values are recorded")
+    detrend: bool = arg(False, "fit deviations from the fit runs' mean trajectory (per test example and step) and add that trend back when simulating; false = the paper's model of the raw values")
     objective: str = arg("teacher_forcing", "fitting loss: teacher_forcing (the paper: one-step MSE from true previous values) or rollout (MSE of whole autoregressive rollouts of the fit runs, backpropagated through time; what evaluation measures)")
     rollout_runs: int = arg(8, "objective=rollout: fit runs per optimizer step (0 = all)")
     normalize: bool = arg(True, "fit on metric / scale (scale = mean |value| over the fit runs); outputs stay in metric units")
@@ -184,6 +185,66 @@ class SimulatorBase:
         return f"{type(self).__name__}(metric={self.metric!r})"
 
 
+class Trend:
+    """The fit runs' mean trajectory, per test example and absolute step (``detrend=True``).
+
+    ``values(test_ids, steps) -> [len(steps), M]`` in metric units: steps outside the fitted range
+    take the nearest fitted step's value; a test id not seen in fitting takes the mean over the
+    fitted test examples; unrecorded (step, id) cells are filled from the nearest recorded step.
+    """
+
+    def __init__(self, steps: np.ndarray, test_ids: np.ndarray, table: np.ndarray) -> None:
+        self.steps = np.asarray(steps, dtype=np.int64)
+        self.test_ids = np.asarray(test_ids, dtype=np.int64)
+        self.table = np.asarray(table, dtype=np.float64)  # [S, M]
+        self.overall = self.table.mean(axis=1)
+        self._col = {int(i): c for c, i in enumerate(self.test_ids)}
+
+    @classmethod
+    def from_runs(cls, V: np.ndarray, steps: np.ndarray, test_ids: np.ndarray) -> "Trend":
+        """From ``V [R, S, M]`` on ``steps [S]``: mean over runs, gaps filled along the steps."""
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", category=RuntimeWarning)
+                mean = np.nanmean(V, axis=0)  # [S, M]
+        rec = np.isfinite(mean).any(axis=1)
+        if not rec.any():
+            raise InputError("detrend: no recorded values in the fit runs")
+        keep = np.flatnonzero(rec)[0]
+        mean, steps = mean[keep:], np.asarray(steps)[keep:]
+        for m in range(mean.shape[1]):
+            col = mean[:, m]
+            ok = np.isfinite(col)
+            if not ok.any():
+                continue
+            idx = np.flatnonzero(ok)
+            col[:] = np.interp(np.arange(col.size), idx, col[idx])  # nearest-recorded fill at the ends
+        bad = ~np.isfinite(mean)
+        if bad.any():  # test examples never recorded: the mean of the others
+            mean[bad] = np.broadcast_to(np.nanmean(mean, axis=1, keepdims=True), mean.shape)[bad]
+        return cls(steps, test_ids, mean)
+
+    def values(self, test_ids: Sequence[int], steps: Sequence[int]) -> np.ndarray:
+        rows = np.clip(np.searchsorted(self.steps, np.asarray(steps, dtype=np.int64)), 0, self.steps.size - 1)
+        cols = [self._col.get(int(i), -1) for i in test_ids]
+        out = np.empty((rows.size, len(cols)), dtype=np.float64)
+        for j, c in enumerate(cols):
+            out[:, j] = self.table[rows, c] if c >= 0 else self.overall[rows]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps.tolist(), "test_ids": self.test_ids.tolist(), "table": self.table.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Trend":
+        try:
+            return cls(np.asarray(d["steps"]), np.asarray(d["test_ids"]), np.asarray(d["table"], dtype=np.float64))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactMismatchError(f"simulator config.json, field 'trend': malformed ({e})") from None
+
+
 class RecurrenceSimulator(SimulatorBase):
     """Base of the learned recurrence simulators (GPTfluence, Simfluence): one fit / rollout
     engine (`gptfluence.simulators.engine`); subclasses provide the factors.
@@ -203,6 +264,7 @@ class RecurrenceSimulator(SimulatorBase):
         self.scale = 1.0
         self.fit_first_step: int | None = None
         self.module = None
+        self.trend: Trend | None = None
 
     # -- hooks ------------------------------------------------------------------------------
     def _init_params(self, dynamics: Dynamics, train_ids: np.ndarray, test_ids: np.ndarray,
@@ -222,7 +284,10 @@ class RecurrenceSimulator(SimulatorBase):
         V, steps, tids = dynamics.stack(self.metric, run_ids)
         if first_step is None:
             first_step = engine.first_recorded_step(V, steps)
-        V = V[:, first_step:] / self.scale
+        V = V[:, first_step:]
+        if self.trend is not None:
+            V = V - self.trend.values(tids, steps[first_step:])[None]
+        V = V / self.scale
         cur = stack_curricula(dynamics, run_ids)[:, first_step:]
         rows = np.searchsorted(train_ids, np.maximum(cur, 0))
         rows[cur < 0] = train_ids.size
@@ -245,7 +310,9 @@ class RecurrenceSimulator(SimulatorBase):
         self._remember_dynamics(dynamics)
         V, steps, fit_tids = dynamics.stack(self.metric, fit_runs)
         self.fit_first_step = engine.first_recorded_step(V, steps)
-        self.scale = metric_scale(V[:, self.fit_first_step:]) if self.config.normalize else 1.0
+        self.trend = Trend.from_runs(V, steps, fit_tids) if getattr(self.config, "detrend", False) else None
+        dev = V if self.trend is None else V - self.trend.values(fit_tids, steps)[None]
+        self.scale = metric_scale(dev[:, self.fit_first_step:]) if self.config.normalize else 1.0
         fit_cur = stack_curricula(dynamics, fit_runs)
         fit_train_ids = np.unique(fit_cur[fit_cur >= 0])
         all_cur = [fit_cur] + ([stack_curricula(dynamics, val_runs)] if val_runs else [])
@@ -287,11 +354,18 @@ class RecurrenceSimulator(SimulatorBase):
         rows[cur < 0] = uniq.size
         device = self.device
         fn = self._factor_fn(uniq, tid, unseen=getattr(self.config, "unseen", "error"))
+        trend = None
+        if self.trend is not None:
+            trend = self.trend.values(tid, np.arange(first_step, first_step + cur.shape[1] + 1))  # [T+1, M]
+            st = st - trend[0][None]
         with torch.no_grad():
             Fp = engine.pad_factors(fn())
             start_t = torch.as_tensor(st / self.scale, dtype=torch.float32, device=device)
             out = engine.rollout_tensor(Fp, torch.as_tensor(rows, device=device), start_t, self.residual)
-        return (out.cpu().numpy().astype(np.float64) * self.scale).astype(np.float32)
+        pred = out.cpu().numpy().astype(np.float64) * self.scale
+        if trend is not None:
+            pred = pred + trend[None]
+        return pred.astype(np.float32)
 
     def factors(self, train_ids: Sequence[int], test_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Per-pair factors: ``A [n, N, M]`` (dimensionless; alpha_1 = 1 + sum A_1 when residual)
@@ -309,13 +383,14 @@ class RecurrenceSimulator(SimulatorBase):
     def _meta(self) -> dict[str, Any]:
         m = super()._meta()
         m.update(config=to_dict(self.config), scale=self.scale, fit_first_step=self.fit_first_step,
-                 order=self.order, residual=self.residual)
+                 order=self.order, residual=self.residual, trend=self.trend.to_dict() if self.trend else None)
         return m
 
     def _load_meta(self, meta: dict[str, Any]) -> None:
         super()._load_meta(meta)
         self.scale = float(meta.get("scale", 1.0))
         self.fit_first_step = meta.get("fit_first_step")
+        self.trend = Trend.from_dict(meta["trend"]) if meta.get("trend") else None
 
 
 def config_from(cls: type, config: Any, overrides: dict[str, Any], source: str) -> Any:
