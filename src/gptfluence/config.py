@@ -96,22 +96,30 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
         raise InputError(f"{source}: {e}") from None
 
 
-def save_json(obj: Any, path: str | os.PathLike) -> None:
-    """Write JSON atomically (temp file + rename)."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a unique temp file beside it, fsync, rename."""
+    import uuid
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = to_dict(obj)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=_json_default)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    return path
 
 
-def _json_default(o: Any) -> Any:
+def save_json(obj: Any, path: str | os.PathLike) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = to_dict(obj)
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=json_default) + "\n")
+
+
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy scalars/arrays and paths."""
     try:
         import numpy as np
 

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gptfluence.config import to_dict
+from gptfluence.config import to_dict, write_text_atomic
 from gptfluence.dynamics.store import Dynamics
 from gptfluence.errors import InputError
 
@@ -328,12 +328,7 @@ def write_results(result: dict[str, Any], out: str | os.PathLike, markdown: str 
     """
     clean = _sanitize(result)
     text = json.dumps(clean, allow_nan=False, ensure_ascii=False)  # compact: trajectories are large
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    out = write_text_atomic(out, text + "\n")
     if markdown is not None:
-        Path(markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(markdown).write_text(format_markdown(clean), encoding="utf-8")
+        write_text_atomic(markdown, format_markdown(clean))
     return out

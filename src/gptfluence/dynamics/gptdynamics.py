@@ -48,7 +48,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gptfluence.config import load_json, save_json
+from gptfluence.config import json_default, load_json, save_json, write_text_atomic
 from gptfluence.errors import InputError
 from gptfluence.jsonl import as_int, get_field, iter_json_lines
 from gptfluence.types import CLASSIFICATION, GENERATION, Example, Task
@@ -111,16 +111,6 @@ def _format_float64(v: float) -> Any:
 
 def _natural_key(s: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _format_lr_field(v: Any) -> str:
@@ -212,7 +202,7 @@ def export_gptdynamics(dynamics: Dynamics, out_dir: str | os.PathLike,
     # texts
     for split, exs in (("train", task.train), ("test", task.test)):
         lines = [json.dumps({"id": e.id, "input": e.text, "context": e.prompt}, ensure_ascii=False) for e in exs]
-        _write_text_atomic(out / "texts" / f"{split}.jsonl", "\n".join(lines) + ("\n" if lines else ""))
+        write_text_atomic(out / "texts" / f"{split}.jsonl", "\n".join(lines) + ("\n" if lines else ""))
 
     folders = _folder_names(runs)
     for run, folder in zip(runs, folders):
@@ -223,7 +213,7 @@ def export_gptdynamics(dynamics: Dynamics, out_dir: str | os.PathLike,
         for t in range(run.num_steps):
             ids = [int(i) for i in run.curriculum[t] if i >= 0]
             lines.append(json.dumps({"step": t + 1, "samples_id": ids}))
-        _write_text_atomic(rdir / CURRICULUM_FILE, "\n".join(lines) + ("\n" if lines else ""))
+        write_text_atomic(rdir / CURRICULUM_FILE, "\n".join(lines) + ("\n" if lines else ""))
         # trajectories
         step0: dict[str, list[Any]] = {}
         has0 = run.steps.size > 0 and run.steps[0] == 0
@@ -242,7 +232,7 @@ def export_gptdynamics(dynamics: Dynamics, out_dir: str | os.PathLike,
                 recs = [f'{{"step": {s}, "loss": {x}}}'
                         for s, x, ok in zip(step_list, text[col], rec[col]) if ok]
                 lines.append(f'{{"id": {int(tid)}, "loss_trajectory": [{", ".join(recs)}]}}')
-            _write_text_atomic(rdir / f"all_{m}_trajectory.out", "\n".join(lines) + ("\n" if lines else ""))
+            write_text_atomic(rdir / f"all_{m}_trajectory.out", "\n".join(lines) + ("\n" if lines else ""))
             if has0:
                 step0[m] = [None if np.isnan(x) else float(x) for x in v[0]]
         sidecar = {
@@ -260,7 +250,7 @@ def export_gptdynamics(dynamics: Dynamics, out_dir: str | os.PathLike,
             "config": run.config,
             "info": run.info,
         }
-        _write_text_atomic(rdir / SIDECAR_NAME, json.dumps(sidecar, indent=1, ensure_ascii=False, default=_json_default) + "\n")
+        write_text_atomic(rdir / SIDECAR_NAME, json.dumps(sidecar, indent=1, ensure_ascii=False, default=json_default) + "\n")
 
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -277,16 +267,6 @@ def export_gptdynamics(dynamics: Dynamics, out_dir: str | os.PathLike,
     }
     save_json(manifest, out / MANIFEST_NAME)
     return out
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from gptfluence.config import write_text_atomic
 from gptfluence.errors import ArtifactMismatchError, InputError
 
 MAX_SHARDS = 64
@@ -145,9 +146,7 @@ def _index_for(encoder: Any, cache_dir: str | os.PathLike | None) -> _Index:
                 raise ArtifactMismatchError(f"{spec_path}: cache folder holds another encoder spec ({on_disk}, "
                                             f"dim {disk_dim}); delete the folder")
     else:
-        tmp = folder / f".spec.json.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        tmp.write_text(json.dumps({**spec, "dim": int(encoder.dim)}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, spec_path)
+        write_text_atomic(spec_path, json.dumps({**spec, "dim": int(encoder.dim)}, indent=2, sort_keys=True) + "\n")
     key = str(folder.resolve())
     idx = _INDEXES.get(key)
     if idx is None or idx.dim != int(encoder.dim):
