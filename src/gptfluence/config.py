@@ -146,6 +146,22 @@ def load_json(path: str | os.PathLike) -> Any:
         raise InputError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
 
 
+def check_header(obj: Any, path: str | os.PathLike, fmt: str, version: int, required: tuple[str, ...] = (),
+                 mismatch: type[Exception] = InputError) -> dict[str, Any]:
+    """Check a loaded artifact header: ``format`` and ``format_version`` (else ``mismatch``, naming
+    the file and field) and the ``required`` fields (else `InputError`). Returns ``obj``."""
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        got = obj.get("format") if isinstance(obj, dict) else obj
+        raise mismatch(f"{path}, field 'format': expected {fmt!r}, got {got!r}")
+    if obj.get("format_version") != version:
+        raise mismatch(f"{path}, field 'format_version': this gptfluence reads version {version}, "
+                       f"got {obj.get('format_version')!r}")
+    for key in required:
+        if key not in obj:
+            raise InputError(f"{path}: missing field {key!r}")
+    return obj
+
+
 def load_config(cls: type[T], path: str | os.PathLike) -> T:
     return from_dict(cls, load_json(path), source=str(path))
 

@@ -48,7 +48,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gptfluence.config import json_default, load_json, save_json, write_text_atomic
+from gptfluence.config import check_header, json_default, load_json, save_json, write_text_atomic
 from gptfluence.errors import InputError
 from gptfluence.jsonl import as_int, get_field, iter_json_lines
 from gptfluence.types import CLASSIFICATION, GENERATION, Example, Task
@@ -408,15 +408,7 @@ def _read_sidecar(rdir: Path) -> _Sidecar | None:
     p = rdir / SIDECAR_NAME
     if not p.exists():
         return None
-    d = load_json(p)
-    if not isinstance(d, dict) or d.get("format") != SIDECAR_FORMAT:
-        raise InputError(f"{p}, field 'format': expected {SIDECAR_FORMAT!r}, got {d.get('format') if isinstance(d, dict) else d!r}")
-    if d.get("format_version") != SIDECAR_VERSION:
-        raise InputError(f"{p}, field 'format_version': this gptfluence reads version {SIDECAR_VERSION}, "
-                         f"got {d.get('format_version')!r}")
-    for key in ("run_id", "test_ids", "steps", "num_steps"):
-        if key not in d:
-            raise InputError(f"{p}: missing field {key!r}")
+    d = check_header(load_json(p), p, SIDECAR_FORMAT, SIDECAR_VERSION, ("run_id", "test_ids", "steps", "num_steps"))
     return _Sidecar(d, p)
 
 

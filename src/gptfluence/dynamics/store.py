@@ -36,7 +36,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from gptfluence.config import load_json, save_json
+from gptfluence.config import check_header, load_json, save_json
 from gptfluence.errors import ArtifactMismatchError, InputError
 from gptfluence.types import Example, Task, examples_sha256, id_to_row, rows_for
 
@@ -420,15 +420,8 @@ class Dynamics:
             raise InputError(f"{root}: not a dynamics store (folder not found)")
         if not manifest_path.exists():
             raise InputError(f"{root}: not a dynamics store (no manifest.json)")
-        manifest = load_json(manifest_path)
-        if manifest.get("format") != FORMAT:
-            raise InputError(f"{manifest_path}, field 'format': expected {FORMAT!r}, got {manifest.get('format')!r}")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise InputError(f"{manifest_path}, field 'format_version': this gptfluence reads version "
-                             f"{FORMAT_VERSION}, got {manifest.get('format_version')!r}")
-        for key in ("task", "examples_sha256"):
-            if key not in manifest:
-                raise InputError(f"{manifest_path}: missing field {key!r}")
+        manifest = check_header(load_json(manifest_path), manifest_path, FORMAT, FORMAT_VERSION,
+                                ("task", "examples_sha256"))
         tdesc = manifest["task"]
         train = read_examples(root / "examples" / "train.parquet")
         test = read_examples(root / "examples" / "test.parquet")

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from gptfluence.config import arg, from_dict, load_json, save_json, to_dict
+from gptfluence.config import arg, check_header, from_dict, load_json, save_json, to_dict
 from gptfluence.dynamics.store import Dynamics
 from gptfluence.errors import ArtifactMismatchError, InputError
 from gptfluence.simulators import engine
@@ -124,15 +124,8 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np
     cfg_path = root / "config.json"
     if not root.is_dir():
         raise InputError(f"{root}: not a simulator folder (folder not found)")
-    meta = load_json(cfg_path)
-    if meta.get("format") != FORMAT:
-        raise ArtifactMismatchError(f"{cfg_path}, field 'format': expected {FORMAT!r}, got {meta.get('format')!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ArtifactMismatchError(f"{cfg_path}, field 'format_version': this gptfluence reads version "
-                                    f"{FORMAT_VERSION}, got {meta.get('format_version')!r}")
-    for key in ("method", "metric"):
-        if key not in meta:
-            raise InputError(f"{cfg_path}: missing field {key!r}")
+    meta = check_header(load_json(cfg_path), cfg_path, FORMAT, FORMAT_VERSION, ("method", "metric"),
+                        mismatch=ArtifactMismatchError)
     wpath = root / "weights.safetensors"
     if not wpath.exists():
         raise InputError(f"{wpath}: file not found")
