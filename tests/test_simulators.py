@@ -350,8 +350,9 @@ def test_simulate_input_errors(fitted):
 
 def test_gptfluence_options_paper_literal_and_unshared(synth):
     dyn, enc, fit, val, test = synth
-    for kw in (dict(share_projection=False), dict(residual=False)):
-        sim = make_simulator("gptfluence", "loss", encoder=enc, **{**FAST, "epochs": 3, **kw})
+    for kw in (dict(share_projection=True), dict(residual=False), dict(hidden=0, center_features=False)):
+        # on the raw values (detrend=False) the normalised units are those of the values themselves
+        sim = make_simulator("gptfluence", "loss", encoder=enc, **{**FAST, "epochs": 3, "detrend": False, **kw})
         h = sim.fit(dyn, fit, val)
         # rollouts start stable: the initial validation MSE is about that of a constant prediction
         assert np.isfinite(h["val_mse_init"]) and h["val_mse_init"] < 10
@@ -435,3 +436,61 @@ def test_detrend_fits_deviations_from_the_mean_trajectory(tmp_path):
 
     tr = Trend(np.arange(3), np.array([4, 7]), np.array([[1.0, 3.0], [2.0, 4.0], [3.0, 5.0]]))
     np.testing.assert_allclose(tr.values([7, 99], [0, 2, 10]), [[3.0, 2.0], [5.0, 4.0], [5.0, 4.0]])
+
+
+def _similar_lowers_loss_dynamics(seed: int = 11):
+    """Loss-like runs in which a training example lowers a test example's loss in proportion to
+    their feature similarity (B = -eta <h_i, h_m>, no multiplicative part) on top of a shared
+    trend: the sign a shared projection's PSD kernel cannot express."""
+    from gptfluence.dynamics.store import Dynamics, Run
+
+    base, enc = synthetic_dynamics(n_runs=12, n_steps=30, n_train=48, n_test=16, dim=24, eta=0.0, seed=seed)
+    Htr = enc.encode([e.text for e in base.task.train]).astype(np.float64)
+    Hte = enc.encode([e.text for e in base.task.test]).astype(np.float64)
+    B = -0.02 * (Htr @ Hte.T)
+    rng = np.random.default_rng(seed)
+    runs = []
+    for r in base.runs():
+        steps = B[r.curriculum].sum(1)  # [T, M]
+        phi = 3.0 - 0.01 * np.arange(31)[:, None] + np.vstack([np.zeros((1, B.shape[1])), np.cumsum(steps, 0)])
+        phi = phi + 0.002 * rng.standard_normal(phi.shape)
+        runs.append(Run(r.run_id, r.curriculum, r.steps, r.test_ids, {"loss": phi.astype(np.float32)}, seed=r.seed))
+    return Dynamics(base.task, runs, manifest=dict(base.manifest, metrics=["loss"])), enc
+
+
+def test_default_gptfluence_learns_that_similar_examples_lower_the_loss(tmp_path):
+    """The default (separate linear train/test projections, centred features) recovers the
+    negative-similarity effect: far below the mean curve on held-out runs, with B negatively
+    correlated with feature similarity; the authors' shared projection cannot match it.
+    The feature centre is part of the artifact."""
+    from scipy.stats import spearmanr
+
+    from gptfluence.simulators import load_simulator
+
+    dyn, enc = _similar_lowers_loss_dynamics()
+    ids = dyn.run_ids
+    fit, val, test = ids[:8], ids[8:10], ids[10:]
+    mean = make_simulator("mean_curve", "loss")
+    mean.fit(dyn, fit, val)
+    mse = {"mean_curve": _heldout_mse(mean, dyn, test)[0]}
+    sims = {}
+    for name, kw in (("default", {}), ("shared", dict(share_projection=True))):
+        sim = make_simulator("gptfluence", "loss", encoder=enc, epochs=80, patience=20, lr=3e-3, **kw)
+        sim.fit(dyn, fit, val)
+        mse[name], pred = _heldout_mse(sim, dyn, test)
+        sims[name] = (sim, pred)
+    assert mse["default"] < 0.5 * mse["mean_curve"], mse  # measured: 0.41x
+    assert mse["default"] < 0.6 * mse["shared"], mse  # measured: 0.45x
+    sim, pred = sims["default"]
+    assert sim.config.hidden == 0 and not sim.config.share_projection and sim.config.detrend
+    Htr = enc.encode([e.text for e in dyn.task.train])
+    Hte = enc.encode([e.text for e in dyn.task.test])
+    tr, te = np.arange(len(Htr)), np.arange(len(Hte))
+    _, B = sim.factors(tr, te)
+    assert spearmanr(B.ravel(), (Htr @ Hte.T).ravel())[0] < -0.5
+    centre = sim.module.center.numpy()
+    np.testing.assert_allclose(centre, np.concatenate([Htr, Hte]).mean(0), atol=1e-5)
+    sim.save(tmp_path / "g")
+    again = load_simulator(tmp_path / "g", dynamics=dyn)
+    np.testing.assert_array_equal(again.module.center.numpy(), centre)
+    np.testing.assert_allclose(_heldout_mse(again, dyn, test)[1], pred, rtol=1e-5, atol=1e-6)

@@ -40,7 +40,7 @@ class FitConfig:
     seed: int = arg(0, "seed of initialisation and transition shuffling")
     device: str = arg("cpu", "torch device: cpu or cuda[:k]")
     bridge_gaps: bool = arg(True, "teacher forcing across unrecorded steps: roll the model from the last recorded value to the next (metrics recorded every k steps); false = only targets whose previous order values are recorded")
-    detrend: bool = arg(False, "fit deviations from the fit runs' mean trajectory (per test example and step) and add that trend back when simulating; false = the paper's model of the raw values")
+    detrend: bool = arg(True, "fit deviations from the fit runs' mean trajectory (per test example and step) and add that trend back when simulating; false = the paper's model of the raw values")
     objective: str = arg("teacher_forcing", "fitting loss: teacher_forcing (the paper: one-step MSE from true previous values) or rollout (MSE of whole autoregressive rollouts of the fit runs, backpropagated through time; what evaluation measures)")
     rollout_runs: int = arg(8, "objective=rollout: fit runs per optimizer step (0 = all)")
     normalize: bool = arg(True, "fit on metric / scale (scale = mean |value| over the fit runs); outputs stay in metric units")
