@@ -282,6 +282,37 @@ def test_save_load_same_predictions(tmp_path, synth, fitted, method):
     np.testing.assert_array_equal(sim.simulate(cur, tids, V[:, 0]), back.simulate(cur, tids, V[:, 0]))
 
 
+def test_interrupted_save_keeps_the_old_artifact_and_mixed_pairs_are_refused(tmp_path, synth, fitted, monkeypatch):
+    """A save that dies between the weights and the config leaves the previous artifact loadable
+    (and no temp folder); a config.json paired with another save's weights is refused by name."""
+    import shutil
+
+    from gptfluence.simulators import common
+
+    dyn, enc, fit, val, test = synth
+    fitted["simfluence"].save(tmp_path / "sim")
+    (tmp_path / "sim" / "NOTES.txt").write_text("mine")
+    before = (tmp_path / "sim" / "weights.safetensors").read_bytes()
+
+    def die(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "save_json", die)
+    with pytest.raises(KeyboardInterrupt):
+        fitted["mean_curve"].save(tmp_path / "sim")
+    monkeypatch.undo()
+    assert (tmp_path / "sim" / "weights.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sim"]
+    assert load_simulator(tmp_path / "sim", dynamics=dyn).method == "simfluence"
+    fitted["mean_curve"].save(tmp_path / "sim")  # overwrite keeps other files
+    assert (tmp_path / "sim" / "NOTES.txt").read_text() == "mine"
+    assert load_simulator(tmp_path / "sim").method == "mean_curve"
+    fitted["simfluence"].save(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "weights.safetensors", tmp_path / "sim" / "weights.safetensors")
+    with pytest.raises(ArtifactMismatchError, match="weights_sha256"):
+        load_simulator(tmp_path / "sim")
+
+
 def test_load_against_wrong_dynamics_or_encoder(tmp_path, synth, fitted):
     dyn, enc, fit, val, test = synth
     other, _ = synthetic_dynamics(n_runs=2, n_steps=5, n_train=60, n_test=24, dim=32, seed=99)

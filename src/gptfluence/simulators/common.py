@@ -99,10 +99,23 @@ def metric_scale(values: np.ndarray) -> float:
 
 
 def write_artifact(path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, np.ndarray | torch.Tensor]) -> Path:
+    """Write the folder ``path`` = ``config.json`` + ``weights.safetensors`` as one unit.
+
+    Both files are written into a temporary sibling folder which then replaces ``path`` (an
+    existing artifact is moved aside first and deleted only after the swap), so an interrupted
+    save leaves either the old pair or the new one, never a mix. ``config.json`` records the
+    sha256 of the weights file; `read_artifact` checks it. Other files in an existing ``path``
+    are carried over.
+    """
+    import hashlib
+    import shutil
+
     from safetensors.numpy import save_file
 
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder; cannot write a simulator there")
+    out.parent.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for k, v in tensors.items():
         if isinstance(v, torch.Tensor):
@@ -110,10 +123,28 @@ def write_artifact(path: str | os.PathLike, meta: dict[str, Any], tensors: dict[
         arrays[k] = np.ascontiguousarray(v)
     if not arrays:
         arrays["_empty"] = np.zeros(0, dtype=np.float32)
-    tmp = out / f".weights.safetensors.tmp-{os.getpid()}"
-    save_file(arrays, str(tmp))
-    os.replace(tmp, out / "weights.safetensors")
-    save_json({"format": FORMAT, "format_version": FORMAT_VERSION, **meta}, out / "config.json")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if out.is_dir():  # keep files that are not ours
+            for f in out.iterdir():
+                if f.name not in ("config.json", "weights.safetensors") and f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        save_file(arrays, str(tmp / "weights.safetensors"))
+        digest = hashlib.sha256((tmp / "weights.safetensors").read_bytes()).hexdigest()
+        save_json({"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "weights_sha256": digest},
+                  tmp / "config.json")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)  # put the previous artifact back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -129,6 +160,14 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np
     wpath = root / "weights.safetensors"
     if not wpath.exists():
         raise InputError(f"{wpath}: file not found")
+    want = meta.get("weights_sha256")
+    if want is not None:
+        import hashlib
+
+        got = hashlib.sha256(wpath.read_bytes()).hexdigest()
+        if got != want:
+            raise ArtifactMismatchError(f"{wpath}: sha256 {got[:12]}... does not match config.json's weights_sha256 "
+                                        f"{str(want)[:12]}... (files from two different saves?); save the simulator again")
     try:
         tensors = load_file(str(wpath))
     except Exception as e:
