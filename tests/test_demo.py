@@ -2,9 +2,6 @@
 
 import json
 from html.parser import HTMLParser
-from pathlib import Path
-
-import pytest
 
 from gptfluence.cli import main
 

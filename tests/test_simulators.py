@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gptfluence.errors import ArtifactMismatchError, InputError
-from gptfluence.simulators import (SIMULATOR_METHODS, GPTfluenceSimulator, HashingBowEncoder, Simulator,
+from gptfluence.simulators import (SIMULATOR_METHODS, HashingBowEncoder, Simulator,
                                    load_simulator, make_simulator)
 from gptfluence.simulators import engine
 from gptfluence.simulators.common import stack_curricula
@@ -525,3 +525,17 @@ def test_default_gptfluence_learns_that_similar_examples_lower_the_loss(tmp_path
     again = load_simulator(tmp_path / "g", dynamics=dyn)
     np.testing.assert_array_equal(again.module.center.numpy(), centre)
     np.testing.assert_allclose(_heldout_mse(again, dyn, test)[1], pred, rtol=1e-5, atol=1e-6)
+
+
+def test_device_settings_are_checked_in_one_place():
+    from gptfluence.devices import resolve_device
+
+    assert resolve_device("cpu") == "cpu" and resolve_device(" CPU ") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(InputError, match="'auto', 'cpu' or 'cuda"):
+        resolve_device("gpu")
+    with pytest.raises(InputError, match="device"):
+        make_simulator("gptfluence", device="tpu").device
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA device"):
+            resolve_device("cuda:0")

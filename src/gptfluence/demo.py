@@ -16,7 +16,6 @@ tests, ``paper`` for the paper's fine-tuning shape), a ``--config`` file, and fl
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gptfluence.config import arg, from_dict, load_json, save_json, to_dict
+from gptfluence.config import arg, save_json
 from gptfluence.errors import InputError
 
 SCALES = ("demo", "tiny", "paper")
@@ -165,7 +164,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True, log: Calla
     t0 = time.perf_counter()
     reports = []
     if "gptfluence" in cfg.methods and cfg.influence_test_examples > 0:
-        log(f"[3/4 influence] leave-one-out influence with GPTfluence (loss) on a held-out curriculum")
+        log("[3/4 influence] leave-one-out influence with GPTfluence (loss) on a held-out curriculum")
         for task, store in zip(result["config"]["tasks"], stores):
             sim_dir = out / "simulators" / task / "gptfluence-loss"
             if not sim_dir.exists():

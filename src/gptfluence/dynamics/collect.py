@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import multiprocessing as mp
 import os
 import queue
@@ -38,6 +37,7 @@ import numpy as np
 from gptfluence.config import arg, to_dict
 from gptfluence.dynamics.curriculum import read_curricula, sample_curriculum
 from gptfluence.dynamics.store import Dynamics, Run, create_store
+from gptfluence.devices import resolve_device
 from gptfluence.errors import GptfluenceError, InputError
 from gptfluence.types import CLASSIFICATION, Task
 
@@ -106,16 +106,6 @@ def load_task_for(cfg: CollectConfig) -> Task:
     if "path" in fields and (cfg.task.endswith(".jsonl") or cfg.task.endswith(".csv")):
         kwargs["path"] = cfg.task
     return load_task(TaskConfig(**kwargs))
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available")
-    return device
 
 
 def model_spec(cfg: CollectConfig) -> tuple[str, Any]:

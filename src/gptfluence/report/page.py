@@ -14,7 +14,6 @@ from html import escape
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
 from gptfluence.report import data as rdata
 from gptfluence.report import figures as rfig

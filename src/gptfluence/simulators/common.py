@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from gptfluence.config import arg, check_header, from_dict, load_json, save_json, to_dict
+from gptfluence.devices import resolve_device
 from gptfluence.dynamics.store import Dynamics
 from gptfluence.errors import ArtifactMismatchError, InputError
 from gptfluence.simulators import engine
@@ -38,7 +39,7 @@ class FitConfig:
     warmup_steps: int = arg(20, "optimizer steps of linear learning-rate warmup")
     patience: int = arg(10, "stop after this many epochs without a better validation rollout MSE (0 = never)")
     seed: int = arg(0, "seed of initialisation and transition shuffling")
-    device: str = arg("cpu", "torch device: cpu or cuda[:k]")
+    device: str = arg("cpu", "torch device: cpu, cuda[:k] or auto (cuda when available)")
     bridge_gaps: bool = arg(True, "teacher forcing across unrecorded steps: roll the model from the last recorded value to the next (metrics recorded every k steps); false = only targets whose previous order values are recorded")
     detrend: bool = arg(True, "fit deviations from the fit runs' mean trajectory (per test example and step) and add that trend back when simulating; false = the paper's model of the raw values")
     objective: str = arg("teacher_forcing", "fitting loss: teacher_forcing (the paper: one-step MSE from true previous values) or rollout (MSE of whole autoregressive rollouts of the fit runs, backpropagated through time; what evaluation measures)")
@@ -308,7 +309,7 @@ class RecurrenceSimulator(SimulatorBase):
 
     @property
     def device(self) -> str:
-        return engine.resolve_device(self.config.device)
+        return resolve_device(self.config.device)
 
     # -- fitting ----------------------------------------------------------------------------
     def _block(self, dynamics: Dynamics, run_ids: Sequence[str], train_ids: np.ndarray, test_ids: np.ndarray,

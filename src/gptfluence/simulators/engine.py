@@ -239,14 +239,6 @@ class FitOptions:
     rollout_runs: int = 8
 
 
-def resolve_device(device: str) -> str:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} requested but CUDA is not available on this machine")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise InputError(f"device must be 'cpu' or 'cuda[:k]', got {device!r}")
-    return device
-
-
 def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val: RunBlock | None,
                opt: FitOptions, progress: bool = False, desc: str = "fit") -> dict[str, Any]:
     """Teacher-forced MSE fitting (targets from `RunBlock.transitions`) with AdamW (decoupled weight decay as the L2 term), linear
