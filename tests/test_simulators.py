@@ -539,3 +539,19 @@ def test_device_settings_are_checked_in_one_place():
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="no CUDA device"):
             resolve_device("cuda:0")
+
+
+def test_artifacts_that_predate_a_config_field_load_with_the_behaviour_they_were_made_with(tmp_path, synth, fitted):
+    import json
+
+    for method in ("gptfluence", "simfluence"):
+        fitted[method].save(tmp_path / method)
+        cfg_path = tmp_path / method / "config.json"
+        meta = json.loads(cfg_path.read_text())
+        for k in ("detrend", "center_features"):
+            meta["config"].pop(k, None)
+        cfg_path.write_text(json.dumps(meta))
+        back = load_simulator(tmp_path / method)
+        assert back.config.detrend is False
+        if method == "gptfluence":
+            assert back.config.center_features is False

@@ -426,6 +426,21 @@ class RecurrenceSimulator(SimulatorBase):
         self.trend = Trend.from_dict(meta["trend"]) if meta.get("trend") else None
 
 
+# Fields added to the simulator configs after artifacts of format 1 were first written, with the
+# behaviour of an artifact that lacks them (not today's defaults).
+LEGACY_FIELD_VALUES = {"detrend": False, "center_features": False}
+
+
+def stored_config(meta: dict[str, Any], cls: type) -> dict[str, Any]:
+    """The config dict of an artifact, fields it predates filled with what it was made with."""
+    cfg = dict(meta.get("config") or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k, v in LEGACY_FIELD_VALUES.items():
+        if k in names:
+            cfg.setdefault(k, v)
+    return cfg
+
+
 def config_from(cls: type, config: Any, overrides: dict[str, Any], source: str) -> Any:
     if config is None:
         config = cls()

@@ -48,7 +48,7 @@ from torch import nn
 from gptfluence.config import arg
 from gptfluence.dynamics.store import Dynamics
 from gptfluence.errors import ArtifactMismatchError, InputError
-from gptfluence.simulators.common import FitConfig, RecurrenceSimulator, config_from, write_artifact
+from gptfluence.simulators.common import FitConfig, RecurrenceSimulator, config_from, stored_config, write_artifact
 from gptfluence.simulators.encoders import Encoder, embed, resolve_encoder
 from gptfluence.types import Example
 
@@ -300,7 +300,7 @@ class GPTfluenceSimulator(RecurrenceSimulator):
     @classmethod
     def _from_artifact(cls, meta: dict[str, Any], tensors: dict[str, np.ndarray], encoder: Encoder | None = None
                        ) -> "GPTfluenceSimulator":
-        sim = cls(meta["metric"], meta.get("config") or {})
+        sim = cls(meta["metric"], stored_config(meta, GPTfluenceConfig))
         sim._load_meta(meta)
         sim.encoder_spec = meta.get("encoder_spec")
         if encoder is not None:

@@ -27,7 +27,8 @@ from torch import nn
 from gptfluence.config import arg
 from gptfluence.dynamics.store import Dynamics
 from gptfluence.errors import InputError
-from gptfluence.simulators.common import UNSEEN_POLICIES, FitConfig, RecurrenceSimulator, config_from, write_artifact
+from gptfluence.simulators.common import (UNSEEN_POLICIES, FitConfig, RecurrenceSimulator, config_from, stored_config,
+                                         write_artifact)
 
 
 @dataclasses.dataclass
@@ -113,7 +114,7 @@ class SimfluenceSimulator(RecurrenceSimulator):
 
     @classmethod
     def _from_artifact(cls, meta: dict[str, Any], tensors: dict[str, np.ndarray], **_: Any) -> "SimfluenceSimulator":
-        sim = cls(meta["metric"], meta.get("config") or {})
+        sim = cls(meta["metric"], stored_config(meta, SimfluenceConfig))
         sim._load_meta(meta)
         sim.train_ids = tensors["train_ids"].astype(np.int64)
         sim.test_ids = tensors["test_ids"].astype(np.int64)
