@@ -205,6 +205,8 @@ def test_markdown_marks_fits_that_kept_untrained_weights():
                curriculum_spearman_std=None, n_runs=2, n_test_examples=3, fit_seconds=0.1)
     md = format_markdown({"results": [dict(rec, method="simfluence", best_epoch=0),
                                       dict(rec, method="gptfluence", best_epoch=7),
-                                      dict(rec, method="constant", best_epoch=None)]})
+                                      dict(rec, method="constant", best_epoch=None),
+                                      dict(rec, method="mean_curve", mse_mean=4.0, best_epoch=None)]})
     assert "| simfluence † |" in md and "| gptfluence |" in md and "| constant |" in md
+    assert "| 1 ± 0 | 0.250 |" in md and "| 4 ± 0 | 1.000 |" in md  # MSE ÷ mean curve
     assert "kept the initial (untrained) weights" in md

@@ -298,17 +298,26 @@ def _fmt(mean: Any, std: Any) -> str:
 
 
 def format_markdown(result: dict[str, Any]) -> str:
-    """One Markdown table of every (task, metric, method) record (mean ± std). A learned method
-    whose early stopping kept its initial weights (``best_epoch`` 0: no epoch beat the untrained
-    simulator on the validation runs) is marked with a dagger."""
-    lines = ["| task | metric | method | MSE | MAE | final-step Spearman | curriculum Spearman (LDS-style) | runs | tests | fit s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """One Markdown table of every (task, metric, method) record (mean ± std). The column
+    "MSE ÷ mean curve" divides each all-steps MSE by the `mean_curve` reference's for the same
+    task and metric (below 1: the method predicts more than the average trajectory; n/a without
+    that reference). A learned method whose early stopping kept its initial weights (``best_epoch``
+    0: no epoch beat the untrained simulator on the validation runs) is marked with a dagger."""
+    ref = {(r["task"], r["metric"]): r["mse_mean"] for r in result["results"] if r["method"] == "mean_curve"}
+    lines = ["| task | metric | method | MSE | MSE ÷ mean curve | MAE | final-step Spearman | "
+             "curriculum Spearman (LDS-style) | runs | tests | fit s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     untrained = False
     for r in result["results"]:
         mark = " †" if r.get("best_epoch") == 0 else ""
         untrained = untrained or bool(mark)
+        base = ref.get((r["task"], r["metric"]))
+        ok = base is not None and r["mse_mean"] is not None and base > 0 and math.isfinite(base) \
+            and math.isfinite(r["mse_mean"])
+        ratio = f"{r['mse_mean'] / base:.3f}" if ok else "n/a"
         lines.append(f"| {r['task']} | {r['metric']} | {r['method']}{mark} | {_fmt(r['mse_mean'], r['mse_std'])} | "
-                     f"{_fmt(r['mae_mean'], r['mae_std'])} | {_fmt(r['spearman_final_mean'], r['spearman_final_std'])} | "
+                     f"{ratio} | {_fmt(r['mae_mean'], r['mae_std'])} | "
+                     f"{_fmt(r['spearman_final_mean'], r['spearman_final_std'])} | "
                      f"{_fmt(r['curriculum_spearman_mean'], r['curriculum_spearman_std'])} | {r['n_runs']} | "
                      f"{r['n_test_examples']} | {r['fit_seconds']:.1f} |")
     if untrained:
