@@ -409,3 +409,42 @@ def test_worker_start_failure_is_a_clean_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and "gptfluence collect: error:" in err
     assert str(missing) in err or "no-such-model" in err
+
+
+def test_loss_gradient_features_preserve_gradient_inner_products(ref, monkeypatch):
+    """Projected target-loss gradients of the store's base model: their inner products match the
+    exact gradients' (computed here by hand) up to the Johnson-Lindenstrauss error; the spec names
+    the model; a missing base model is a clean error naming it."""
+    import numpy as np
+    import torch
+
+    from gptfluence.features import LossGradientEncoder
+    from gptfluence.lm import load_model, tokenize_examples
+    from gptfluence.lm.metrics import masked_target_loss
+
+    enc = LossGradientEncoder.for_dynamics(ref, dim=8192)
+    assert enc.spec()["model"] == "default:" + ref.manifest["config"]["base_model"]
+    ex = ref.task.train[:6]
+    G = enc.encode_examples(ex).astype(np.float64)
+    assert G.shape == (6, 8192)
+    np.testing.assert_array_equal(G, enc.encode_examples(ex))  # seeded projection: deterministic
+    model, tok = load_model(enc._path(), progress=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    toks = tokenize_examples(tok, ex, enc.max_length)
+    exact = []
+    for i in range(len(ex)):
+        model.zero_grad()
+        n = int(toks.lengths[i])
+        loss = masked_target_loss(model(input_ids=toks.input_ids[i:i + 1, :n]).logits, toks.labels[i:i + 1, :n])[0]
+        loss.backward()
+        exact.append(torch.cat([p.grad.reshape(-1) for p in params]).double().numpy())
+    E = np.stack(exact)
+    gram, gram_proj = E @ E.T, G @ G.T
+    scale = np.sqrt(np.outer(np.diag(gram), np.diag(gram)))
+    assert np.abs(gram_proj - gram).max() / scale.max() < 0.1  # JL at dim 8192: ~1/sqrt(8192) relative
+    cos = gram / scale
+    cos_proj = gram_proj / np.sqrt(np.outer(np.diag(gram_proj), np.diag(gram_proj)))
+    assert np.corrcoef(cos[np.triu_indices(6, 1)], cos_proj[np.triu_indices(6, 1)])[0, 1] > 0.95
+    monkeypatch.setenv("GPTFLUENCE_CACHE", str(ref.root / "elsewhere"))
+    with pytest.raises(InputError, match="base model"):
+        LossGradientEncoder.for_dynamics(ref).encode_examples(ex)

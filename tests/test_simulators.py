@@ -60,6 +60,46 @@ def test_rollout_matrix_equals_loop(order, residual):
         torch.testing.assert_close(fast[1, 4], fast[1, 3])
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_similarity_term_matrix_form_equals_loop(order):
+    """The learned-weight similarity term: rollouts and teacher-forced gradients of the matrix form
+    equal the per-pair loop; the centred similarity averages to zero over the fitted pool."""
+    g = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    N, M, H, S = 7, 4, 6, 5
+    module = FeaturizedFactors(H, 0, 3, order, share=False, factor_bias=True, sim_dim=S)
+    htr, hte = torch.randn(N, H, generator=g), torch.randn(M, H, generator=g)
+    s_tr, s_te = torch.randn(N, S, generator=g), torch.randn(M, S, generator=g)
+    module.init_similarity(s_tr, s_te)
+    sim = module.similarity(s_tr, s_te)
+    torch.testing.assert_close(sim.mean(0), torch.zeros(M), atol=1e-6, rtol=0)
+    assert abs(float(sim.std()) - 1.0) < 1e-5
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(0.3)
+        module.sim_weight.copy_(0.05 * torch.randn(order + 1, generator=g))
+    rows = torch.randint(0, N, (2, 5, 3), generator=g)
+    rows[0, 1, 2] = -1
+    start = torch.rand(2, M, generator=g) + 1.0
+    cols = torch.arange(M)
+    with torch.no_grad():
+        Fp = engine.pad_factors(module(htr, hte, s_tr, s_te))
+        fast = engine.rollout_tensor(Fp, torch.where(rows < 0, N, rows), start, True)
+    slow = loop_rollout(featurized_pair_fn(module, htr, hte, s_tr, s_te), order, rows, cols, start, True)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    values = torch.rand(2, 6, M, generator=g) + 0.5
+    block = engine.RunBlock(values, torch.where(rows < 0, N, rows), cols, 0)
+    tr = block.transitions(order, bridge_gaps=True)
+    pred, target = block.predict(engine.pad_factors(module(htr, hte, s_tr, s_te)), tr, order, True)
+    gfast = torch.autograd.grad(torch.mean((pred - target) ** 2), [module.sim_weight])
+    slow_loss = loop_teacher_forced_loss(featurized_pair_fn(module, htr, hte, s_tr, s_te), order, values, rows, cols,
+                                         True, bridge_gaps=True)
+    gslow = torch.autograd.grad(slow_loss, [module.sim_weight])
+    torch.testing.assert_close(gfast[0], gslow[0], rtol=1e-4, atol=1e-7)
+    with pytest.raises(InputError, match="similarity"):
+        module(htr, hte)
+
+
 @pytest.mark.parametrize("order", [1, 3])
 @pytest.mark.parametrize("bridge", [False, True])
 def test_teacher_forced_gradients_equal_loop(order, bridge):
@@ -505,13 +545,16 @@ def test_default_gptfluence_learns_that_similar_examples_lower_the_loss(tmp_path
     mean.fit(dyn, fit, val)
     mse = {"mean_curve": _heldout_mse(mean, dyn, test)[0]}
     sims = {}
-    for name, kw in (("default", {}), ("shared", dict(share_projection=True))):
+    for name, kw in (("default", {}), ("unshared", dict(similarity="none")),
+                     ("shared", dict(share_projection=True, similarity="none"))):
         sim = make_simulator("gptfluence", "loss", encoder=enc, epochs=80, patience=20, lr=3e-3, **kw)
         sim.fit(dyn, fit, val)
         mse[name], pred = _heldout_mse(sim, dyn, test)
         sims[name] = (sim, pred)
-    assert mse["default"] < 0.5 * mse["mean_curve"], mse  # measured: 0.41x
-    assert mse["default"] < 0.6 * mse["shared"], mse  # measured: 0.45x
+    assert mse["default"] < 0.5 * mse["mean_curve"], mse
+    assert mse["unshared"] < 0.5 * mse["mean_curve"], mse  # measured: 0.41x
+    assert mse["unshared"] < 0.6 * mse["shared"], mse  # measured: 0.45x
+    assert sims["default"][0].similarity_kind == "features"  # no model in an in-memory store: 'auto' -> features
     sim, pred = sims["default"]
     assert sim.config.hidden == 0 and not sim.config.share_projection and sim.config.detrend
     Htr = enc.encode([e.text for e in dyn.task.train])

@@ -53,6 +53,9 @@ from gptfluence.simulators.encoders import Encoder, embed, resolve_encoder
 from gptfluence.types import Example
 
 
+SIMILARITIES = ("auto", "grad", "features", "none")
+
+
 @dataclasses.dataclass
 class GPTfluenceConfig(FitConfig):
     """Hyper-parameters of the featurized simulator (see module doc)."""
@@ -62,6 +65,11 @@ class GPTfluenceConfig(FitConfig):
     proj_dim: int = arg(32, "output width d of each factor projection (authors' code: 384)")
     share_projection: bool = arg(False, "one projection per factor for both the train and the test side (authors' code); its factor is a PSD kernel, so similar examples can only raise each other's factor")
     center_features: bool = arg(True, "subtract the mean feature of the fitted examples before projecting (false: the authors' raw features)")
+    similarity: str = arg("auto", "a learned-weight similarity term in every factor: 'grad' (cosine of the base GPT's projected loss gradients, the first-order estimate of how training on one example moves another's loss), 'features' (cosine of the encoder features), 'none' (the paper's factors); 'auto' = 'grad' when the store records the model it was collected with, else 'features'")
+    similarity_dim: int = arg(1024, "similarity='grad': dimensions of the random projection of the gradients")
+    lr: float = arg(3e-4, "AdamW learning rate (after warmup)")
+    epochs: int = arg(100, "maximum epochs over all teacher-forcing transitions of the fit runs")
+    patience: int = arg(15, "stop after this many epochs without a better validation rollout MSE (0 = never)")
     residual: bool = arg(True, "alpha_1 = 1 + sum A_1 (stable start); false = the paper's literal alpha_1 = sum A_1")
     factor_bias: bool = arg(True, "a learned scalar offset per factor (lets A take either sign with a shared MLP)")
     init_std: float = arg(1e-3, "target RMS of the initial per-pair factors A, B (normalised units)")
@@ -92,7 +100,8 @@ class FeaturizedFactors(nn.Module):
     buffer ``center [H]`` (zeros = no centring) before projecting.
     """
 
-    def __init__(self, in_dim: int, hidden: int, proj_dim: int, order: int, share: bool, factor_bias: bool) -> None:
+    def __init__(self, in_dim: int, hidden: int, proj_dim: int, order: int, share: bool, factor_bias: bool,
+                 sim_dim: int = 0) -> None:
         super().__init__()
         k = order + 1
         self.order = order
@@ -101,28 +110,59 @@ class FeaturizedFactors(nn.Module):
         self.g = None if share else nn.ModuleList(Projection(in_dim, hidden, proj_dim) for _ in range(k))
         self.bias = nn.Parameter(torch.zeros(k)) if factor_bias else None
         self.register_buffer("center", torch.zeros(in_dim))
+        self.sim_dim = int(sim_dim)
+        if self.sim_dim:  # factor k += sim_weight[k] * <s_i - sim_center, s_m> / sim_scale  (s: unit vectors)
+            self.sim_weight = nn.Parameter(torch.zeros(k))
+            self.register_buffer("sim_center", torch.zeros(self.sim_dim))
+            self.register_buffer("sim_scale", torch.ones(()))
 
     def _g(self, k: int) -> Projection:
         return self.f[k] if self.g is None else self.g[k]
 
-    def forward(self, h_train: torch.Tensor, h_test: torch.Tensor) -> torch.Tensor:
-        h_train, h_test = h_train - self.center, h_test - self.center
-        out = torch.stack([self.f[k](h_train) @ self._g(k)(h_test).T for k in range(self.order + 1)])
+    def similarity(self, s_train: torch.Tensor, s_test: torch.Tensor) -> torch.Tensor:
+        """``[N, M]``: cosine of the similarity features, centred on the fitted training pool's
+        mean direction (so a random batch adds nothing on average) and scaled to unit spread."""
+        a = nn.functional.normalize(s_train, dim=-1) - self.sim_center
+        return a @ nn.functional.normalize(s_test, dim=-1).T / self.sim_scale
+
+    def forward(self, h_train: torch.Tensor, h_test: torch.Tensor, s_train: torch.Tensor | None = None,
+                s_test: torch.Tensor | None = None) -> torch.Tensor:
+        out = self._projected(h_train, h_test)
         if self.bias is not None:
             out = out + self.bias[:, None, None]
+        if self.sim_dim:
+            if s_train is None or s_test is None:
+                raise InputError("gptfluence: this simulator has a similarity term; give s_train and s_test")
+            out = out + self.sim_weight[:, None, None] * self.similarity(s_train, s_test)[None]
         return out
 
-    def pair(self, k: int, h_train: torch.Tensor, h_test: torch.Tensor) -> torch.Tensor:
+    def _projected(self, h_train: torch.Tensor, h_test: torch.Tensor) -> torch.Tensor:
+        h_train, h_test = h_train - self.center, h_test - self.center
+        return torch.stack([self.f[k](h_train) @ self._g(k)(h_test).T for k in range(self.order + 1)])
+
+    def pair(self, k: int, h_train: torch.Tensor, h_test: torch.Tensor, s_train: torch.Tensor | None = None,
+             s_test: torch.Tensor | None = None) -> torch.Tensor:
         """Factor k for rows of ``h_train [b, H]`` against one ``h_test [H]`` -> [b]."""
         out = self.f[k](h_train - self.center) @ self._g(k)((h_test - self.center)[None])[0]
         if self.bias is not None:
             out = out + self.bias[k]
+        if self.sim_dim:
+            out = out + self.sim_weight[k] * self.similarity(s_train, s_test[None])[:, 0]
         return out
+
+    @torch.no_grad()
+    def init_similarity(self, s_train: torch.Tensor, s_test: torch.Tensor) -> None:
+        """Set ``sim_center`` (mean unit training vector) and ``sim_scale`` (spread of the centred
+        cosines over these pairs) from the fitted examples."""
+        self.sim_center.copy_(nn.functional.normalize(s_train, dim=-1).mean(0))
+        self.sim_scale.fill_(1.0)
+        sd = float(self.similarity(s_train, s_test).std()) if s_train.shape[0] * s_test.shape[0] > 1 else 0.0
+        self.sim_scale.fill_(sd if sd > 1e-12 and np.isfinite(sd) else 1.0)
 
     @torch.no_grad()
     def rescale_init(self, h_train: torch.Tensor, h_test: torch.Tensor, target_std: float) -> None:
         """Scale each factor's last layers so that the RMS of its pair values is ``target_std``."""
-        F = self.forward(h_train, h_test)
+        F = self._projected(h_train, h_test)
         for k in range(self.order + 1):
             s = float(F[k].pow(2).mean().sqrt()) if F[k].numel() else 0.0  # RMS: mean and spread
             if s <= 0 or not np.isfinite(s):
@@ -210,6 +250,13 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         self.encoder_spec: dict[str, Any] | None = encoder.spec() if encoder is not None else None
         self.train_features = FeatureTable()
         self.test_features = FeatureTable()
+        if self.config.similarity not in SIMILARITIES:
+            raise InputError(f"gptfluence: similarity must be one of {SIMILARITIES}, got {self.config.similarity!r}")
+        self.similarity_kind: str | None = None  # 'grad' / 'features' / 'none' once resolved
+        self.similarity_encoder: Any = None
+        self.similarity_spec: dict[str, Any] | None = None
+        self.sim_train_features = FeatureTable()
+        self.sim_test_features = FeatureTable()
         self.module: FeaturizedFactors | None = None
 
     # -- features -----------------------------------------------------------------------------
@@ -239,6 +286,47 @@ class GPTfluenceSimulator(RecurrenceSimulator):
             self.train_features.add([e.id for e in train], ftr, "training")
         if test:
             self.test_features.add([e.id for e in test], fte, "test")
+        if self.similarity_kind == "grad":
+            enc = self._get_similarity_encoder()
+            if train:
+                self.sim_train_features.add([e.id for e in train], enc.encode_examples(train), "training (gradient)")
+            if test:
+                self.sim_test_features.add([e.id for e in test], enc.encode_examples(test), "test (gradient)")
+
+    # -- the similarity term ------------------------------------------------------------------
+    def _resolve_similarity(self, dynamics: Dynamics | None) -> str:
+        """Fix the similarity kind (once) from the config and, for 'auto', the store."""
+        if self.similarity_kind is None:
+            kind = self.config.similarity
+            if kind == "auto":
+                cfg = (dynamics.manifest.get("config") or {}) if dynamics is not None else {}
+                kind = "grad" if cfg.get("model") else "features"
+            self.similarity_kind = kind
+            if kind == "grad":
+                if dynamics is None:
+                    raise InputError("gptfluence: similarity='grad' needs the dynamics store (its base model)")
+                from gptfluence.features.gradients import LossGradientEncoder
+
+                self.similarity_encoder = LossGradientEncoder.for_dynamics(dynamics, dim=self.config.similarity_dim,
+                                                                           seed=self.config.seed)
+                self.similarity_spec = self.similarity_encoder.spec()
+        return self.similarity_kind
+
+    def _get_similarity_encoder(self) -> Any:
+        if self.similarity_encoder is None:
+            from gptfluence.features.gradients import LossGradientEncoder
+
+            spec = dict(self.similarity_spec or {})
+            if spec.get("kind") != LossGradientEncoder.kind:
+                raise ArtifactMismatchError(f"gptfluence: unknown similarity encoder {spec}")
+            self.similarity_encoder = LossGradientEncoder(spec["model"], dim=int(spec["dim"]),
+                                                          max_length=int(spec["max_length"]), seed=int(spec["seed"]))
+        return self.similarity_encoder
+
+    def _sim_tables(self) -> tuple[FeatureTable, FeatureTable]:
+        if self.similarity_kind == "grad":
+            return self.sim_train_features, self.sim_test_features
+        return self.train_features, self.test_features
 
     def set_features(self, split: str, ids: Sequence[int], values: np.ndarray) -> None:
         """Add precomputed features [len(ids), D] for ``split`` ('train' or 'test') ids."""
@@ -250,10 +338,24 @@ class GPTfluenceSimulator(RecurrenceSimulator):
 
     def ensure_features(self, dynamics: Dynamics, train_ids: Sequence[int] = (), test_ids: Sequence[int] = ()) -> None:
         """Embed the dynamics' examples among ``train_ids``/``test_ids`` that have no features yet."""
+        self._resolve_similarity(dynamics)
         mtr = self.train_features.missing(train_ids)
         mte = self.test_features.missing(test_ids)
         if mtr or mte:
             self.set_examples([dynamics.train_example(i) for i in mtr], [dynamics.test_example(i) for i in mte])
+        if self.similarity_kind == "grad":  # every example with features gets its gradient (set_features, set_examples
+            enc = self._get_similarity_encoder()  # before the kind was known)
+            known_tr, known_te = set(map(int, dynamics.train_ids)), set(map(int, dynamics.test_ids))
+            gtr = self.sim_train_features.missing(
+                sorted({*(i for i in map(int, self.train_features.ids) if i in known_tr), *map(int, train_ids)}))
+            gte = self.sim_test_features.missing(
+                sorted({*(i for i in map(int, self.test_features.ids) if i in known_te), *map(int, test_ids)}))
+            if gtr:
+                self.sim_train_features.add(gtr, enc.encode_examples([dynamics.train_example(i) for i in gtr]),
+                                            "training (gradient)")
+            if gte:
+                self.sim_test_features.add(gte, enc.encode_examples([dynamics.test_example(i) for i in gte]),
+                                           "test (gradient)")
 
     # -- hooks ----------------------------------------------------------------------------------
     def _init_params(self, dynamics: Dynamics, train_ids: np.ndarray, test_ids: np.ndarray,
@@ -261,10 +363,15 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         self.ensure_features(dynamics, train_ids, test_ids)
         c = self.config
         torch.manual_seed(c.seed)
+        str_, ste_ = self._sim_tables()
+        sim_dim = 0 if self.similarity_kind == "none" else int(str_.dim or 0)
         self.module = FeaturizedFactors(self.train_features.dim or 0, c.hidden, c.proj_dim, c.order,
-                                        c.share_projection, c.factor_bias)
+                                        c.share_projection, c.factor_bias, sim_dim=sim_dim)
         htr = torch.as_tensor(self.train_features.get(train_ids, "training"))
         hte = torch.as_tensor(self.test_features.get(test_ids, "test"))
+        if sim_dim:
+            self.module.init_similarity(torch.as_tensor(str_.get(train_ids, "training")),
+                                        torch.as_tensor(ste_.get(test_ids, "test")))
         if c.center_features:
             with torch.no_grad():
                 self.module.center.copy_(torch.cat([htr, hte]).mean(0))
@@ -282,7 +389,12 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         htr = torch.as_tensor(self.train_features.get(train_ids, "training"), device=dev)
         hte = torch.as_tensor(self.test_features.get(test_ids, "test"), device=dev)
         module = self.module.to(dev)
-        return lambda: module(htr, hte)
+        if not module.sim_dim:
+            return lambda: module(htr, hte)
+        str_, ste_ = self._sim_tables()
+        s_tr = torch.as_tensor(str_.get(train_ids, "training (similarity)"), device=dev)
+        s_te = torch.as_tensor(ste_.get(test_ids, "test (similarity)"), device=dev)
+        return lambda: module(htr, hte, s_tr, s_te)
 
     # -- artifacts ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -292,9 +404,16 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         meta = self._meta()
         meta["encoder_spec"] = self.encoder_spec
         meta["feature_dim"] = self.train_features.dim
+        meta["similarity_kind"] = self.similarity_kind
+        meta["similarity_spec"] = self.similarity_spec
         tensors: dict[str, Any] = {f"module.{k}": v for k, v in self.module.state_dict().items()}
         tensors.update({"features.train.ids": self.train_features.ids, "features.train.values": self.train_features.matrix,
                         "features.test.ids": self.test_features.ids, "features.test.values": self.test_features.matrix})
+        if self.similarity_kind == "grad":
+            tensors.update({"simfeatures.train.ids": self.sim_train_features.ids,
+                            "simfeatures.train.values": self.sim_train_features.matrix,
+                            "simfeatures.test.ids": self.sim_test_features.ids,
+                            "simfeatures.test.values": self.sim_test_features.matrix})
         return write_artifact(path, meta, tensors)
 
     @classmethod
@@ -311,8 +430,17 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         c = sim.config
         sim.train_features.add(tensors["features.train.ids"].tolist(), tensors["features.train.values"], "training")
         sim.test_features.add(tensors["features.test.ids"].tolist(), tensors["features.test.values"], "test")
+        sim.similarity_kind = meta.get("similarity_kind") or "none"  # artifacts before the term: none
+        sim.similarity_spec = meta.get("similarity_spec")
+        if sim.similarity_kind == "grad":
+            sim.sim_train_features.add(tensors["simfeatures.train.ids"].tolist(), tensors["simfeatures.train.values"],
+                                       "training (gradient)")
+            sim.sim_test_features.add(tensors["simfeatures.test.ids"].tolist(), tensors["simfeatures.test.values"],
+                                      "test (gradient)")
+        str_, _ = sim._sim_tables()
+        sim_dim = 0 if sim.similarity_kind == "none" else int(str_.dim or 0)
         sim.module = FeaturizedFactors(int(meta["feature_dim"]), c.hidden, c.proj_dim, c.order, c.share_projection,
-                                       c.factor_bias)
+                                       c.factor_bias, sim_dim=sim_dim)
         state = {k[len("module."):]: torch.as_tensor(v) for k, v in tensors.items() if k.startswith("module.")}
         state.setdefault("center", torch.zeros(int(meta["feature_dim"])))  # artifacts written before centring
         try:

@@ -17,9 +17,13 @@ PairFn = Callable[[int, torch.Tensor, int], torch.Tensor]
 """pair_fn(k, train_rows [b] (no padding), test_col) -> factor k of each (row, col) pair, [b]."""
 
 
-def featurized_pair_fn(module: torch.nn.Module, h_train: torch.Tensor, h_test: torch.Tensor) -> PairFn:
-    """Per-pair factors of a `FeaturizedFactors` module: MLP calls on the batch's features."""
-    return lambda k, rows, col: module.pair(k, h_train[rows], h_test[col])
+def featurized_pair_fn(module: torch.nn.Module, h_train: torch.Tensor, h_test: torch.Tensor,
+                       s_train: torch.Tensor | None = None, s_test: torch.Tensor | None = None) -> PairFn:
+    """Per-pair factors of a `FeaturizedFactors` module: MLP calls on the batch's features
+    (``s_*``: the similarity features, when the module has a similarity term)."""
+    if s_train is None:
+        return lambda k, rows, col: module.pair(k, h_train[rows], h_test[col])
+    return lambda k, rows, col: module.pair(k, h_train[rows], h_test[col], s_train[rows], s_test[col])
 
 
 def table_pair_fn(F: torch.Tensor) -> PairFn:
