@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test bench clean-venv evaluate-builtin
+.PHONY: setup demo test bench clean-venv evaluate-builtin evaluate-ablations
 
 setup: $(VENV)/.installed
 
@@ -43,3 +43,17 @@ evaluate-builtin: setup
 	for t in $(BUILTIN_TASKS); do $(BIN)/gptfluence collect --quiet --task $$t --runs 32 --out $(BUILTIN_DIR)/$$t || exit 1; done
 	$(BIN)/gptfluence evaluate $(addprefix $(BUILTIN_DIR)/,$(BUILTIN_TASKS)) --no-progress \
 		--out benchmarks/results/evaluate_builtin.json --markdown benchmarks/results/evaluate_builtin.md
+
+# Loss only, on the stores evaluate-builtin collected: other splits (seeds 1, 2) and the ablations
+# of GPTfluence's defaults (README, "Accuracy on the built-in tasks").
+R := benchmarks/results
+STORES = $(addprefix $(BUILTIN_DIR)/,$(BUILTIN_TASKS))
+EVAL_LOSS = $(BIN)/gptfluence evaluate $(STORES) --metrics loss --no-progress --no-trajectories
+evaluate-ablations: setup
+	for s in 1 2; do $(EVAL_LOSS) --seed $$s --out $(R)/evaluate_builtin_seed$$s.json --markdown $(R)/evaluate_builtin_seed$$s.md || exit 1; done
+	$(BIN)/python benchmarks/compare_splits.py $(R)/evaluate_builtin.json $(R)/evaluate_builtin_seed1.json $(R)/evaluate_builtin_seed2.json
+	$(EVAL_LOSS) --methods gptfluence mean_curve --similarity none --out $(R)/evaluate_no_similarity.json --markdown $(R)/evaluate_no_similarity.md
+	$(EVAL_LOSS) --methods gptfluence mean_curve --similarity features --out $(R)/evaluate_feature_similarity.json --markdown $(R)/evaluate_feature_similarity.md
+	$(EVAL_LOSS) --methods gptfluence mean_curve --similarity none --share-projection --out $(R)/evaluate_shared_projection.json --markdown $(R)/evaluate_shared_projection.md
+	$(EVAL_LOSS) --hidden 384 --proj-dim 384 --share-projection --no-center-features --no-detrend --similarity none \
+		--lr 1e-3 --epochs 60 --patience 10 --out $(R)/evaluate_paper_config.json --markdown $(R)/evaluate_paper_config.md

@@ -32,9 +32,12 @@ from gptfluence.simulators import make_simulator
 from gptfluence.simulators.common import stack_curricula
 from gptfluence.simulators.synthetic import synthetic_dynamics
 
+# "default" = GPTfluence's defaults when gpu_engine.json was measured (2026-11-28): linear projections
+# to 32, no similarity term, lr 1e-3; pinned so that the committed results stay reproducible.
 CONFIGS = {
-    "default": {},
-    "authors_size": dict(hidden=384, proj_dim=384, share_projection=True, detrend=False, center_features=False),
+    "default": dict(similarity="none", lr=1e-3),
+    "authors_size": dict(hidden=384, proj_dim=384, share_projection=True, detrend=False, center_features=False,
+                         similarity="none", lr=1e-3),
 }
 
 

@@ -69,14 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     fit_runs, val_runs = runs[:-4], []
     sim = make_simulator("gptfluence", args.metric, encoder=encoder, epochs=args.epochs, batch_size=args.batch_size,
                          hidden=384, proj_dim=384, share_projection=True, order=1, patience=0, lr=1e-3,
-                         detrend=False, center_features=False)
+                         detrend=False, center_features=False, similarity="none")
     V, steps, tids = dyn.stack(args.metric, fit_runs)
 
     # --- our fit -------------------------------------------------------------------------------
     sim.fit(dyn, fit_runs, val_runs)  # also embeds the examples (excluded from the timing below)
     sim2 = make_simulator("gptfluence", args.metric, encoder=encoder, epochs=args.epochs, batch_size=args.batch_size,
                           hidden=384, proj_dim=384, share_projection=True, order=1, patience=0, lr=1e-3,
-                          detrend=False, center_features=False)
+                          detrend=False, center_features=False, similarity="none")
     sim2.train_features, sim2.test_features = sim.train_features, sim.test_features
     h = sim2.fit(dyn, fit_runs, val_runs)
     ours_fit_per_tr = h["seconds"] / (h["epochs_run"] * h["transitions"])

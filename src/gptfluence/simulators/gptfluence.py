@@ -3,23 +3,32 @@
 Factors from frozen text features h (encoder embeddings of prompt + target, centred on the mean
 feature of the examples seen in fitting)::
 
-    A_j(i, m) = < f_j(h_i), g_j(h_m) > + c_j          j = 1..n
-    B(i, m)   = < f_B(h_i), g_B(h_m) > + c_B
+    A_j(i, m) = < f_j(h_i), g_j(h_m) > + w_j s(i, m) + c_j          j = 1..n
+    B(i, m)   = < f_B(h_i), g_B(h_m) > + w_B s(i, m) + c_B
     phi_t[m]  = (1 + sum_{i in c_t} A_1(i, m)) phi_{t-1}[m] + sum_{j>=2} (sum_i A_j(i, m)) phi_{t-j}[m]
                 + sum_{i in c_t} B(i, m)
 
 f, g: projections H -> proj_dim, linear by default (``hidden=0``) or 2-layer MLPs (H -> hidden ->
 proj_dim, ReLU). c_j: one learned scalar per factor (``factor_bias``, init 0).
 
+s(i, m), the similarity term (``similarity``; w_j learned, init 0): the cosine of a second
+representation of the two examples, centred on the fitted training pool's mean direction (so a
+random batch adds nothing on average: with ``detrend`` the trend holds the average effect) and
+scaled to unit spread. ``"grad"``: projected target-loss gradients of the store's base GPT
+(`gptfluence.features.LossGradientEncoder`); to first order one SGD step on i changes m's loss by
+``-lr <g_i, g_m>``, which is what B has to learn, and a low-rank projection of sentence features
+cannot express such an identity-like inner product. ``"features"``: the cosine of h itself.
+``"none"``: the paper's factors. ``"auto"`` (default): grad when the store names its model.
+
 Defaults and the paper. The authors' code uses one 384-384-384 MLP per factor for both the train
-and the test side (g_j = f_j; ``--hidden 384 --proj-dim 384 --share-projection``, with
-``--no-detrend --no-center-features`` for their model of the raw values). With g = f the factor
-<f(h_i), f(h_m)> is a positive semi-definite kernel: similar examples can only *raise* each other's
-factor, so for a loss (where similar training examples lower a test example's loss) the main
-effect has the wrong sign. Measured on the built-in tasks (README, "Accuracy"), that configuration
-and the MLPs (which overfit 25 runs) stay at or above the mean-curve reference, so the defaults
-are: separate train/test projections, linear, proj_dim 32, centred features, fitted on the
-deviations from the fit runs' mean trajectory (``detrend``, `gptfluence.simulators.common`).
+and the test side (g_j = f_j) on the raw values; ``--hidden 384 --proj-dim 384 --share-projection
+--no-center-features --no-detrend --similarity none --lr 1e-3 --epochs 60 --patience 10``
+reproduces that configuration. With g = f the factor <f(h_i), f(h_m)> is a positive
+semi-definite kernel: similar examples can only *raise* each other's factor, while for a loss
+similar training examples lower it; and the MLPs overfit 25 runs. Measured on the built-in tasks
+(README, "Accuracy"), that configuration stays above the mean-curve reference, so the defaults
+are: separate linear projections to 32 dimensions of centred MiniLM features, the gradient
+similarity term, fitted on the deviations from the fit runs' mean trajectory.
 
 Stability at initialisation (``residual=True``, default): alpha_1 carries a fixed identity offset
 (alpha_1 = 1 + sum A_1) and the projections' last layers are scaled so that |A|, |B| ~ ``init_std``:
@@ -28,10 +37,10 @@ paper's model with A_1^paper = A_1 + 1/b (a reparametrisation); a short (padded)
 offset. ``residual=False`` gives the paper's literal alpha_1 = sum A_1 (then c_1 starts at 1/b).
 
 Values are fitted in normalised units (metric / scale, scale = mean |value| over the fit runs);
-simulate() takes and returns metric units. The simulator holds features by example id, so it
-simulates training and test examples it never saw in fitting once their features are known
-(`set_examples`, or `fit`/`load_simulator(..., dynamics=...)`, which embed missing examples); the
-feature centre stays the one computed in fitting (saved with the artifact).
+simulate() takes and returns metric units. The simulator holds features (and gradient features)
+by example id, so it simulates training and test examples it never saw in fitting once their
+features are known (`set_examples`, or `fit`/`load_simulator(..., dynamics=...)`, which embed
+missing examples); the feature centres stay those computed in fitting (saved with the artifact).
 """
 
 from __future__ import annotations
