@@ -90,15 +90,29 @@ class LossGradientEncoder:
 
     # -- features -------------------------------------------------------------------------------
     def encode_examples(self, examples: Sequence[Example]) -> np.ndarray:
+        return self.encode_groups([examples])[0]
+
+    def encode_groups(self, groups: Sequence[Sequence[Example]]) -> list[np.ndarray]:
+        """`encode_examples` of several lists (e.g. training and test examples, whose ids may
+        coincide) with one projection pass: ``[float32 [len(g), dim] for g in groups]``."""
+        import torch
+
+        groups = [list(g) for g in groups]
+        sizes = [len(g) for g in groups]
+        if not sum(sizes):
+            return [np.zeros((0, self.dim), dtype=np.float32) for _ in groups]
+        self._load()
+        grads = torch.cat([self._gradients(g) for g in groups if g])
+        out = self._project(grads).numpy()
+        return list(np.split(out, np.cumsum(sizes)[:-1]))
+
+    def _gradients(self, examples: list[Example]) -> Any:
+        """Unprojected gradients ``[N, params]`` float32 of each example's mean target loss."""
         import torch
 
         from gptfluence.lm import tokenize_examples
         from gptfluence.lm.metrics import masked_target_loss
 
-        examples = list(examples)
-        if not examples:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        self._load()
         model = self._model
         params = [p for p in model.parameters() if p.requires_grad]
         toks = tokenize_examples(self._tok, examples, self.max_length)
@@ -115,7 +129,7 @@ class LossGradientEncoder:
             loss.backward()
             grads[i] = torch.cat([p.grad.reshape(-1).float().cpu() for p in params])
         model.zero_grad(set_to_none=True)
-        return self._project(grads).numpy()
+        return grads
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         return self.encode_examples([Example(i, "", t, meta={}) for i, t in enumerate(texts)])

@@ -296,11 +296,7 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         if test:
             self.test_features.add([e.id for e in test], fte, "test")
         if self.similarity_kind == "grad":
-            enc = self._get_similarity_encoder()
-            if train:
-                self.sim_train_features.add([e.id for e in train], enc.encode_examples(train), "training (gradient)")
-            if test:
-                self.sim_test_features.add([e.id for e in test], enc.encode_examples(test), "test (gradient)")
+            self._add_gradients(train, test)
 
     # -- the similarity term ------------------------------------------------------------------
     def _resolve_similarity(self, dynamics: Dynamics | None) -> str:
@@ -332,6 +328,22 @@ class GPTfluenceSimulator(RecurrenceSimulator):
                                                           max_length=int(spec["max_length"]), seed=int(spec["seed"]))
         return self.similarity_encoder
 
+    def _add_gradients(self, train: Sequence[Example], test: Sequence[Example]) -> None:
+        """Gradient features of ``train`` and ``test`` in one encoder call (the projection is
+        generated once per call)."""
+        train, test = list(train), list(test)
+        if not train and not test:
+            return
+        gtr, gte = self._get_similarity_encoder().encode_groups([train, test])
+        if train:
+            self.sim_train_features.add([e.id for e in train], gtr, "training (gradient)")
+        if test:
+            self.sim_test_features.add([e.id for e in test], gte, "test (gradient)")
+
+    def _sim_dim(self) -> int:
+        """Width of the similarity features (0: no similarity term)."""
+        return 0 if self.similarity_kind == "none" else int(self._sim_tables()[0].dim or 0)
+
     def _sim_tables(self) -> tuple[FeatureTable, FeatureTable]:
         if self.similarity_kind == "grad":
             return self.sim_train_features, self.sim_test_features
@@ -353,18 +365,12 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         if mtr or mte:
             self.set_examples([dynamics.train_example(i) for i in mtr], [dynamics.test_example(i) for i in mte])
         if self.similarity_kind == "grad":  # every example with features gets its gradient (set_features, set_examples
-            enc = self._get_similarity_encoder()  # before the kind was known)
-            known_tr, known_te = set(map(int, dynamics.train_ids)), set(map(int, dynamics.test_ids))
+            known_tr, known_te = set(map(int, dynamics.train_ids)), set(map(int, dynamics.test_ids))  # before the kind was known)
             gtr = self.sim_train_features.missing(
                 sorted({*(i for i in map(int, self.train_features.ids) if i in known_tr), *map(int, train_ids)}))
             gte = self.sim_test_features.missing(
                 sorted({*(i for i in map(int, self.test_features.ids) if i in known_te), *map(int, test_ids)}))
-            if gtr:
-                self.sim_train_features.add(gtr, enc.encode_examples([dynamics.train_example(i) for i in gtr]),
-                                            "training (gradient)")
-            if gte:
-                self.sim_test_features.add(gte, enc.encode_examples([dynamics.test_example(i) for i in gte]),
-                                           "test (gradient)")
+            self._add_gradients([dynamics.train_example(i) for i in gtr], [dynamics.test_example(i) for i in gte])
 
     # -- hooks ----------------------------------------------------------------------------------
     def _init_params(self, dynamics: Dynamics, train_ids: np.ndarray, test_ids: np.ndarray,
@@ -373,7 +379,7 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         c = self.config
         torch.manual_seed(c.seed)
         str_, ste_ = self._sim_tables()
-        sim_dim = 0 if self.similarity_kind == "none" else int(str_.dim or 0)
+        sim_dim = self._sim_dim()
         self.module = FeaturizedFactors(self.train_features.dim or 0, c.hidden, c.proj_dim, c.order,
                                         c.share_projection, c.factor_bias, sim_dim=sim_dim)
         htr = torch.as_tensor(self.train_features.get(train_ids, "training"))
@@ -446,10 +452,8 @@ class GPTfluenceSimulator(RecurrenceSimulator):
                                        "training (gradient)")
             sim.sim_test_features.add(tensors["simfeatures.test.ids"].tolist(), tensors["simfeatures.test.values"],
                                       "test (gradient)")
-        str_, _ = sim._sim_tables()
-        sim_dim = 0 if sim.similarity_kind == "none" else int(str_.dim or 0)
         sim.module = FeaturizedFactors(int(meta["feature_dim"]), c.hidden, c.proj_dim, c.order, c.share_projection,
-                                       c.factor_bias, sim_dim=sim_dim)
+                                       c.factor_bias, sim_dim=sim._sim_dim())
         state = {k[len("module."):]: torch.as_tensor(v) for k, v in tensors.items() if k.startswith("module.")}
         state.setdefault("center", torch.zeros(int(meta["feature_dim"])))  # artifacts written before centring
         try:
