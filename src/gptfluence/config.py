@@ -96,6 +96,17 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
         raise InputError(f"{source}: {e}") from None
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically: a unique temp file beside it, fsync, rename."""
     import uuid

@@ -24,7 +24,6 @@ Sign and unit conventions: ``loss`` is the mean cross-entropy (nats) over the ta
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -36,7 +35,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from gptfluence.config import check_header, load_json, save_json
+from gptfluence.config import check_header, load_json, save_json, sha256_file
 from gptfluence.errors import ArtifactMismatchError, InputError
 from gptfluence.types import Example, Task, examples_sha256, id_to_row, rows_for
 
@@ -186,14 +185,6 @@ def read_examples(path: str | os.PathLike) -> list[Example]:
 # run folders
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -245,7 +236,7 @@ class RunStaging:
             "num_test": int(run.test_ids.size),
             "metrics": run.metrics,
             "recorded_steps": int(run.steps.size),
-            "arrays_sha256": _sha256_file(arrays_path),
+            "arrays_sha256": sha256_file(arrays_path),
             "config": run.config,
             "info": run.info,
         }
@@ -304,7 +295,7 @@ def read_run(run_dir: str | os.PathLike) -> Run:
     arrays_path = run_dir / "arrays.safetensors"
     if not arrays_path.exists():
         raise InputError(f"{arrays_path}: file not found (run {meta['run_id']!r} is incomplete)")
-    if _sha256_file(arrays_path) != meta["arrays_sha256"]:
+    if sha256_file(arrays_path) != meta["arrays_sha256"]:
         raise InputError(f"{arrays_path}: sha256 does not match run.json (file corrupted or edited)")
     try:
         arrays = load_file(str(arrays_path))

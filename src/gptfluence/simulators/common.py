@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from gptfluence.config import arg, check_header, from_dict, load_json, save_json, to_dict
+from gptfluence.config import arg, check_header, from_dict, load_json, save_json, sha256_file, to_dict
 from gptfluence.devices import resolve_device
 from gptfluence.dynamics.store import Dynamics
 from gptfluence.errors import ArtifactMismatchError, InputError
@@ -108,7 +108,6 @@ def write_artifact(path: str | os.PathLike, meta: dict[str, Any], tensors: dict[
     sha256 of the weights file; `read_artifact` checks it. Other files in an existing ``path``
     are carried over.
     """
-    import hashlib
     import shutil
 
     from safetensors.numpy import save_file
@@ -134,7 +133,7 @@ def write_artifact(path: str | os.PathLike, meta: dict[str, Any], tensors: dict[
                 if f.name not in ("config.json", "weights.safetensors") and f.is_file():
                     shutil.copy2(f, tmp / f.name)
         save_file(arrays, str(tmp / "weights.safetensors"))
-        digest = hashlib.sha256((tmp / "weights.safetensors").read_bytes()).hexdigest()
+        digest = sha256_file(tmp / "weights.safetensors")
         save_json({"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "weights_sha256": digest},
                   tmp / "config.json")
         if out.exists():
@@ -163,9 +162,7 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np
         raise InputError(f"{wpath}: file not found")
     want = meta.get("weights_sha256")
     if want is not None:
-        import hashlib
-
-        got = hashlib.sha256(wpath.read_bytes()).hexdigest()
+        got = sha256_file(wpath)
         if got != want:
             raise ArtifactMismatchError(f"{wpath}: sha256 {got[:12]}... does not match config.json's weights_sha256 "
                                         f"{str(want)[:12]}... (files from two different saves?); save the simulator again")

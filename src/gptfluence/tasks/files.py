@@ -9,23 +9,15 @@ names the file, the line (row for Parquet / JSON arrays) and the field, e.g.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Sequence
 
+from gptfluence.config import sha256_file
 from gptfluence.errors import InputError
 from gptfluence.tasks.common import detect_kind, flip_task_labels, join_space, make_rng, subsample
 from gptfluence.types import CLASSIFICATION, GENERATION, TASK_KINDS, Example, Task
 
 SPLITS = ("train", "test")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _parse_id(v: Any, where: str, field: str) -> int:
@@ -155,7 +147,7 @@ def read_task_file(path: str | Path, name: str | None = None, prompt_column: str
     task = Task(name or path.stem, ex["train"], ex["test"], kind=kind or GENERATION, labels=labels or (),
                 metadata={
                     "generator": "gptfluence.tasks.files", "files": [str(f) for f in files],
-                    "sha256": {str(f): _sha256(f) for f in files},
+                    "sha256": {str(f): sha256_file(f) for f in files},
                     "prompt_column": prompt_column, "target_column": target_column,
                     "id_column": id_column, "split_column": None if test_path is not None else split_column,
                     "seed": seed, "n_train": len(ex["train"]), "n_test": len(ex["test"]),
