@@ -448,3 +448,98 @@ def test_loss_gradient_features_preserve_gradient_inner_products(ref, monkeypatc
     monkeypatch.setenv("GPTFLUENCE_CACHE", str(ref.root / "elsewhere"))
     with pytest.raises(InputError, match="base model"):
         LossGradientEncoder.for_dynamics(ref).encode_examples(ex)
+
+
+def test_replayed_run_reproduces_the_captured_checkpoints(tmp_path):
+    """`replay_run` re-trains a run from the store alone (curriculum, seed, collection settings):
+    its weights at the captured steps equal the checkpoints the collection saved."""
+    from safetensors.torch import load_file
+
+    from gptfluence.dynamics.collect import replay_run
+
+    cfg = dataclasses.replace(SENT, epochs=2, capture_every=2)  # T = 4
+    store = collect(cfg, tmp_path / "s", runs=2, workers=1, progress=False, log=lambda s: None)
+    cap = tmp_path / "s" / "runs" / "run-0001" / "captures"
+    seen = []
+    for step, model, _ in replay_run(store, "run-0001", [4, 0, 2]):
+        seen.append(step)
+        want = load_file(str(cap / f"checkpoint_step{step:06d}.safetensors"))
+        got = model.state_dict()
+        assert set(got) == set(want)
+        for k in want:
+            np.testing.assert_allclose(got[k].numpy(), want[k].numpy(), rtol=0, atol=1e-6, err_msg=f"step {step} {k}")
+    assert seen == [0, 2, 4]
+    with pytest.raises(InputError, match="steps must lie in 0..4"):
+        next(replay_run(store, "run-0001", [5]))
+
+
+def test_checkpoint_gradient_features(ref):
+    """Gradient features at K checkpoints of a replayed run: K unit blocks / sqrt(K) (so the cosine is
+    the mean per-checkpoint cosine); the step-0 block is the base model's features; the spec names
+    the run, its steps and hashes; later steps differ from the base model's."""
+    from gptfluence.features import LossGradientEncoder
+
+    T = int(ref.run("run-0002").curriculum.shape[0])
+    enc = LossGradientEncoder.for_dynamics(ref, dim=256, checkpoints=3, run_id="run-0002")
+    ck = enc.spec()["checkpoints"]
+    assert ck["run_id"] == "run-0002" and ck["steps"] == [0, round(T / 2), T] and len(ck["curriculum_sha256"]) == 64
+    ex = ref.task.train[:5]
+    G = enc.encode_examples(ex)
+    assert G.shape == (5, 3 * 256) and enc.out_dim == 3 * 256
+    blocks = G.reshape(5, 3, 256) * np.sqrt(3)
+    np.testing.assert_allclose(np.linalg.norm(blocks, axis=2), 1.0, atol=1e-5)
+    base = LossGradientEncoder.for_dynamics(ref, dim=256).encode_examples(ex)
+    np.testing.assert_allclose(blocks[:, 0], base / np.linalg.norm(base, axis=1, keepdims=True), atol=1e-5)
+    assert np.abs(blocks[:, 2] - blocks[:, 0]).max() > 1e-3
+    with pytest.raises(InputError, match="run"):
+        LossGradientEncoder.for_dynamics(ref, checkpoints=2)
+
+
+def test_gptfluence_checkpoint_similarity_artifact(ref, tmp_path):
+    """A GPTfluence fitted on a collected store replays its first fit run for the gradient term; the
+    artifact reloads with identical predictions; new examples get gradients from the recorded store,
+    and a moved-away store is a clean error naming the run."""
+    from gptfluence.simulators import GPTfluenceSimulator, load_simulator
+
+    fit, val = ["run-0003", "run-0000", "run-0001", "run-0002", "run-0004"], ["run-0005"]
+    sim = GPTfluenceSimulator("loss", encoder="bow:64", epochs=2, similarity_dim=64,
+                              similarity_checkpoints=2)
+    sim.fit(ref, fit, val)
+    assert sim.similarity_kind == "grad"
+    assert sim.similarity_spec["checkpoints"]["run_id"] == "run-0003"
+    assert sim.sim_train_features.dim == 2 * 64
+    run = ref.run("run-0006")
+    start = run.values["loss"][0]
+    want = sim.simulate(run.curriculum[None], np.asarray(run.test_ids), start[None])
+    path = sim.save(tmp_path / "sim")
+    loaded = load_simulator(path, dynamics=ref)
+    np.testing.assert_allclose(loaded.simulate(run.curriculum[None], np.asarray(run.test_ids), start[None]), want,
+                               rtol=1e-6, atol=1e-7)
+    from gptfluence.types import Example
+
+    from gptfluence.features import LossGradientEncoder
+
+    new = Example(10_000, ref.task.train[0].prompt, ref.task.train[0].target + " indeed")
+    loaded.set_examples([new], [])  # gradients from the run of the store the spec records
+    direct = LossGradientEncoder.for_dynamics(ref, dim=64, checkpoints=2, run_id="run-0003").encode_examples([new])
+    np.testing.assert_allclose(loaded.sim_train_features.get([10_000], "t"), direct, atol=1e-5)
+    moved = load_simulator(path)
+    moved.similarity_spec["checkpoints"]["store"] = str(tmp_path / "gone")
+    with pytest.raises(InputError, match="run-0003"):
+        moved.set_examples([new], [])
+
+
+def test_gradient_features_are_cached_on_disk(ref, tmp_path, monkeypatch):
+    """`LossGradientEncoder.embed`: a second call with the same spec and examples reads the cache
+    (no gradient computed); new examples are computed and equal the uncached values."""
+    from gptfluence.features import LossGradientEncoder
+
+    enc = LossGradientEncoder.for_dynamics(ref, dim=32, checkpoints=2, run_id="run-0001")
+    ex = ref.task.train[:4]
+    first = enc.embed(ex, cache_dir=tmp_path)
+    np.testing.assert_allclose(first, enc.encode_examples(ex), atol=1e-6)
+    monkeypatch.setattr(LossGradientEncoder, "encode_groups", lambda *a, **k: pytest.fail("recomputed"))
+    np.testing.assert_array_equal(LossGradientEncoder.for_dynamics(ref, dim=32, checkpoints=2, run_id="run-0001")
+                                  .embed(ex[::-1], cache_dir=tmp_path), first[::-1])
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):  # another run to replay: another key
+        LossGradientEncoder.for_dynamics(ref, dim=32, checkpoints=2, run_id="run-0002").embed(ex, cache_dir=tmp_path)

@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -164,7 +164,8 @@ def metrics_for(cfg: CollectConfig, task: Task) -> list[str]:
 class RunCollector:
     """Holds a loaded model, the tokenized task and evaluation set; trains one curriculum at a time."""
 
-    def __init__(self, cfg: CollectConfig, task: Task, device: str, threads: int | None = 1) -> None:
+    def __init__(self, cfg: CollectConfig, task: Task, device: str, threads: int | None = 1,
+                 evaluate: bool = True) -> None:
         import torch
 
         from gptfluence.lm import load_model, prepare_eval, tokenize_examples
@@ -184,7 +185,7 @@ class RunCollector:
             else contextlib.nullcontext
         self.train_data = tokenize_examples(self.tokenizer, task.train, cfg.max_length)
         self.train_row = {e.id: r for r, e in enumerate(task.train)}
-        self.eval_set = prepare_eval(self.tokenizer, task.test, cfg.max_length)
+        self.eval_set = prepare_eval(self.tokenizer, task.test, cfg.max_length) if evaluate else None
         self.gen_tokens = 3 if task.kind == CLASSIFICATION else cfg.gen_max_new_tokens
         self.gen_metrics = generation_metric_names(task)
         self.metrics = metrics_for(cfg, task)
@@ -202,14 +203,15 @@ class RunCollector:
                 out[m] = np.asarray(scores[m])
         return out
 
-    def run(self, run_id: str, seed: int, curriculum: np.ndarray, store: Dynamics,
-            hooks: Sequence[StepHook] = (), on_step: Callable[[int], None] | None = None) -> Run:
+    def train(self, run_id: str, seed: int, curriculum: np.ndarray) -> Iterator[tuple[int, float]]:
+        """Fine-tune from the initial weights on ``curriculum [T, b]`` (ids, -1 = padding): yields
+        ``(0, lr)`` before the first update, then ``(t, lr of step t)`` after every optimizer step
+        t = 1..T, with ``self.model`` holding the weights after step t."""
         import torch
 
         from gptfluence.lm import causal_lm_loss, make_optimizer
 
         cfg = self.cfg
-        t0 = time.time()
         self.model.load_state_dict(self.init_state)
         self.model.train()
         torch.manual_seed(seed)
@@ -217,39 +219,44 @@ class RunCollector:
         opt, sched = make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     warmup_steps=cfg.warmup_steps, total_steps=T,
                                     schedule=cfg.lr_schedule)
+        yield 0, float(sched.get_last_lr()[0])
+        for t in range(1, T + 1):
+            ids = curriculum[t - 1]
+            rows = [self.train_row[int(i)] for i in ids if i >= 0]
+            batch = self.train_data.batch(rows)
+            batch = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in batch.items()}
+            lr = float(sched.get_last_lr()[0])
+            with self.autocast():
+                loss = causal_lm_loss(self.model, batch)
+            if not torch.isfinite(loss):
+                raise InputError(f"run {run_id!r}, step {t}: training loss is {loss.item()} (lower --lr?)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            yield t, lr
+
+    def run(self, run_id: str, seed: int, curriculum: np.ndarray, store: Dynamics,
+            hooks: Sequence[StepHook] = (), on_step: Callable[[int], None] | None = None) -> Run:
+        cfg = self.cfg
+        t0 = time.time()
+        T = int(curriculum.shape[0])
         M = len(self.task.test)
         values = {m: np.full((T + 1, M), np.nan, dtype=np.float32) for m in self.metrics}
         lrs = np.zeros(T, dtype=np.float64)
         with store.stage_run(run_id) as staging:
-            def record(step: int) -> None:
+            for t, lr in self.train(run_id, seed, curriculum):
+                if t:
+                    lrs[t - 1] = lr
                 with self.autocast():
-                    scores = self._evaluate(step, T)
+                    scores = self._evaluate(t, T)
                 for m, v in scores.items():
-                    values[m][step] = v
-
-            record(0)
-            for h in hooks:
-                h(0, self.model, float(sched.get_last_lr()[0]), lambda: staging.captures_dir)
-            for t in range(1, T + 1):
-                ids = curriculum[t - 1]
-                rows = [self.train_row[int(i)] for i in ids if i >= 0]
-                batch = self.train_data.batch(rows)
-                batch = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in batch.items()}
-                lrs[t - 1] = float(sched.get_last_lr()[0])
-                with self.autocast():
-                    loss = causal_lm_loss(self.model, batch)
-                if not torch.isfinite(loss):
-                    raise InputError(f"run {run_id!r}, step {t}: training loss is {loss.item()} (lower --lr?)")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                record(t)
+                    values[m][t] = v
                 for h in hooks:
-                    h(t, self.model, float(lrs[t - 1]), lambda: staging.captures_dir)
-                if on_step:
+                    h(t, self.model, lr, lambda: staging.captures_dir)
+                if on_step and t:
                     on_step(1)
             run = Run(run_id=run_id, curriculum=curriculum, steps=np.arange(T + 1), test_ids=[e.id for e in self.task.test],
                       values=values, lr=lrs, seed=seed,
@@ -258,6 +265,48 @@ class RunCollector:
                       info={"wall_seconds": round(time.time() - t0, 3), "device": self.device})
             staging.commit(run)
         return run
+
+
+def store_collect_config(dynamics: Dynamics) -> CollectConfig:
+    """The `CollectConfig` a store was collected with (from its manifest)."""
+    raw = dynamics.manifest.get("config") or {}
+    if not raw.get("model"):
+        raise InputError(f"{dynamics.root or 'dynamics'}: the manifest records no collection config with a model "
+                         f"(imported dynamics?); the fine-tuning cannot be replayed")
+    fields = {f.name for f in dataclasses.fields(CollectConfig)}
+    return CollectConfig(**{k: v for k, v in raw.items() if k in fields})
+
+
+def replay_run(dynamics: Dynamics, run_id: str, steps: Sequence[int], device: str = "cpu"
+               ) -> Iterator[tuple[int, Any, Any]]:
+    """Re-train run ``run_id`` of the store (its curriculum and seed, the store's collection
+    settings, no evaluation) and yield ``(step, model, tokenizer)`` at each of ``steps`` (0 = the
+    base model, before any update), in increasing order. The model is the collector's own and is
+    trained on after each yield: read it, do not keep it. Used for gradient features at
+    fine-tuning checkpoints (TracIn-CP) when a store has no captured weights."""
+    cfg = store_collect_config(dynamics)
+    run = dynamics.run(run_id)
+    T = int(run.curriculum.shape[0])
+    want = sorted({int(s) for s in steps})
+    if not want or want[0] < 0 or want[-1] > T:
+        raise InputError(f"replay of run {run_id!r}: steps must lie in 0..{T}, got {list(steps)}")
+    if cfg.model == "default":
+        from gptfluence.lm import ensure_default_model
+
+        _, base = model_spec(cfg)
+        built = ensure_default_model(base, progress=False).name  # the cached one, or rebuilt from the settings
+        recorded = (dynamics.manifest.get("config") or {}).get("base_model")
+        if recorded and built != recorded:
+            raise InputError(f"{dynamics.root or 'dynamics'}: collected with base model {recorded!r}, but these "
+                             f"settings now give {built!r} (other code version?); the fine-tuning cannot be replayed")
+    collector = RunCollector(cfg, dynamics.task, device, threads=None, evaluate=False)
+    for t, _ in collector.train(run_id, int(run.seed or 0), run.curriculum):
+        if t in want:
+            collector.model.eval()
+            yield t, collector.model, collector.tokenizer
+            collector.model.train()
+        if t >= want[-1]:
+            return
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,11 +9,11 @@ Rows follow the order of the examples given; map ids to rows with ``Dynamics.tra
 
 from gptfluence.features.cache import (EmbedStats, embed_examples, embed_texts, embed_texts_with_stats,
                                        spec_key)
-from gptfluence.features.gradients import LossGradientEncoder
+from gptfluence.features.gradients import CheckpointReplay, LossGradientEncoder
 from gptfluence.features.encoders import (MINILM_NAME, CausalLMEncoder, Encoder, HFEncoder,
                                           SentenceTransformerEncoder, load_encoder, minilm_path)
 
 __all__ = [
     "Encoder", "SentenceTransformerEncoder", "HFEncoder", "CausalLMEncoder", "load_encoder", "minilm_path",
-    "MINILM_NAME", "LossGradientEncoder", "embed_texts", "embed_texts_with_stats", "embed_examples", "EmbedStats", "spec_key",
+    "MINILM_NAME", "LossGradientEncoder", "CheckpointReplay", "embed_texts", "embed_texts_with_stats", "embed_examples", "EmbedStats", "spec_key",
 ]

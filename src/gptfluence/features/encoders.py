@@ -126,15 +126,19 @@ class SentenceTransformerEncoder(_EncoderBase):
                  device: str = "cpu") -> None:
         from sentence_transformers import SentenceTransformer
 
+        from gptfluence.lm.model import quiet_transformers
+
         if path is None:
             path = minilm_path()
             name = name or MINILM_NAME
         src, local = _resolve(path)
         self.name = name or src
         try:
-            self.model = SentenceTransformer(src, device=device, local_files_only=True)
-        except TypeError:
-            self.model = SentenceTransformer(src, device=device)
+            with quiet_transformers():
+                try:
+                    self.model = SentenceTransformer(src, device=device, local_files_only=True)
+                except TypeError:
+                    self.model = SentenceTransformer(src, device=device)
         except Exception as e:
             raise _load_failed("sentence-transformers model", src, e) from None
         self.model.eval()
@@ -185,6 +189,8 @@ class HFEncoder(_EncoderBase):
                  normalize: bool = False, device: str = "cpu", name: str | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
+        from gptfluence.lm.model import quiet_transformers
+
         src, _ = _resolve(name_or_path)
         self.name = name or src
         self.pooling = _check_pooling(pooling)
@@ -192,8 +198,9 @@ class HFEncoder(_EncoderBase):
         self.normalize = bool(normalize)
         self.device = device
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
-            self.model = AutoModel.from_pretrained(src, local_files_only=True).to(device).eval()
+            with quiet_transformers():
+                self.tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+                self.model = AutoModel.from_pretrained(src, local_files_only=True).to(device).eval()
         except Exception as e:
             raise _load_failed("encoder", src, e) from None
         self.dim = int(self.model.config.hidden_size)
@@ -249,11 +256,14 @@ class CausalLMEncoder(_EncoderBase):
                 raise InputError("CausalLMEncoder: pass a model folder or model= and tokenizer=")
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
+            from gptfluence.lm.model import quiet_transformers
+
             src, _ = _resolve(name_or_path)
             self.name = name or src
             try:
-                self.tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
-                self.model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True).to(device).eval()
+                with quiet_transformers():
+                    self.tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+                    self.model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True).to(device).eval()
             except Exception as e:
                 raise _load_failed("causal LM", src, e) from None
         self._pad_id = self.tokenizer.pad_token_id

@@ -9,12 +9,23 @@ similarity, which GPTfluence uses (``similarity="grad"``) as one learned-weight 
 factor. Johnson-Lindenstrauss: inner products are kept up to a relative error of about
 ``1/sqrt(dim)``.
 
-Cost: one forward and backward pass per example plus ``params x dim`` multiply-adds (the default
-2-layer base model: 231k parameters, ~2 s for 300 examples on 2 cores at dim 1024).
+Checkpoints (TracIn-CP): with a `CheckpointReplay`, the gradients are taken at K steps of one
+fine-tuning run of the store, re-trained with the store's collection settings (`replay_run`), and
+each checkpoint's projected gradient is scaled to unit length and the K blocks are concatenated
+and divided by sqrt(K): the cosine of two such vectors is the mean over checkpoints of the
+per-checkpoint gradient cosines. The fine-tuned model is what the training examples act on after
+the first steps; the base model's gradients alone miss how that changes.
+
+Cost: one forward and backward pass per example and checkpoint plus ``params x dim`` multiply-adds
+per checkpoint (the default 2-layer base model: 231k parameters, ~2 s for 300 examples on 2 cores
+at dim 1024), and for checkpoints one replayed run without evaluation (~1 s for the default).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +36,40 @@ from gptfluence.errors import InputError
 from gptfluence.types import Example
 
 PROJECTION_CHUNK = 4096  # parameters per generated block of the projection
+
+
+@dataclasses.dataclass
+class CheckpointReplay:
+    """Where checkpoint gradients come from: run ``run_id`` of the store ``dynamics``, re-trained,
+    read at ``steps`` (0 = the base model)."""
+
+    dynamics: Any
+    run_id: str
+    steps: list[int]
+
+    @classmethod
+    def evenly_spaced(cls, dynamics: Any, run_id: str, k: int) -> "CheckpointReplay":
+        """``k`` steps evenly spaced over the run's T steps, both ends included (k = 1: step 0)."""
+        T = int(dynamics.run(run_id).curriculum.shape[0])
+        steps = sorted({int(round(x)) for x in np.linspace(0, T, max(1, int(k)))})
+        return cls(dynamics, run_id, steps)
+
+    def spec(self) -> dict[str, Any]:
+        cfg = self.dynamics.manifest.get("config") or {}
+        cur = np.ascontiguousarray(self.dynamics.run(self.run_id).curriculum, dtype=np.int64)
+        return {"run_id": self.run_id, "steps": list(self.steps),
+                "curriculum_sha256": hashlib.sha256(cur.tobytes()).hexdigest(),
+                "collection_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest(),
+                "store": str(self.dynamics.root) if self.dynamics.root else None}
+
+
+def replay_matches(spec: dict[str, Any], dynamics: Any) -> bool:
+    """Whether ``dynamics`` holds the run a checkpoint spec was made from (same run, curriculum and
+    collection settings; the store's location may differ)."""
+    if spec.get("run_id") not in set(dynamics.run_ids):
+        return False
+    mine = CheckpointReplay(dynamics, spec["run_id"], list(spec.get("steps", []))).spec()
+    return all(mine[k] == spec.get(k) for k in ("curriculum_sha256", "collection_sha256"))
 
 
 class LossGradientEncoder:
@@ -38,7 +83,8 @@ class LossGradientEncoder:
 
     kind = "loss-gradient"
 
-    def __init__(self, model: str, dim: int = 1024, max_length: int = 64, seed: int = 0, device: str = "cpu") -> None:
+    def __init__(self, model: str, dim: int = 1024, max_length: int = 64, seed: int = 0, device: str = "cpu",
+                 replay: CheckpointReplay | None = None) -> None:
         if dim < 1:
             raise InputError(f"gradient features: dim must be >= 1, got {dim}")
         self.model_id = str(model)
@@ -46,16 +92,28 @@ class LossGradientEncoder:
         self.max_length = int(max_length)
         self.seed = int(seed)
         self.device = device
+        self.replay = replay
         self._model: Any = None
         self._tok: Any = None
 
+    @property
+    def out_dim(self) -> int:
+        """Width of the features: ``dim`` per checkpoint."""
+        return self.dim * (len(self.replay.steps) if self.replay is not None else 1)
+
     def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "model": self.model_id, "dim": self.dim, "max_length": self.max_length,
-                "seed": self.seed, "params": "all"}
+        out = {"kind": self.kind, "model": self.model_id, "dim": self.dim, "max_length": self.max_length,
+               "seed": self.seed, "params": "all"}
+        if self.replay is not None:
+            out["checkpoints"] = self.replay.spec()
+        return out
 
     @classmethod
-    def for_dynamics(cls, dynamics: Any, dim: int = 1024, seed: int = 0) -> "LossGradientEncoder":
-        """The encoder for a store's base model (before fine-tuning) and tokenisation length."""
+    def for_dynamics(cls, dynamics: Any, dim: int = 1024, seed: int = 0, checkpoints: int = 1,
+                     run_id: str | None = None) -> "LossGradientEncoder":
+        """The encoder for a store's base model and tokenisation length; ``checkpoints`` > 1: at
+        that many steps evenly spaced over run ``run_id`` (one of the runs a simulator is fitted
+        on), re-trained with the store's settings."""
         cfg = dynamics.manifest.get("config") or {}
         name = cfg.get("model", "default")
         if name == "default":
@@ -66,7 +124,12 @@ class LossGradientEncoder:
             model = f"default:{Path(str(base)).name}"
         else:
             model = str(name)
-        return cls(model, dim=dim, max_length=int(cfg.get("max_length", 64)), seed=seed)
+        replay = None
+        if checkpoints > 1:
+            if run_id is None:
+                raise InputError("gradient features at checkpoints need the id of the run to replay")
+            replay = CheckpointReplay.evenly_spaced(dynamics, run_id, checkpoints)
+        return cls(model, dim=dim, max_length=int(cfg.get("max_length", 64)), seed=seed, replay=replay)
 
     # -- model ----------------------------------------------------------------------------------
     def _path(self) -> str:
@@ -92,6 +155,16 @@ class LossGradientEncoder:
     def encode_examples(self, examples: Sequence[Example]) -> np.ndarray:
         return self.encode_groups([examples])[0]
 
+    def embed(self, examples: Sequence[Example], cache_dir: str | os.PathLike | None = None,
+              use_cache: bool = True) -> np.ndarray:
+        """`encode_examples` through the on-disk feature cache (`gptfluence.features.cache`; key:
+        this spec and the example's prompt and target), so no gradient is computed twice: one
+        encoder call for all examples not cached yet."""
+        from gptfluence.features.cache import embed_texts
+
+        keys = [json.dumps([e.prompt, e.target], ensure_ascii=False) for e in examples]
+        return embed_texts(_PromptTargetTexts(self), keys, cache_dir=cache_dir, use_cache=use_cache)
+
     def encode_groups(self, groups: Sequence[Sequence[Example]]) -> list[np.ndarray]:
         """`encode_examples` of several lists (e.g. training and test examples, whose ids may
         coincide) with one projection pass: ``[float32 [len(g), dim] for g in groups]``."""
@@ -100,22 +173,30 @@ class LossGradientEncoder:
         groups = [list(g) for g in groups]
         sizes = [len(g) for g in groups]
         if not sum(sizes):
-            return [np.zeros((0, self.dim), dtype=np.float32) for _ in groups]
-        self._load()
-        grads = torch.cat([self._gradients(g) for g in groups if g])
-        out = self._project(grads).numpy()
+            return [np.zeros((0, self.out_dim), dtype=np.float32) for _ in groups]
+        if self.replay is None:
+            self._load()
+            grads = torch.cat([self._gradients(self._model, self._tok, g) for g in groups if g])
+            out = self._project(grads).numpy()
+        else:
+            from gptfluence.dynamics.collect import replay_run
+
+            blocks = []
+            for _, model, tok in replay_run(self.replay.dynamics, self.replay.run_id, self.replay.steps, self.device):
+                grads = torch.cat([self._gradients(model, tok, g) for g in groups if g])
+                blocks.append(torch.nn.functional.normalize(self._project(grads), dim=1))
+            out = (torch.cat(blocks, 1) / len(blocks) ** 0.5).numpy()
         return list(np.split(out, np.cumsum(sizes)[:-1]))
 
-    def _gradients(self, examples: list[Example]) -> Any:
+    def _gradients(self, model: Any, tokenizer: Any, examples: list[Example]) -> Any:
         """Unprojected gradients ``[N, params]`` float32 of each example's mean target loss."""
         import torch
 
         from gptfluence.lm import tokenize_examples
         from gptfluence.lm.metrics import masked_target_loss
 
-        model = self._model
         params = [p for p in model.parameters() if p.requires_grad]
-        toks = tokenize_examples(self._tok, examples, self.max_length)
+        toks = tokenize_examples(tokenizer, examples, self.max_length)
         grads = torch.empty(len(examples), sum(p.numel() for p in params), dtype=torch.float32)
         dev = next(model.parameters()).device
         for i in range(len(examples)):
@@ -148,3 +229,20 @@ class LossGradientEncoder:
 
     def __repr__(self) -> str:
         return f"LossGradientEncoder({self.spec()})"
+
+
+class _PromptTargetTexts:
+    """`LossGradientEncoder` seen by the text-feature cache: a "text" is the JSON ``[prompt, target]``."""
+
+    def __init__(self, encoder: LossGradientEncoder) -> None:
+        self.encoder = encoder
+        self.dim = encoder.out_dim
+        self.name = f"loss-gradient({encoder.model_id})"
+
+    def spec(self) -> dict[str, Any]:
+        # nested: the cache's spec.json keeps the vector width in its own top-level "dim"
+        return {"kind": "loss-gradient-features", "encoder": self.encoder.spec(), "input": "json [prompt, target]"}
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        pairs = [json.loads(t) for t in texts]
+        return self.encoder.encode_examples([Example(k, p, t, meta={}) for k, (p, t) in enumerate(pairs)])

@@ -80,7 +80,7 @@ class BaseModelConfig:
             raise GptfluenceError(f"BaseModelConfig.rotary_pct must be in [0, 1], got {self.rotary_pct}")
 
 
-class _quiet_transformers:
+class quiet_transformers:
     """Hide transformers' own progress bars (weight loading/saving) inside the block."""
 
     def __enter__(self):
@@ -325,7 +325,7 @@ def ensure_default_model(cfg: BaseModelConfig | None = None, corpus: Sequence[st
     tmp = root / f".{final.name}.tmp-{os.getpid()}-{time.time_ns()}"
     try:
         tmp.mkdir(parents=True)
-        with _quiet_transformers():
+        with quiet_transformers():
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         save_json({
@@ -397,7 +397,7 @@ def load_model(name_or_path: str = "default", device: Any = "cpu", dtype: Any = 
             if not (p / "config.json").exists():
                 raise GptfluenceError(f"model {path!r}: folder has no config.json (not a Hugging Face model)")
             path = str(p)
-    with _quiet_transformers():
+    with quiet_transformers():
         return _load(name_or_path, path, device, dtype, attn_implementation)
 
 

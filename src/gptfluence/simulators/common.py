@@ -279,7 +279,7 @@ class RecurrenceSimulator(SimulatorBase):
     """Base of the learned recurrence simulators (GPTfluence, Simfluence): one fit / rollout
     engine (`gptfluence.simulators.engine`); subclasses provide the factors.
 
-    Subclasses implement ``_init_params(dynamics, train_ids, test_ids)``, ``_factor_fn(train_ids,
+    Subclasses implement ``_init_params(dynamics, train_ids, test_ids, fit_train_ids, fit_runs)``, ``_factor_fn(train_ids,
     test_ids, unseen) -> callable returning F [n+1, N, M]`` (normalised units) and the
     ``_state``/``_set_state`` pair for artifacts; they set ``self.order`` and ``self.residual``.
     """
@@ -298,7 +298,7 @@ class RecurrenceSimulator(SimulatorBase):
 
     # -- hooks ------------------------------------------------------------------------------
     def _init_params(self, dynamics: Dynamics, train_ids: np.ndarray, test_ids: np.ndarray,
-                     fit_train_ids: np.ndarray) -> None:
+                     fit_train_ids: np.ndarray, fit_runs: Sequence[str]) -> None:
         raise NotImplementedError
 
     def _factor_fn(self, train_ids: np.ndarray, test_ids: np.ndarray, unseen: str) -> Callable[[], torch.Tensor]:
@@ -349,7 +349,7 @@ class RecurrenceSimulator(SimulatorBase):
         train_ids = np.unique(np.concatenate([c[c >= 0] for c in all_cur]))
         test_sets = [fit_tids] + ([dynamics.stack(self.metric, val_runs)[2]] if val_runs else [])
         test_ids = np.unique(np.concatenate(test_sets))
-        self._init_params(dynamics, train_ids, test_ids, fit_train_ids)
+        self._init_params(dynamics, train_ids, test_ids, fit_train_ids, fit_runs)
         assert self.module is not None
         self.module.to(device)
         fn = self._factor_fn(train_ids, test_ids, unseen="zero")
@@ -425,7 +425,7 @@ class RecurrenceSimulator(SimulatorBase):
 
 # Fields added to the simulator configs after artifacts of format 1 were first written, with the
 # behaviour of an artifact that lacks them (not today's defaults).
-LEGACY_FIELD_VALUES = {"detrend": False, "center_features": False, "similarity": "none"}
+LEGACY_FIELD_VALUES = {"detrend": False, "center_features": False, "similarity": "none", "similarity_checkpoints": 1}
 
 
 def stored_config(meta: dict[str, Any], cls: type) -> dict[str, Any]:

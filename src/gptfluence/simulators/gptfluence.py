@@ -14,10 +14,12 @@ proj_dim, ReLU). c_j: one learned scalar per factor (``factor_bias``, init 0).
 s(i, m), the similarity term (``similarity``; w_j learned, init 0): the cosine of a second
 representation of the two examples, centred on the fitted training pool's mean direction (so a
 random batch adds nothing on average: with ``detrend`` the trend holds the average effect) and
-scaled to unit spread. ``"grad"``: projected target-loss gradients of the store's base GPT
-(`gptfluence.features.LossGradientEncoder`); to first order one SGD step on i changes m's loss by
-``-lr <g_i, g_m>``, which is what B has to learn, and a low-rank projection of sentence features
-cannot express such an identity-like inner product. ``"features"``: the cosine of h itself.
+scaled to unit spread. ``"grad"``: projected target-loss gradients of the store's GPT
+(`gptfluence.features.LossGradientEncoder`) at ``similarity_checkpoints`` steps evenly spaced
+over the first fit run, re-trained with the store's settings (the base model alone when 1), the
+cosine averaged over the checkpoints as TracIn-CP sums over them; to first order one SGD step on
+i changes m's loss by ``-lr <g_i, g_m>``, which is what B has to learn, and a low-rank projection
+of sentence features cannot express such an identity-like inner product. ``"features"``: the cosine of h itself.
 ``"none"``: the paper's factors. ``"auto"`` (default): grad when the store names its model.
 
 Defaults and the paper. The authors' code uses one 384-384-384 MLP per factor for both the train
@@ -74,8 +76,9 @@ class GPTfluenceConfig(FitConfig):
     proj_dim: int = arg(32, "output width d of each factor projection (authors' code: 384)")
     share_projection: bool = arg(False, "one projection per factor for both the train and the test side (authors' code); its factor is a PSD kernel, so similar examples can only raise each other's factor")
     center_features: bool = arg(True, "subtract the mean feature of the fitted examples before projecting (false: the authors' raw features)")
-    similarity: str = arg("auto", "a learned-weight similarity term in every factor: 'grad' (cosine of the base GPT's projected loss gradients, the first-order estimate of how training on one example moves another's loss), 'features' (cosine of the encoder features), 'none' (the paper's factors); 'auto' = 'grad' when the store records the model it was collected with, else 'features'")
-    similarity_dim: int = arg(1024, "similarity='grad': dimensions of the random projection of the gradients")
+    similarity: str = arg("auto", "a learned-weight similarity term in every factor: 'grad' (cosine of the GPT's projected loss gradients, the first-order estimate of how training on one example moves another's loss), 'features' (cosine of the encoder features), 'none' (the paper's factors); 'auto' = 'grad' when the store records the model it was collected with, else 'features'")
+    similarity_dim: int = arg(1024, "similarity='grad': dimensions of the random projection of the gradients (per checkpoint)")
+    similarity_checkpoints: int = arg(4, "similarity='grad': gradients at this many steps evenly spaced over the first fit run (its fine-tuning re-trained with the store's settings; the cosine is averaged over them, as TracIn-CP sums over checkpoints); 1 = the base model only")
     lr: float = arg(3e-4, "AdamW learning rate (after warmup)")
     epochs: int = arg(100, "maximum epochs over all teacher-forcing transitions of the fit runs")
     patience: int = arg(15, "stop after this many epochs without a better validation rollout MSE (0 = never)")
@@ -299,42 +302,62 @@ class GPTfluenceSimulator(RecurrenceSimulator):
             self._add_gradients(train, test)
 
     # -- the similarity term ------------------------------------------------------------------
-    def _resolve_similarity(self, dynamics: Dynamics | None) -> str:
-        """Fix the similarity kind (once) from the config and, for 'auto', the store."""
+    def _resolve_similarity(self, dynamics: Dynamics, fit_runs: Sequence[str]) -> str:
+        """Fix the similarity kind (once, at fitting) from the config and, for 'auto', the store;
+        checkpoint gradients replay ``fit_runs[0]``."""
         if self.similarity_kind is None:
             kind = self.config.similarity
             if kind == "auto":
-                cfg = (dynamics.manifest.get("config") or {}) if dynamics is not None else {}
+                cfg = dynamics.manifest.get("config") or {}
                 kind = "grad" if cfg.get("model") else "features"
-            self.similarity_kind = kind
             if kind == "grad":
-                if dynamics is None:
-                    raise InputError("gptfluence: similarity='grad' needs the dynamics store (its base model)")
                 from gptfluence.features.gradients import LossGradientEncoder
 
-                self.similarity_encoder = LossGradientEncoder.for_dynamics(dynamics, dim=self.config.similarity_dim,
-                                                                           seed=self.config.seed)
+                c = self.config
+                if c.similarity_checkpoints < 1:
+                    raise InputError(f"gptfluence: similarity_checkpoints must be >= 1, got {c.similarity_checkpoints}")
+                self.similarity_encoder = LossGradientEncoder.for_dynamics(
+                    dynamics, dim=c.similarity_dim, seed=c.seed, checkpoints=c.similarity_checkpoints,
+                    run_id=fit_runs[0])
                 self.similarity_spec = self.similarity_encoder.spec()
+            self.similarity_kind = kind
         return self.similarity_kind
 
-    def _get_similarity_encoder(self) -> Any:
+    def _get_similarity_encoder(self, dynamics: Dynamics | None = None) -> Any:
+        """The gradient encoder; for an artifact's spec rebuilt from it (checkpoint gradients: from
+        ``dynamics`` when it holds the replayed run, else from the store path the spec records)."""
         if self.similarity_encoder is None:
-            from gptfluence.features.gradients import LossGradientEncoder
+            from gptfluence.features.gradients import CheckpointReplay, LossGradientEncoder, replay_matches
 
             spec = dict(self.similarity_spec or {})
             if spec.get("kind") != LossGradientEncoder.kind:
                 raise ArtifactMismatchError(f"gptfluence: unknown similarity encoder {spec}")
+            replay = None
+            ck = spec.get("checkpoints")
+            if ck:
+                source = dynamics if dynamics is not None and replay_matches(ck, dynamics) else None
+                if source is None and ck.get("store") and Path(ck["store"]).is_dir():
+                    other = Dynamics.open(ck["store"])
+                    source = other if replay_matches(ck, other) else None
+                if source is None:
+                    raise InputError(f"gptfluence: gradient features of new examples need the fine-tuning run "
+                                     f"{ck.get('run_id')!r} of the store the simulator was fitted on "
+                                     f"({ck.get('store')}), which was not found or has changed; load the simulator "
+                                     f"with dynamics=<that store>")
+                replay = CheckpointReplay(source, ck["run_id"], [int(x) for x in ck["steps"]])
             self.similarity_encoder = LossGradientEncoder(spec["model"], dim=int(spec["dim"]),
-                                                          max_length=int(spec["max_length"]), seed=int(spec["seed"]))
+                                                          max_length=int(spec["max_length"]), seed=int(spec["seed"]),
+                                                          replay=replay)
         return self.similarity_encoder
 
-    def _add_gradients(self, train: Sequence[Example], test: Sequence[Example]) -> None:
-        """Gradient features of ``train`` and ``test`` in one encoder call (the projection is
-        generated once per call)."""
+    def _add_gradients(self, train: Sequence[Example], test: Sequence[Example],
+                       dynamics: Dynamics | None = None) -> None:
+        """Gradient features of ``train`` and ``test``: from the on-disk feature cache, the rest in
+        one encoder call (one replay, one projection pass)."""
         train, test = list(train), list(test)
         if not train and not test:
             return
-        gtr, gte = self._get_similarity_encoder().encode_groups([train, test])
+        gtr, gte = np.split(self._get_similarity_encoder(dynamics).embed(train + test), [len(train)])
         if train:
             self.sim_train_features.add([e.id for e in train], gtr, "training (gradient)")
         if test:
@@ -358,8 +381,8 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         (self.train_features if split == "train" else self.test_features).add(ids, values, split)
 
     def ensure_features(self, dynamics: Dynamics, train_ids: Sequence[int] = (), test_ids: Sequence[int] = ()) -> None:
-        """Embed the dynamics' examples among ``train_ids``/``test_ids`` that have no features yet."""
-        self._resolve_similarity(dynamics)
+        """Embed the dynamics' examples among ``train_ids``/``test_ids`` that have no features yet
+        (and, once the similarity kind is fixed by fitting, their gradient features)."""
         mtr = self.train_features.missing(train_ids)
         mte = self.test_features.missing(test_ids)
         if mtr or mte:
@@ -370,11 +393,13 @@ class GPTfluenceSimulator(RecurrenceSimulator):
                 sorted({*(i for i in map(int, self.train_features.ids) if i in known_tr), *map(int, train_ids)}))
             gte = self.sim_test_features.missing(
                 sorted({*(i for i in map(int, self.test_features.ids) if i in known_te), *map(int, test_ids)}))
-            self._add_gradients([dynamics.train_example(i) for i in gtr], [dynamics.test_example(i) for i in gte])
+            self._add_gradients([dynamics.train_example(i) for i in gtr], [dynamics.test_example(i) for i in gte],
+                                dynamics)
 
     # -- hooks ----------------------------------------------------------------------------------
     def _init_params(self, dynamics: Dynamics, train_ids: np.ndarray, test_ids: np.ndarray,
-                     fit_train_ids: np.ndarray) -> None:
+                     fit_train_ids: np.ndarray, fit_runs: Sequence[str]) -> None:
+        self._resolve_similarity(dynamics, fit_runs)
         self.ensure_features(dynamics, train_ids, test_ids)
         c = self.config
         torch.manual_seed(c.seed)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -73,7 +73,7 @@ class SimfluenceSimulator(RecurrenceSimulator):
         self.module: FreeFactors | None = None
 
     def _init_params(self, dynamics: Dynamics, train_ids: np.ndarray, test_ids: np.ndarray,
-                     fit_train_ids: np.ndarray) -> None:
+                     fit_train_ids: np.ndarray, fit_runs: Sequence[str]) -> None:
         self.train_ids = np.asarray(fit_train_ids, dtype=np.int64)
         self.test_ids = np.asarray(test_ids, dtype=np.int64)
         self.module = FreeFactors(self.train_ids.size, self.test_ids.size)
