@@ -527,6 +527,11 @@ def test_gptfluence_checkpoint_similarity_artifact(ref, tmp_path):
     moved.similarity_spec["checkpoints"]["store"] = str(tmp_path / "gone")
     with pytest.raises(InputError, match="run-0003"):
         moved.set_examples([new], [])
+    moved.ensure_features(ref, ref.train_ids, ref.test_ids)  # the store given holds the run: used
+    moved.set_examples([Example(10_001, new.prompt, new.target)], [])
+    np.testing.assert_allclose(moved.sim_train_features.get([10_001], "t"), direct, atol=1e-5)
+    sim.fit(ref, ["run-0004", "run-0000", "run-0001"], val)  # a refit replays its own first fit run
+    assert sim.similarity_spec["checkpoints"]["run_id"] == "run-0004"
 
 
 def test_gradient_features_are_cached_on_disk(ref, tmp_path, monkeypatch):

@@ -20,6 +20,15 @@ def test_collect_on_cuda_matches_shapes_and_learns(tmp_path, monkeypatch):
     loss = run.trajectory("loss")
     assert np.isfinite(loss).all() and loss.shape == (run.num_steps + 1, 6)
 
+    # checkpoint gradient features (replayed run) on CUDA agree with the CPU ones
+    from gptfluence.features import LossGradientEncoder
+
+    ex = store.task.train[:4]
+    feats = {d: LossGradientEncoder.for_dynamics(store, dim=64, checkpoints=2, run_id=store.run_ids[0],
+                                                 device=d).encode_examples(ex) for d in ("cpu", "cuda")}
+    cos = (feats["cpu"] * feats["cuda"]).sum(1)  # mean per-checkpoint cosine (unit blocks / sqrt(2))
+    assert cos.min() > 0.95, cos
+
 
 def test_gptfluence_fit_on_cuda_matches_cpu_rollout(tmp_path):
     from gptfluence.simulators import make_simulator

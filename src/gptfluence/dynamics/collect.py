@@ -277,6 +277,19 @@ def store_collect_config(dynamics: Dynamics) -> CollectConfig:
     return CollectConfig(**{k: v for k, v in raw.items() if k in fields})
 
 
+def cached_base_model(name: str) -> Path:
+    """Folder of the cached default base model ``name`` (a store manifest's ``base_model``);
+    `InputError` naming the cache when it is not there."""
+    from gptfluence.paths import cache_dir
+
+    path = cache_dir("models") / name
+    if not (path / "config.json").exists():
+        raise InputError(f"the store's base model {name!r} is not in {path.parent} "
+                         f"(GPTFLUENCE_CACHE={os.environ.get('GPTFLUENCE_CACHE', '')!r}); collect once with the same "
+                         f"settings to rebuild it")
+    return path
+
+
 def replay_run(dynamics: Dynamics, run_id: str, steps: Sequence[int], device: str = "cpu"
                ) -> Iterator[tuple[int, Any, Any]]:
     """Re-train run ``run_id`` of the store (its curriculum and seed, the store's collection
@@ -290,17 +303,16 @@ def replay_run(dynamics: Dynamics, run_id: str, steps: Sequence[int], device: st
     want = sorted({int(s) for s in steps})
     if not want or want[0] < 0 or want[-1] > T:
         raise InputError(f"replay of run {run_id!r}: steps must lie in 0..{T}, got {list(steps)}")
-    if cfg.model == "default":
-        from gptfluence.lm import ensure_default_model
-
-        _, base = model_spec(cfg)
-        built = ensure_default_model(base, progress=False).name  # the cached one, or rebuilt from the settings
+    if run.seed is None:
+        raise InputError(f"run {run_id!r} records no seed; its fine-tuning cannot be replayed")
+    if cfg.model == "default":  # exactly the base model the store was collected with, never a rebuilt one
         recorded = (dynamics.manifest.get("config") or {}).get("base_model")
-        if recorded and built != recorded:
-            raise InputError(f"{dynamics.root or 'dynamics'}: collected with base model {recorded!r}, but these "
-                             f"settings now give {built!r} (other code version?); the fine-tuning cannot be replayed")
+        if not recorded:
+            raise InputError(f"{dynamics.root or 'dynamics'}: manifest config has no 'base_model'; the fine-tuning "
+                             f"cannot be replayed")
+        cfg = dataclasses.replace(cfg, model=str(cached_base_model(str(recorded))))
     collector = RunCollector(cfg, dynamics.task, device, threads=None, evaluate=False)
-    for t, _ in collector.train(run_id, int(run.seed or 0), run.curriculum):
+    for t, _ in collector.train(run_id, int(run.seed), run.curriculum):
         if t in want:
             collector.model.eval()
             yield t, collector.model, collector.tokenizer

@@ -5,6 +5,12 @@
 
 Rows follow the order of the examples given; map ids to rows with ``Dynamics.train_row`` /
 ``test_row``.
+
+Loss-gradient features of the fine-tuned GPT (GPTfluence's similarity term), at the base model or
+at checkpoints of a replayed fine-tuning run, cached the same way:
+
+>>> g = LossGradientEncoder.for_dynamics(dynamics, checkpoints=4, run_id="run-0000")
+>>> G = g.embed(dynamics.task.train)              # float32 [N, 4 * 1024]
 """
 
 from gptfluence.features.cache import (EmbedStats, embed_examples, embed_texts, embed_texts_with_stats,
@@ -15,5 +21,6 @@ from gptfluence.features.encoders import (MINILM_NAME, CausalLMEncoder, Encoder,
 
 __all__ = [
     "Encoder", "SentenceTransformerEncoder", "HFEncoder", "CausalLMEncoder", "load_encoder", "minilm_path",
-    "MINILM_NAME", "LossGradientEncoder", "CheckpointReplay", "embed_texts", "embed_texts_with_stats", "embed_examples", "EmbedStats", "spec_key",
+    "MINILM_NAME", "LossGradientEncoder", "CheckpointReplay", "embed_texts", "embed_texts_with_stats",
+    "embed_examples", "EmbedStats", "spec_key",
 ]

@@ -55,21 +55,28 @@ class CheckpointReplay:
         return cls(dynamics, run_id, steps)
 
     def spec(self) -> dict[str, Any]:
+        """What decides the checkpoints: the run (id, seed, curriculum), the collection settings and
+        training examples (hashes), the steps; ``store`` (where it was, resolved) is informational."""
         cfg = self.dynamics.manifest.get("config") or {}
-        cur = np.ascontiguousarray(self.dynamics.run(self.run_id).curriculum, dtype=np.int64)
-        return {"run_id": self.run_id, "steps": list(self.steps),
+        run = self.dynamics.run(self.run_id)
+        cur = np.ascontiguousarray(run.curriculum, dtype=np.int64)
+        return {"run_id": self.run_id, "run_seed": run.seed, "steps": list(self.steps),
                 "curriculum_sha256": hashlib.sha256(cur.tobytes()).hexdigest(),
                 "collection_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest(),
-                "store": str(self.dynamics.root) if self.dynamics.root else None}
+                "train_examples_sha256": (self.dynamics.manifest.get("examples_sha256") or {}).get("train"),
+                "store": str(Path(self.dynamics.root).resolve()) if self.dynamics.root else None}
+
+
+REPLAY_IDENTITY = ("run_seed", "curriculum_sha256", "collection_sha256", "train_examples_sha256")
 
 
 def replay_matches(spec: dict[str, Any], dynamics: Any) -> bool:
-    """Whether ``dynamics`` holds the run a checkpoint spec was made from (same run, curriculum and
-    collection settings; the store's location may differ)."""
+    """Whether ``dynamics`` holds the run a checkpoint spec was made from (same run, seed,
+    curriculum, collection settings and training examples; the store's location may differ)."""
     if spec.get("run_id") not in set(dynamics.run_ids):
         return False
     mine = CheckpointReplay(dynamics, spec["run_id"], list(spec.get("steps", []))).spec()
-    return all(mine[k] == spec.get(k) for k in ("curriculum_sha256", "collection_sha256"))
+    return all(mine[k] == spec.get(k) for k in REPLAY_IDENTITY)
 
 
 class LossGradientEncoder:
@@ -95,6 +102,7 @@ class LossGradientEncoder:
         self.replay = replay
         self._model: Any = None
         self._tok: Any = None
+        self._checkpoints: list[tuple[int, dict[str, Any]]] | None = None  # replayed weights (CPU), kept
 
     @property
     def out_dim(self) -> int:
@@ -104,13 +112,13 @@ class LossGradientEncoder:
     def spec(self) -> dict[str, Any]:
         out = {"kind": self.kind, "model": self.model_id, "dim": self.dim, "max_length": self.max_length,
                "seed": self.seed, "params": "all"}
-        if self.replay is not None:
-            out["checkpoints"] = self.replay.spec()
+        if self.replay is not None:  # CUDA replays train under bf16 autocast: other checkpoints
+            out["checkpoints"] = {**self.replay.spec(), "device": "cuda" if str(self.device).startswith("cuda") else "cpu"}
         return out
 
     @classmethod
     def for_dynamics(cls, dynamics: Any, dim: int = 1024, seed: int = 0, checkpoints: int = 1,
-                     run_id: str | None = None) -> "LossGradientEncoder":
+                     run_id: str | None = None, device: str = "cpu") -> "LossGradientEncoder":
         """The encoder for a store's base model and tokenisation length; ``checkpoints`` > 1: at
         that many steps evenly spaced over run ``run_id`` (one of the runs a simulator is fitted
         on), re-trained with the store's settings."""
@@ -129,19 +137,14 @@ class LossGradientEncoder:
             if run_id is None:
                 raise InputError("gradient features at checkpoints need the id of the run to replay")
             replay = CheckpointReplay.evenly_spaced(dynamics, run_id, checkpoints)
-        return cls(model, dim=dim, max_length=int(cfg.get("max_length", 64)), seed=seed, replay=replay)
+        return cls(model, dim=dim, max_length=int(cfg.get("max_length", 64)), seed=seed, device=device, replay=replay)
 
     # -- model ----------------------------------------------------------------------------------
     def _path(self) -> str:
         if self.model_id.startswith("default:"):
-            from gptfluence.paths import cache_dir
+            from gptfluence.dynamics.collect import cached_base_model
 
-            path = cache_dir("models") / self.model_id.split(":", 1)[1]
-            if not (path / "config.json").exists():
-                raise InputError(f"gradient features need the base model {self.model_id.split(':', 1)[1]!r}, not found in "
-                                 f"{path.parent} (GPTFLUENCE_CACHE={os.environ.get('GPTFLUENCE_CACHE', '')!r}); "
-                                 f"collect once with the same settings to rebuild it")
-            return str(path)
+            return str(cached_base_model(self.model_id.split(":", 1)[1]))
         return self.model_id
 
     def _load(self) -> None:
@@ -163,7 +166,8 @@ class LossGradientEncoder:
         from gptfluence.features.cache import embed_texts
 
         keys = [json.dumps([e.prompt, e.target], ensure_ascii=False) for e in examples]
-        return embed_texts(_PromptTargetTexts(self), keys, cache_dir=cache_dir, use_cache=use_cache)
+        ids = {k: e.id for k, e in zip(keys, examples)}  # errors name the example's id
+        return embed_texts(_PromptTargetTexts(self, ids), keys, cache_dir=cache_dir, use_cache=use_cache)
 
     def encode_groups(self, groups: Sequence[Sequence[Example]]) -> list[np.ndarray]:
         """`encode_examples` of several lists (e.g. training and test examples, whose ids may
@@ -179,14 +183,32 @@ class LossGradientEncoder:
             grads = torch.cat([self._gradients(self._model, self._tok, g) for g in groups if g])
             out = self._project(grads).numpy()
         else:
-            from gptfluence.dynamics.collect import replay_run
-
             blocks = []
-            for _, model, tok in replay_run(self.replay.dynamics, self.replay.run_id, self.replay.steps, self.device):
+            for model, tok in self._checkpoint_models():
                 grads = torch.cat([self._gradients(model, tok, g) for g in groups if g])
                 blocks.append(torch.nn.functional.normalize(self._project(grads), dim=1))
             out = (torch.cat(blocks, 1) / len(blocks) ** 0.5).numpy()
         return list(np.split(out, np.cumsum(sizes)[:-1]))
+
+    def _checkpoint_models(self) -> Any:
+        """Yield ``(model, tokenizer)`` at each replay step. The run is replayed once per encoder;
+        the checkpoints' weights are kept on the CPU (K copies of the model) for later calls."""
+        assert self.replay is not None
+        if self._checkpoints is None:
+            from gptfluence.dynamics.collect import replay_run
+
+            kept = []
+            for step, model, tok in replay_run(self.replay.dynamics, self.replay.run_id, self.replay.steps,
+                                               self.device):
+                kept.append((step, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}))
+                self._model, self._tok = model, tok
+                yield model, tok
+            self._checkpoints = kept
+            return
+        for _, state in self._checkpoints:
+            self._model.load_state_dict(state)
+            self._model.eval()
+            yield self._model, self._tok
 
     def _gradients(self, model: Any, tokenizer: Any, examples: list[Example]) -> Any:
         """Unprojected gradients ``[N, params]`` float32 of each example's mean target loss."""
@@ -206,7 +228,8 @@ class LossGradientEncoder:
                            attention_mask=toks.attention_mask[i:i + 1, :n].to(dev)).logits
             loss = masked_target_loss(logits, toks.labels[i:i + 1, :n].to(dev))[0]
             if not torch.isfinite(loss):
-                raise InputError(f"example id {examples[i].id}: no target tokens within max_length={self.max_length}")
+                raise InputError(f"example id {examples[i].meta.get('id', examples[i].id)}: no target tokens within "
+                                 f"max_length={self.max_length}")
             loss.backward()
             grads[i] = torch.cat([p.grad.reshape(-1).float().cpu() for p in params])
         model.zero_grad(set_to_none=True)
@@ -234,15 +257,22 @@ class LossGradientEncoder:
 class _PromptTargetTexts:
     """`LossGradientEncoder` seen by the text-feature cache: a "text" is the JSON ``[prompt, target]``."""
 
-    def __init__(self, encoder: LossGradientEncoder) -> None:
+    def __init__(self, encoder: LossGradientEncoder, ids: dict[str, int]) -> None:
         self.encoder = encoder
+        self.ids = ids
         self.dim = encoder.out_dim
         self.name = f"loss-gradient({encoder.model_id})"
 
     def spec(self) -> dict[str, Any]:
-        # nested: the cache's spec.json keeps the vector width in its own top-level "dim"
-        return {"kind": "loss-gradient-features", "encoder": self.encoder.spec(), "input": "json [prompt, target]"}
+        # nested: the cache's spec.json keeps the vector width in its own top-level "dim"; the
+        # store's location is not part of the key (a moved store keeps its cached features)
+        spec = self.encoder.spec()
+        if "checkpoints" in spec:
+            spec["checkpoints"] = {k: v for k, v in spec["checkpoints"].items() if k != "store"}
+        return {"kind": "loss-gradient-features", "encoder": spec, "input": "json [prompt, target]"}
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         pairs = [json.loads(t) for t in texts]
-        return self.encoder.encode_examples([Example(k, p, t, meta={}) for k, (p, t) in enumerate(pairs)])
+        # positional ids (training and test ids may coincide); meta["id"]: the id errors name
+        return self.encoder.encode_examples([Example(k, p, tg, meta={"id": self.ids.get(t, k)})
+                                             for k, (t, (p, tg)) in enumerate(zip(texts, pairs))])

@@ -318,7 +318,7 @@ class GPTfluenceSimulator(RecurrenceSimulator):
                     raise InputError(f"gptfluence: similarity_checkpoints must be >= 1, got {c.similarity_checkpoints}")
                 self.similarity_encoder = LossGradientEncoder.for_dynamics(
                     dynamics, dim=c.similarity_dim, seed=c.seed, checkpoints=c.similarity_checkpoints,
-                    run_id=fit_runs[0])
+                    run_id=fit_runs[0], device=self.device)
                 self.similarity_spec = self.similarity_encoder.spec()
             self.similarity_kind = kind
         return self.similarity_kind
@@ -341,13 +341,13 @@ class GPTfluenceSimulator(RecurrenceSimulator):
                     source = other if replay_matches(ck, other) else None
                 if source is None:
                     raise InputError(f"gptfluence: gradient features of new examples need the fine-tuning run "
-                                     f"{ck.get('run_id')!r} of the store the simulator was fitted on "
-                                     f"({ck.get('store')}), which was not found or has changed; load the simulator "
-                                     f"with dynamics=<that store>")
+                                     f"{ck.get('run_id')!r} of the store the simulator was fitted on, which is not "
+                                     f"at {ck.get('store')} (moved or changed) and not the store given; give that "
+                                     f"store as dynamics (load_simulator(path, dynamics=...), --dynamics)")
                 replay = CheckpointReplay(source, ck["run_id"], [int(x) for x in ck["steps"]])
             self.similarity_encoder = LossGradientEncoder(spec["model"], dim=int(spec["dim"]),
                                                           max_length=int(spec["max_length"]), seed=int(spec["seed"]),
-                                                          replay=replay)
+                                                          device=self.device, replay=replay)
         return self.similarity_encoder
 
     def _add_gradients(self, train: Sequence[Example], test: Sequence[Example],
@@ -383,6 +383,8 @@ class GPTfluenceSimulator(RecurrenceSimulator):
     def ensure_features(self, dynamics: Dynamics, train_ids: Sequence[int] = (), test_ids: Sequence[int] = ()) -> None:
         """Embed the dynamics' examples among ``train_ids``/``test_ids`` that have no features yet
         (and, once the similarity kind is fixed by fitting, their gradient features)."""
+        if self.similarity_kind == "grad":
+            self._get_similarity_encoder(dynamics)  # built with this store when it holds the replayed run
         mtr = self.train_features.missing(train_ids)
         mte = self.test_features.missing(test_ids)
         if mtr or mte:
@@ -399,6 +401,9 @@ class GPTfluenceSimulator(RecurrenceSimulator):
     # -- hooks ----------------------------------------------------------------------------------
     def _init_params(self, dynamics: Dynamics, train_ids: np.ndarray, test_ids: np.ndarray,
                      fit_train_ids: np.ndarray, fit_runs: Sequence[str]) -> None:
+        # a (re)fit decides the similarity afresh: this store, these fit runs, the current config
+        self.similarity_kind, self.similarity_encoder, self.similarity_spec = None, None, None
+        self.sim_train_features, self.sim_test_features = FeatureTable(), FeatureTable()
         self._resolve_similarity(dynamics, fit_runs)
         self.ensure_features(dynamics, train_ids, test_ids)
         c = self.config
