@@ -14,10 +14,11 @@ proj_dim, ReLU). c_j: one learned scalar per factor (``factor_bias``, init 0).
 s(i, m), the similarity term (``similarity``; w_j learned, init 0): the cosine of a second
 representation of the two examples, centred on the fitted training pool's mean direction (so a
 random batch adds nothing on average: with ``detrend`` the trend holds the average effect) and
-scaled to unit spread. ``"grad"``: projected target-loss gradients of the store's GPT
+scaled to unit spread; for checkpoint gradients one such term per checkpoint, each with its own
+weight (w_j s = sum_c w_jc s_c), since early and late gradients can act differently. ``"grad"``: projected target-loss gradients of the store's GPT
 (`gptfluence.features.LossGradientEncoder`) at ``similarity_checkpoints`` steps evenly spaced
 over the first fit run, re-trained with the store's settings (the base model alone when 1), the
-cosine averaged over the checkpoints as TracIn-CP sums over them; to first order one SGD step on
+a learned-weight term per checkpoint as TracIn-CP sums over them; to first order one SGD step on
 i changes m's loss by ``-lr <g_i, g_m>``, which is what B has to learn, and a low-rank projection
 of sentence features cannot express such an identity-like inner product. ``"features"``: the cosine of h itself.
 ``"none"``: the paper's factors. ``"auto"`` (default): grad when the store names its model.
@@ -78,7 +79,7 @@ class GPTfluenceConfig(FitConfig):
     center_features: bool = arg(True, "subtract the mean feature of the fitted examples before projecting (false: the authors' raw features)")
     similarity: str = arg("auto", "a learned-weight similarity term in every factor: 'grad' (cosine of the GPT's projected loss gradients, the first-order estimate of how training on one example moves another's loss), 'features' (cosine of the encoder features), 'none' (the paper's factors); 'auto' = 'grad' when the store records the model it was collected with, else 'features'")
     similarity_dim: int = arg(1024, "similarity='grad': dimensions of the random projection of the gradients (per checkpoint)")
-    similarity_checkpoints: int = arg(4, "similarity='grad': gradients at this many steps evenly spaced over the first fit run (its fine-tuning re-trained with the store's settings; the cosine is averaged over them, as TracIn-CP sums over checkpoints); 1 = the base model only")
+    similarity_checkpoints: int = arg(4, "similarity='grad': gradients at this many steps evenly spaced over the first fit run (its fine-tuning re-trained with the store's settings), one learned-weight cosine term per checkpoint (TracIn-CP sums over checkpoints); 1 = the base model only")
     lr: float = arg(3e-4, "AdamW learning rate (after warmup)")
     epochs: int = arg(100, "maximum epochs over all teacher-forcing transitions of the fit runs")
     patience: int = arg(15, "stop after this many epochs without a better validation rollout MSE (0 = never)")
@@ -113,7 +114,7 @@ class FeaturizedFactors(nn.Module):
     """
 
     def __init__(self, in_dim: int, hidden: int, proj_dim: int, order: int, share: bool, factor_bias: bool,
-                 sim_dim: int = 0) -> None:
+                 sim_dim: int = 0, sim_blocks: int = 1) -> None:
         super().__init__()
         k = order + 1
         self.order = order
@@ -123,19 +124,27 @@ class FeaturizedFactors(nn.Module):
         self.bias = nn.Parameter(torch.zeros(k)) if factor_bias else None
         self.register_buffer("center", torch.zeros(in_dim))
         self.sim_dim = int(sim_dim)
-        if self.sim_dim:  # factor k += sim_weight[k] * <s_i - sim_center, s_m> / sim_scale  (s: unit vectors)
-            self.sim_weight = nn.Parameter(torch.zeros(k))
-            self.register_buffer("sim_center", torch.zeros(self.sim_dim))
-            self.register_buffer("sim_scale", torch.ones(()))
+        self.sim_blocks = int(sim_blocks)
+        if self.sim_dim:  # factor k += sum_b sim_weight[k, b] * <s_ib - sim_center[b], s_mb> / sim_scale[b]
+            if self.sim_blocks < 1 or self.sim_dim % self.sim_blocks:
+                raise InputError(f"gptfluence: similarity width {self.sim_dim} is not {self.sim_blocks} equal blocks")
+            self.sim_weight = nn.Parameter(torch.zeros(k, self.sim_blocks))
+            self.register_buffer("sim_center", torch.zeros(self.sim_blocks, self.sim_dim // self.sim_blocks))
+            self.register_buffer("sim_scale", torch.ones(self.sim_blocks))
 
     def _g(self, k: int) -> Projection:
         return self.f[k] if self.g is None else self.g[k]
 
+    def _unit_blocks(self, s: torch.Tensor) -> torch.Tensor:
+        """``s [N, sim_dim] -> [N, blocks, sim_dim / blocks]``, each block scaled to unit length."""
+        return nn.functional.normalize(s.reshape(s.shape[0], self.sim_blocks, -1), dim=-1)
+
     def similarity(self, s_train: torch.Tensor, s_test: torch.Tensor) -> torch.Tensor:
-        """``[N, M]``: cosine of the similarity features, centred on the fitted training pool's
-        mean direction (so a random batch adds nothing on average) and scaled to unit spread."""
-        a = nn.functional.normalize(s_train, dim=-1) - self.sim_center
-        return a @ nn.functional.normalize(s_test, dim=-1).T / self.sim_scale
+        """``[blocks, N, M]``: per block (one checkpoint's gradients, or the whole vector), the
+        cosine of the similarity features, centred on the fitted training pool's mean direction
+        (so a random batch adds nothing on average) and scaled to unit spread."""
+        a = self._unit_blocks(s_train) - self.sim_center
+        return torch.einsum("nbd,mbd->bnm", a, self._unit_blocks(s_test)) / self.sim_scale[:, None, None]
 
     def forward(self, h_train: torch.Tensor, h_test: torch.Tensor, s_train: torch.Tensor | None = None,
                 s_test: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,7 +154,7 @@ class FeaturizedFactors(nn.Module):
         if self.sim_dim:
             if s_train is None or s_test is None:
                 raise InputError("gptfluence: this simulator has a similarity term; give s_train and s_test")
-            out = out + self.sim_weight[:, None, None] * self.similarity(s_train, s_test)[None]
+            out = out + torch.einsum("kb,bnm->knm", self.sim_weight, self.similarity(s_train, s_test))
         return out
 
     def _projected(self, h_train: torch.Tensor, h_test: torch.Tensor) -> torch.Tensor:
@@ -159,17 +168,18 @@ class FeaturizedFactors(nn.Module):
         if self.bias is not None:
             out = out + self.bias[k]
         if self.sim_dim:
-            out = out + self.sim_weight[k] * self.similarity(s_train, s_test[None])[:, 0]
+            out = out + self.sim_weight[k] @ self.similarity(s_train, s_test[None])[:, :, 0]
         return out
 
     @torch.no_grad()
     def init_similarity(self, s_train: torch.Tensor, s_test: torch.Tensor) -> None:
-        """Set ``sim_center`` (mean unit training vector) and ``sim_scale`` (spread of the centred
-        cosines over these pairs) from the fitted examples."""
-        self.sim_center.copy_(nn.functional.normalize(s_train, dim=-1).mean(0))
+        """Set ``sim_center`` (per block: mean unit training vector) and ``sim_scale`` (per block:
+        spread of the centred cosines over these pairs) from the fitted examples."""
+        self.sim_center.copy_(self._unit_blocks(s_train).mean(0))
         self.sim_scale.fill_(1.0)
-        sd = float(self.similarity(s_train, s_test).std()) if s_train.shape[0] * s_test.shape[0] > 1 else 0.0
-        self.sim_scale.fill_(sd if sd > 1e-12 and np.isfinite(sd) else 1.0)
+        if s_train.shape[0] * s_test.shape[0] > 1:
+            sd = self.similarity(s_train, s_test).reshape(self.sim_blocks, -1).std(1)
+            self.sim_scale.copy_(torch.where(torch.isfinite(sd) & (sd > 1e-12), sd, torch.ones_like(sd)))
 
     @torch.no_grad()
     def rescale_init(self, h_train: torch.Tensor, h_test: torch.Tensor, target_std: float) -> None:
@@ -367,6 +377,12 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         """Width of the similarity features (0: no similarity term)."""
         return 0 if self.similarity_kind == "none" else int(self._sim_tables()[0].dim or 0)
 
+    def _sim_blocks(self) -> int:
+        """Blocks of the similarity features, each with its own centre, scale and learned weight:
+        one per checkpoint for checkpoint gradients, else 1."""
+        ck = (self.similarity_spec or {}).get("checkpoints") if self.similarity_kind == "grad" else None
+        return len(ck["steps"]) if ck else 1
+
     def _sim_tables(self) -> tuple[FeatureTable, FeatureTable]:
         if self.similarity_kind == "grad":
             return self.sim_train_features, self.sim_test_features
@@ -411,7 +427,8 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         str_, ste_ = self._sim_tables()
         sim_dim = self._sim_dim()
         self.module = FeaturizedFactors(self.train_features.dim or 0, c.hidden, c.proj_dim, c.order,
-                                        c.share_projection, c.factor_bias, sim_dim=sim_dim)
+                                        c.share_projection, c.factor_bias, sim_dim=sim_dim,
+                                        sim_blocks=self._sim_blocks())
         htr = torch.as_tensor(self.train_features.get(train_ids, "training"))
         hte = torch.as_tensor(self.test_features.get(test_ids, "test"))
         if sim_dim:
@@ -483,9 +500,13 @@ class GPTfluenceSimulator(RecurrenceSimulator):
             sim.sim_test_features.add(tensors["simfeatures.test.ids"].tolist(), tensors["simfeatures.test.values"],
                                       "test (gradient)")
         sim.module = FeaturizedFactors(int(meta["feature_dim"]), c.hidden, c.proj_dim, c.order, c.share_projection,
-                                       c.factor_bias, sim_dim=sim._sim_dim())
+                                       c.factor_bias, sim_dim=sim._sim_dim(), sim_blocks=sim._sim_blocks())
         state = {k[len("module."):]: torch.as_tensor(v) for k, v in tensors.items() if k.startswith("module.")}
         state.setdefault("center", torch.zeros(int(meta["feature_dim"])))  # artifacts written before centring
+        if "sim_weight" in state and state["sim_weight"].ndim == 1:  # written before blocks: one block
+            state["sim_weight"] = state["sim_weight"][:, None]
+            state["sim_center"] = state["sim_center"][None]
+            state["sim_scale"] = state["sim_scale"].reshape(1)
         try:
             sim.module.load_state_dict(state)
         except RuntimeError as e:
