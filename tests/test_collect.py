@@ -474,9 +474,9 @@ def test_replayed_run_reproduces_the_captured_checkpoints(tmp_path):
 
 
 def test_checkpoint_gradient_features(ref):
-    """Gradient features at K checkpoints of a replayed run: K unit blocks / sqrt(K) (so the cosine is
-    the mean per-checkpoint cosine); the step-0 block is the base model's features; the spec names
-    the run, its steps and hashes; later steps differ from the base model's."""
+    """Gradient features at K checkpoints of a replayed run: K concatenated blocks; the step-0 block
+    is the base model's features; the spec names the run, its steps and hashes; later steps differ
+    from the base model's."""
     from gptfluence.features import LossGradientEncoder
 
     T = int(ref.run("run-0002").curriculum.shape[0])
@@ -486,11 +486,10 @@ def test_checkpoint_gradient_features(ref):
     ex = ref.task.train[:5]
     G = enc.encode_examples(ex)
     assert G.shape == (5, 3 * 256) and enc.out_dim == 3 * 256
-    blocks = G.reshape(5, 3, 256) * np.sqrt(3)
-    np.testing.assert_allclose(np.linalg.norm(blocks, axis=2), 1.0, atol=1e-5)
+    blocks = G.reshape(5, 3, 256)
     base = LossGradientEncoder.for_dynamics(ref, dim=256).encode_examples(ex)
-    np.testing.assert_allclose(blocks[:, 0], base / np.linalg.norm(base, axis=1, keepdims=True), atol=1e-5)
-    assert np.abs(blocks[:, 2] - blocks[:, 0]).max() > 1e-3
+    np.testing.assert_allclose(blocks[:, 0], base, rtol=1e-4, atol=1e-6 * np.abs(base).max())
+    assert np.abs(blocks[:, 2] - blocks[:, 0]).max() > 1e-3 * np.abs(base).max()
     with pytest.raises(InputError, match="run"):
         LossGradientEncoder.for_dynamics(ref, checkpoints=2)
 

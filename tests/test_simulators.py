@@ -60,32 +60,39 @@ def test_rollout_matrix_equals_loop(order, residual):
         torch.testing.assert_close(fast[1, 4], fast[1, 3])
 
 
-@pytest.mark.parametrize("order,blocks", [(1, 1), (2, 1), (1, 3)])
-def test_similarity_term_matrix_form_equals_loop(order, blocks):
-    """The learned-weight similarity term (one per block, e.g. per checkpoint): rollouts and
-    teacher-forced gradients of the matrix form equal the per-pair loop; each block's centred
-    similarity averages to zero over the fitted pool and has unit spread."""
+@pytest.mark.parametrize("order,blocks,norms", [(1, 1, False), (2, 1, False), (1, 3, False), (1, 3, True),
+                                                (2, 1, True)])
+def test_similarity_term_matrix_form_equals_loop(order, blocks, norms):
+    """The learned-weight similarity terms (a cosine per block, e.g. per checkpoint, and with norms a
+    norm-keeping dot product per block): rollouts and teacher-forced gradients of the matrix form
+    equal the per-pair loop; each term averages to zero over the fitted pool and has unit spread;
+    one cosine and one dot term checked against a hand computation."""
     g = torch.Generator().manual_seed(7)
     torch.manual_seed(7)
     N, M, H, S = 7, 4, 6, 6
-    module = FeaturizedFactors(H, 0, 3, order, share=False, factor_bias=True, sim_dim=S, sim_blocks=blocks)
+    module = FeaturizedFactors(H, 0, 3, order, share=False, factor_bias=True, sim_dim=S, sim_blocks=blocks,
+                               sim_norms=norms)
+    terms = blocks * (2 if norms else 1)
     htr, hte = torch.randn(N, H, generator=g), torch.randn(M, H, generator=g)
     s_tr, s_te = torch.randn(N, S, generator=g), torch.randn(M, S, generator=g)
     module.init_similarity(s_tr, s_te)
     sim = module.similarity(s_tr, s_te)
-    assert sim.shape == (blocks, N, M)
-    torch.testing.assert_close(sim.mean(1), torch.zeros(blocks, M), atol=1e-6, rtol=0)
-    torch.testing.assert_close(sim.reshape(blocks, -1).std(1), torch.ones(blocks), atol=1e-5, rtol=0)
-    if blocks > 1:  # block b is the cosine of the b-th slices, centred and scaled: checked by hand
-        b = 1
-        a = torch.nn.functional.normalize(s_tr[:, 2:4], dim=1)
-        c = a - a.mean(0)
-        raw = c @ torch.nn.functional.normalize(s_te[:, 2:4], dim=1).T
-        torch.testing.assert_close(sim[b], raw / raw.std(), atol=1e-5, rtol=1e-5)
+    assert sim.shape == (terms, N, M)
+    torch.testing.assert_close(sim.mean(1), torch.zeros(terms, M), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sim.reshape(terms, -1).std(1), torch.ones(terms), atol=1e-5, rtol=0)
+    w = S // blocks
+    sl = slice(w * (blocks - 1), S)  # the last block, by hand
+    a = torch.nn.functional.normalize(s_tr[:, sl], dim=1)
+    raw = (a - a.mean(0)) @ torch.nn.functional.normalize(s_te[:, sl], dim=1).T
+    torch.testing.assert_close(sim[blocks - 1], raw / raw.std(), atol=1e-5, rtol=1e-5)
+    if norms:  # dot product of the slices, each side over its mean norm, centred and scaled
+        a = s_tr[:, sl] / s_tr[:, sl].norm(dim=1).mean()
+        raw = (a - a.mean(0)) @ (s_te[:, sl] / s_te[:, sl].norm(dim=1).mean()).T
+        torch.testing.assert_close(sim[terms - 1], raw / raw.std(), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         for p in module.parameters():
             p.mul_(0.3)
-        module.sim_weight.copy_(0.05 * torch.randn(order + 1, blocks, generator=g))
+        module.sim_weight.copy_(0.05 * torch.randn(order + 1, terms, generator=g))
     rows = torch.randint(0, N, (2, 5, 3), generator=g)
     rows[0, 1, 2] = -1
     start = torch.rand(2, M, generator=g) + 1.0

@@ -11,10 +11,9 @@ factor. Johnson-Lindenstrauss: inner products are kept up to a relative error of
 
 Checkpoints (TracIn-CP): with a `CheckpointReplay`, the gradients are taken at K steps of one
 fine-tuning run of the store, re-trained with the store's collection settings (`replay_run`), and
-each checkpoint's projected gradient is scaled to unit length and the K blocks are concatenated
-and divided by sqrt(K): the cosine of two such vectors is the mean over checkpoints of the
-per-checkpoint gradient cosines. The fine-tuned model is what the training examples act on after
-the first steps; the base model's gradients alone miss how that changes.
+the K projected gradients are concatenated, ``[N, K * dim]`` (block c = checkpoint c, unscaled, so
+their norms are kept). The fine-tuned model is what the training examples act on after the first
+steps; the base model's gradients alone miss how that changes.
 
 Cost: one forward and backward pass per example and checkpoint plus ``params x dim`` multiply-adds
 per checkpoint (the default 2-layer base model: 231k parameters, ~2 s for 300 examples on 2 cores
@@ -113,7 +112,8 @@ class LossGradientEncoder:
         out = {"kind": self.kind, "model": self.model_id, "dim": self.dim, "max_length": self.max_length,
                "seed": self.seed, "params": "all"}
         if self.replay is not None:  # CUDA replays train under bf16 autocast: other checkpoints
-            out["checkpoints"] = {**self.replay.spec(), "device": "cuda" if str(self.device).startswith("cuda") else "cpu"}
+            out["checkpoints"] = {**self.replay.spec(), "device": "cuda" if str(self.device).startswith("cuda") else "cpu",
+                                  "blocks": "concatenated projected gradients"}
         return out
 
     @classmethod
@@ -186,8 +186,8 @@ class LossGradientEncoder:
             blocks = []
             for model, tok in self._checkpoint_models():
                 grads = torch.cat([self._gradients(model, tok, g) for g in groups if g])
-                blocks.append(torch.nn.functional.normalize(self._project(grads), dim=1))
-            out = (torch.cat(blocks, 1) / len(blocks) ** 0.5).numpy()
+                blocks.append(self._project(grads))
+            out = torch.cat(blocks, 1).numpy()
         return list(np.split(out, np.cumsum(sizes)[:-1]))
 
     def _checkpoint_models(self) -> Any:

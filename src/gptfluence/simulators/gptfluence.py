@@ -15,7 +15,9 @@ s(i, m), the similarity term (``similarity``; w_j learned, init 0): the cosine o
 representation of the two examples, centred on the fitted training pool's mean direction (so a
 random batch adds nothing on average: with ``detrend`` the trend holds the average effect) and
 scaled to unit spread; for checkpoint gradients one such term per checkpoint, each with its own
-weight (w_j s = sum_c w_jc s_c), since early and late gradients can act differently. ``"grad"``: projected target-loss gradients of the store's GPT
+weight (w_j s = sum_c w_jc s_c), since early and late gradients can act differently, and with
+``similarity_norms`` (default) one more per checkpoint on the dot product of the gradients, each
+divided by its pool's mean norm: the cosine drops how strongly an example moves or is moved. ``"grad"``: projected target-loss gradients of the store's GPT
 (`gptfluence.features.LossGradientEncoder`) at ``similarity_checkpoints`` steps evenly spaced
 over the first fit run, re-trained with the store's settings (the base model alone when 1), the
 a learned-weight term per checkpoint as TracIn-CP sums over them; to first order one SGD step on
@@ -79,6 +81,7 @@ class GPTfluenceConfig(FitConfig):
     center_features: bool = arg(True, "subtract the mean feature of the fitted examples before projecting (false: the authors' raw features)")
     similarity: str = arg("auto", "a learned-weight similarity term in every factor: 'grad' (cosine of the GPT's projected loss gradients, the first-order estimate of how training on one example moves another's loss), 'features' (cosine of the encoder features), 'none' (the paper's factors); 'auto' = 'grad' when the store records the model it was collected with, else 'features'")
     similarity_dim: int = arg(1024, "similarity='grad': dimensions of the random projection of the gradients (per checkpoint)")
+    similarity_norms: bool = arg(True, "similarity='grad': besides each checkpoint's cosine, a learned-weight term on the dot product of gradients scaled by their pool's mean norm (keeps how strongly an example moves or is moved, which the cosine drops)")
     similarity_checkpoints: int = arg(4, "similarity='grad': gradients at this many steps evenly spaced over the first fit run (its fine-tuning re-trained with the store's settings), one learned-weight cosine term per checkpoint (TracIn-CP sums over checkpoints); 1 = the base model only")
     lr: float = arg(3e-4, "AdamW learning rate (after warmup)")
     epochs: int = arg(100, "maximum epochs over all teacher-forcing transitions of the fit runs")
@@ -114,7 +117,7 @@ class FeaturizedFactors(nn.Module):
     """
 
     def __init__(self, in_dim: int, hidden: int, proj_dim: int, order: int, share: bool, factor_bias: bool,
-                 sim_dim: int = 0, sim_blocks: int = 1) -> None:
+                 sim_dim: int = 0, sim_blocks: int = 1, sim_norms: bool = False) -> None:
         super().__init__()
         k = order + 1
         self.order = order
@@ -125,26 +128,46 @@ class FeaturizedFactors(nn.Module):
         self.register_buffer("center", torch.zeros(in_dim))
         self.sim_dim = int(sim_dim)
         self.sim_blocks = int(sim_blocks)
-        if self.sim_dim:  # factor k += sum_b sim_weight[k, b] * <s_ib - sim_center[b], s_mb> / sim_scale[b]
+        self.sim_norms = bool(sim_norms)
+        if self.sim_dim:  # factor k += sum_t sim_weight[k, t] * <v_it - sim_center[t], v_mt> / sim_scale[t]
             if self.sim_blocks < 1 or self.sim_dim % self.sim_blocks:
                 raise InputError(f"gptfluence: similarity width {self.sim_dim} is not {self.sim_blocks} equal blocks")
-            self.sim_weight = nn.Parameter(torch.zeros(k, self.sim_blocks))
-            self.register_buffer("sim_center", torch.zeros(self.sim_blocks, self.sim_dim // self.sim_blocks))
-            self.register_buffer("sim_scale", torch.ones(self.sim_blocks))
+            n = self.sim_terms
+            self.sim_weight = nn.Parameter(torch.zeros(k, n))
+            self.register_buffer("sim_center", torch.zeros(n, self.sim_dim // self.sim_blocks))
+            self.register_buffer("sim_scale", torch.ones(n))
+            if self.sim_norms:  # mean block norm of the fitted training / test examples
+                self.register_buffer("sim_norm_train", torch.ones(self.sim_blocks))
+                self.register_buffer("sim_norm_test", torch.ones(self.sim_blocks))
+
+    @property
+    def sim_terms(self) -> int:
+        """Similarity terms per factor: one cosine per block, plus one norm-keeping dot product per
+        block with ``sim_norms``."""
+        return self.sim_blocks * (2 if self.sim_norms else 1)
 
     def _g(self, k: int) -> Projection:
         return self.f[k] if self.g is None else self.g[k]
 
-    def _unit_blocks(self, s: torch.Tensor) -> torch.Tensor:
-        """``s [N, sim_dim] -> [N, blocks, sim_dim / blocks]``, each block scaled to unit length."""
-        return nn.functional.normalize(s.reshape(s.shape[0], self.sim_blocks, -1), dim=-1)
+    def _views(self, s: torch.Tensor, side: str) -> torch.Tensor:
+        """``s [N, sim_dim] -> [N, terms, sim_dim / blocks]``: each block scaled to unit length
+        (cosine terms), then with ``sim_norms`` each block divided by the fitted examples' mean
+        block norm on this ``side`` ('train' / 'test'), so an example's gradient norm (how strongly
+        it moves, or is moved) is kept (dot-product terms)."""
+        x = s.reshape(s.shape[0], self.sim_blocks, -1)
+        unit = nn.functional.normalize(x, dim=-1)
+        if not self.sim_norms:
+            return unit
+        norm = self.sim_norm_train if side == "train" else self.sim_norm_test
+        return torch.cat([unit, x / norm[:, None]], 1)
 
     def similarity(self, s_train: torch.Tensor, s_test: torch.Tensor) -> torch.Tensor:
-        """``[blocks, N, M]``: per block (one checkpoint's gradients, or the whole vector), the
-        cosine of the similarity features, centred on the fitted training pool's mean direction
-        (so a random batch adds nothing on average) and scaled to unit spread."""
-        a = self._unit_blocks(s_train) - self.sim_center
-        return torch.einsum("nbd,mbd->bnm", a, self._unit_blocks(s_test)) / self.sim_scale[:, None, None]
+        """``[terms, N, M]``: per block (one checkpoint's gradients, or the whole vector) the cosine
+        (and with ``sim_norms`` the norm-keeping dot product) of the similarity features, centred on
+        the fitted training pool's mean (so a random batch adds nothing on average) and scaled to
+        unit spread."""
+        a = self._views(s_train, "train") - self.sim_center
+        return torch.einsum("ntd,mtd->tnm", a, self._views(s_test, "test")) / self.sim_scale[:, None, None]
 
     def forward(self, h_train: torch.Tensor, h_test: torch.Tensor, s_train: torch.Tensor | None = None,
                 s_test: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,12 +196,17 @@ class FeaturizedFactors(nn.Module):
 
     @torch.no_grad()
     def init_similarity(self, s_train: torch.Tensor, s_test: torch.Tensor) -> None:
-        """Set ``sim_center`` (per block: mean unit training vector) and ``sim_scale`` (per block:
-        spread of the centred cosines over these pairs) from the fitted examples."""
-        self.sim_center.copy_(self._unit_blocks(s_train).mean(0))
+        """Set the buffers from the fitted examples: with ``sim_norms`` the mean block norms of
+        each side, then ``sim_center`` (per term: mean training vector) and ``sim_scale`` (per
+        term: spread of the centred values over these pairs)."""
+        if self.sim_norms:
+            for side, s in (("train", s_train), ("test", s_test)):
+                n = s.reshape(s.shape[0], self.sim_blocks, -1).norm(dim=-1).mean(0)
+                getattr(self, f"sim_norm_{side}").copy_(torch.where(n > 1e-12, n, torch.ones_like(n)))
+        self.sim_center.copy_(self._views(s_train, "train").mean(0))
         self.sim_scale.fill_(1.0)
         if s_train.shape[0] * s_test.shape[0] > 1:
-            sd = self.similarity(s_train, s_test).reshape(self.sim_blocks, -1).std(1)
+            sd = self.similarity(s_train, s_test).reshape(self.sim_terms, -1).std(1)
             self.sim_scale.copy_(torch.where(torch.isfinite(sd) & (sd > 1e-12), sd, torch.ones_like(sd)))
 
     @torch.no_grad()
@@ -383,6 +411,10 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         ck = (self.similarity_spec or {}).get("checkpoints") if self.similarity_kind == "grad" else None
         return len(ck["steps"]) if ck else 1
 
+    def _sim_norms(self) -> bool:
+        """Norm-keeping dot-product terms: for gradient features (encoder features are unit vectors)."""
+        return self.similarity_kind == "grad" and self.config.similarity_norms
+
     def _sim_tables(self) -> tuple[FeatureTable, FeatureTable]:
         if self.similarity_kind == "grad":
             return self.sim_train_features, self.sim_test_features
@@ -428,7 +460,7 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         sim_dim = self._sim_dim()
         self.module = FeaturizedFactors(self.train_features.dim or 0, c.hidden, c.proj_dim, c.order,
                                         c.share_projection, c.factor_bias, sim_dim=sim_dim,
-                                        sim_blocks=self._sim_blocks())
+                                        sim_blocks=self._sim_blocks(), sim_norms=self._sim_norms())
         htr = torch.as_tensor(self.train_features.get(train_ids, "training"))
         hte = torch.as_tensor(self.test_features.get(test_ids, "test"))
         if sim_dim:
@@ -500,7 +532,8 @@ class GPTfluenceSimulator(RecurrenceSimulator):
             sim.sim_test_features.add(tensors["simfeatures.test.ids"].tolist(), tensors["simfeatures.test.values"],
                                       "test (gradient)")
         sim.module = FeaturizedFactors(int(meta["feature_dim"]), c.hidden, c.proj_dim, c.order, c.share_projection,
-                                       c.factor_bias, sim_dim=sim._sim_dim(), sim_blocks=sim._sim_blocks())
+                                       c.factor_bias, sim_dim=sim._sim_dim(), sim_blocks=sim._sim_blocks(),
+                                       sim_norms=sim._sim_norms())
         state = {k[len("module."):]: torch.as_tensor(v) for k, v in tensors.items() if k.startswith("module.")}
         state.setdefault("center", torch.zeros(int(meta["feature_dim"])))  # artifacts written before centring
         if "sim_weight" in state and state["sim_weight"].ndim == 1:  # written before blocks: one block
