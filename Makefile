@@ -53,7 +53,8 @@ evaluate-ablations: setup
 	for s in 1 2; do $(EVAL_LOSS) --seed $$s --out $(R)/evaluate_builtin_seed$$s.json --markdown $(R)/evaluate_builtin_seed$$s.md || exit 1; done
 	$(BIN)/python benchmarks/compare_splits.py $(R)/evaluate_builtin.json $(R)/evaluate_builtin_seed1.json $(R)/evaluate_builtin_seed2.json
 	$(EVAL_LOSS) --methods gptfluence mean_curve --similarity none --out $(R)/evaluate_no_similarity.json --markdown $(R)/evaluate_no_similarity.md
-	$(EVAL_LOSS) --methods gptfluence mean_curve --similarity-checkpoints 1 --out $(R)/evaluate_base_model_gradients.json --markdown $(R)/evaluate_base_model_gradients.md
+	$(EVAL_LOSS) --methods gptfluence mean_curve --similarity-checkpoints 1 --no-similarity-norms --out $(R)/evaluate_base_model_gradients.json --markdown $(R)/evaluate_base_model_gradients.md
+	$(EVAL_LOSS) --methods gptfluence mean_curve --no-similarity-norms --out $(R)/evaluate_no_similarity_norms.json --markdown $(R)/evaluate_no_similarity_norms.md
 	$(EVAL_LOSS) --methods gptfluence mean_curve --similarity features --out $(R)/evaluate_feature_similarity.json --markdown $(R)/evaluate_feature_similarity.md
 	$(EVAL_LOSS) --methods gptfluence mean_curve --similarity none --share-projection --out $(R)/evaluate_shared_projection.json --markdown $(R)/evaluate_shared_projection.md
 	$(EVAL_LOSS) --hidden 384 --proj-dim 384 --share-projection --no-center-features --no-detrend --similarity none \
