@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from gptfluence.config import arg, to_dict
+from gptfluence.config import arg, sha256_file, to_dict
 from gptfluence.dynamics.curriculum import read_curricula, sample_curriculum
 from gptfluence.dynamics.store import Dynamics, Run, create_store
 from gptfluence.devices import resolve_device
@@ -296,7 +296,7 @@ def replay_run(dynamics: Dynamics, run_id: str, steps: Sequence[int], device: st
     settings, no evaluation) and yield ``(step, model, tokenizer)`` at each of ``steps`` (0 = the
     base model, before any update), in increasing order. The model is the collector's own and is
     trained on after each yield: read it, do not keep it. Used for gradient features at
-    fine-tuning checkpoints (TracIn-CP) when a store has no captured weights."""
+    fine-tuning checkpoints (TracIn-CP); it needs no captured weights in the store."""
     cfg = store_collect_config(dynamics)
     run = dynamics.run(run_id)
     T = int(run.curriculum.shape[0])
@@ -399,11 +399,8 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, runs: int = 8, workers: 
         path = ensure_default_model(base, progress=progress)
         identity["base_model"] = path.name  # the config+corpus hash; not the cache location, so a moved cache still resumes
     if cfg.curriculum_file:
-        import hashlib
-
         # the file's content, not only its path, decides the runs: an edited file is a new collection
-        identity["curriculum_sha256"] = hashlib.sha256(Path(cfg.curriculum_file).read_bytes()).hexdigest() \
-            if Path(cfg.curriculum_file).exists() else None
+        identity["curriculum_sha256"] = sha256_file(cfg.curriculum_file) if Path(cfg.curriculum_file).exists() else None
     store = create_store(out, task, metrics_for(cfg, task), identity)
     removed = store.clean_staging()
     if removed:

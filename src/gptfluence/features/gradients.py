@@ -1,12 +1,11 @@
 """Loss-gradient features of a causal LM: a second representation for GPTfluence's factors.
 
 For an example z (prompt + target), ``g(z)`` is the gradient of the mean cross-entropy over z's
-target tokens with respect to every trainable parameter of the model *before fine-tuning* (the
-store's base model), randomly projected to ``dim`` dimensions (a seeded Gaussian map, generated in
-chunks, so no ``[params, dim]`` matrix is ever held). To first order, one SGD step on z changes the
-loss of z' by ``-lr <g(z), g(z')>``: the cosine of these vectors is the Grad-Dot / TracIn
-similarity, which GPTfluence uses (``similarity="grad"``) as one learned-weight term of every
-factor. Johnson-Lindenstrauss: inner products are kept up to a relative error of about
+target tokens with respect to every trainable parameter of the model (by default the store's base
+model, before fine-tuning), randomly projected to ``dim`` dimensions (a seeded Gaussian map,
+generated in chunks, so no ``[params, dim]`` matrix is ever held). To first order, one SGD step on
+z changes the loss of z' by ``-lr <g(z), g(z')>`` (Grad-Dot / TracIn); GPTfluence
+(``similarity="grad"``) turns these vectors into learned-weight terms of every factor. Johnson-Lindenstrauss: inner products are kept up to a relative error of about
 ``1/sqrt(dim)``.
 
 Checkpoints (TracIn-CP): with a `CheckpointReplay`, the gradients are taken at K steps of one
@@ -79,7 +78,7 @@ def replay_matches(spec: dict[str, Any], dynamics: Any) -> bool:
 
 
 class LossGradientEncoder:
-    """``encode_examples(examples) -> float32 [N, dim]`` projected target-loss gradients.
+    """``encode_examples(examples) -> float32 [N, out_dim]`` projected target-loss gradients.
 
     ``model``: ``"default:<base-model name>"`` (the cached default base model of that name, see
     `gptfluence.lm.ensure_default_model`), or a local folder / hub name of a causal LM.
@@ -101,7 +100,7 @@ class LossGradientEncoder:
         self.replay = replay
         self._model: Any = None
         self._tok: Any = None
-        self._checkpoints: list[tuple[int, dict[str, Any]]] | None = None  # replayed weights (CPU), kept
+        self._checkpoints: list[dict[str, Any]] | None = None  # replayed weights (CPU state dicts), kept
 
     @property
     def out_dim(self) -> int:
@@ -171,44 +170,39 @@ class LossGradientEncoder:
 
     def encode_groups(self, groups: Sequence[Sequence[Example]]) -> list[np.ndarray]:
         """`encode_examples` of several lists (e.g. training and test examples, whose ids may
-        coincide) with one projection pass: ``[float32 [len(g), dim] for g in groups]``."""
+        coincide) with one projection pass per model: ``[float32 [len(g), out_dim] for g in groups]``."""
         import torch
 
         groups = [list(g) for g in groups]
         sizes = [len(g) for g in groups]
         if not sum(sizes):
             return [np.zeros((0, self.out_dim), dtype=np.float32) for _ in groups]
-        if self.replay is None:
-            self._load()
-            grads = torch.cat([self._gradients(self._model, self._tok, g) for g in groups if g])
-            out = self._project(grads).numpy()
-        else:
-            blocks = []
-            for model, tok in self._checkpoint_models():
-                grads = torch.cat([self._gradients(model, tok, g) for g in groups if g])
-                blocks.append(self._project(grads))
-            out = torch.cat(blocks, 1).numpy()
+        blocks = [self._project(torch.cat([self._gradients(model, tok, g) for g in groups if g]))
+                  for model, tok in self._models()]
+        out = torch.cat(blocks, 1).numpy()
         return list(np.split(out, np.cumsum(sizes)[:-1]))
 
-    def _checkpoint_models(self) -> Any:
-        """Yield ``(model, tokenizer)`` at each replay step. The run is replayed once per encoder;
-        the checkpoints' weights are kept on the CPU (K copies of the model) for later calls."""
-        assert self.replay is not None
-        if self._checkpoints is None:
+    def _models(self) -> Any:
+        """Yield ``(model, tokenizer)``: the model once without a replay, else at each replay
+        step. The run is replayed once per encoder; the checkpoints' weights are kept on the CPU
+        (K copies of the model) for later calls."""
+        if self.replay is None:
+            self._load()
+            yield self._model, self._tok
+        elif self._checkpoints is None:
             from gptfluence.dynamics.collect import replay_run
 
             kept = []
-            for step, model, tok in replay_run(self.replay.dynamics, self.replay.run_id, self.replay.steps,
-                                               self.device):
-                kept.append((step, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}))
+            for _, model, tok in replay_run(self.replay.dynamics, self.replay.run_id, self.replay.steps, self.device):
+                kept.append({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
                 self._model, self._tok = model, tok
                 yield model, tok
             self._checkpoints = kept
-            return
-        for _, state in self._checkpoints:
-            self._model.load_state_dict(state)
-            self._model.eval()
-            yield self._model, self._tok
+        else:
+            for state in self._checkpoints:
+                self._model.load_state_dict(state)
+                self._model.eval()
+                yield self._model, self._tok
 
     def _gradients(self, model: Any, tokenizer: Any, examples: list[Example]) -> Any:
         """Unprojected gradients ``[N, params]`` float32 of each example's mean target loss."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -233,12 +234,9 @@ class Trend:
     @classmethod
     def from_runs(cls, V: np.ndarray, steps: np.ndarray, test_ids: np.ndarray) -> "Trend":
         """From ``V [R, S, M]`` on ``steps [S]``: mean over runs, gaps filled along the steps."""
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", category=RuntimeWarning)
-                mean = np.nanmean(V, axis=0)  # [S, M]
+        with warnings.catch_warnings():  # all-NaN cells (never recorded) stay NaN, silently
+            warnings.simplefilter("ignore", category=RuntimeWarning)
+            mean = np.nanmean(V, axis=0)  # [S, M]
         rec = np.isfinite(mean).any(axis=1)
         if not rec.any():
             raise InputError("detrend: no recorded values in the fit runs")

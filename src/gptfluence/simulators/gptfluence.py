@@ -14,15 +14,15 @@ proj_dim, ReLU). c_j: one learned scalar per factor (``factor_bias``, init 0).
 s(i, m), the similarity term (``similarity``; w_j learned, init 0): the cosine of a second
 representation of the two examples, centred on the fitted training pool's mean direction (so a
 random batch adds nothing on average: with ``detrend`` the trend holds the average effect) and
-scaled to unit spread; for checkpoint gradients one such term per checkpoint, each with its own
-weight (w_j s = sum_c w_jc s_c), since early and late gradients can act differently, and with
-``similarity_norms`` (default) one more per checkpoint on the dot product of the gradients, each
-divided by its pool's mean norm: the cosine drops how strongly an example moves or is moved. ``"grad"``: projected target-loss gradients of the store's GPT
+scaled to unit spread. ``"grad"``: projected target-loss gradients of the store's GPT
 (`gptfluence.features.LossGradientEncoder`) at ``similarity_checkpoints`` steps evenly spaced
-over the first fit run, re-trained with the store's settings (the base model alone when 1), the
-a learned-weight term per checkpoint as TracIn-CP sums over them; to first order one SGD step on
-i changes m's loss by ``-lr <g_i, g_m>``, which is what B has to learn, and a low-rank projection
-of sentence features cannot express such an identity-like inner product. ``"features"``: the cosine of h itself.
+over the first fit run, re-trained with the store's settings (the base model alone when 1); one
+such term per checkpoint, each with its own weight (w_j s = sum_c w_jc s_c), as TracIn-CP sums
+over checkpoints, and with ``similarity_norms`` (default) one more per checkpoint on the dot
+product of the gradients, each side divided by its pool's mean norm (the cosine drops how
+strongly an example moves or is moved). To first order one SGD step on i changes m's loss by
+``-lr <g_i, g_m>``, which is what B has to learn, and a low-rank projection of sentence features
+cannot express such an identity-like inner product. ``"features"``: the cosine of h itself.
 ``"none"``: the paper's factors. ``"auto"`` (default): grad when the store names its model.
 
 Defaults and the paper. The authors' code uses one 384-384-384 MLP per factor for both the train
@@ -340,26 +340,25 @@ class GPTfluenceSimulator(RecurrenceSimulator):
             self._add_gradients(train, test)
 
     # -- the similarity term ------------------------------------------------------------------
-    def _resolve_similarity(self, dynamics: Dynamics, fit_runs: Sequence[str]) -> str:
-        """Fix the similarity kind (once, at fitting) from the config and, for 'auto', the store;
-        checkpoint gradients replay ``fit_runs[0]``."""
-        if self.similarity_kind is None:
-            kind = self.config.similarity
-            if kind == "auto":
-                cfg = dynamics.manifest.get("config") or {}
-                kind = "grad" if cfg.get("model") else "features"
-            if kind == "grad":
-                from gptfluence.features.gradients import LossGradientEncoder
+    def _resolve_similarity(self, dynamics: Dynamics, fit_runs: Sequence[str]) -> None:
+        """Decide the similarity afresh for a (re)fit: the kind from the config and, for 'auto',
+        the store; checkpoint gradients replay ``fit_runs[0]``. Drops earlier gradient features."""
+        kind = self.config.similarity
+        if kind == "auto":
+            kind = "grad" if (dynamics.manifest.get("config") or {}).get("model") else "features"
+        self.similarity_encoder, self.similarity_spec = None, None
+        self.sim_train_features, self.sim_test_features = FeatureTable(), FeatureTable()
+        if kind == "grad":
+            from gptfluence.features.gradients import LossGradientEncoder
 
-                c = self.config
-                if c.similarity_checkpoints < 1:
-                    raise InputError(f"gptfluence: similarity_checkpoints must be >= 1, got {c.similarity_checkpoints}")
-                self.similarity_encoder = LossGradientEncoder.for_dynamics(
-                    dynamics, dim=c.similarity_dim, seed=c.seed, checkpoints=c.similarity_checkpoints,
-                    run_id=fit_runs[0], device=self.device)
-                self.similarity_spec = self.similarity_encoder.spec()
-            self.similarity_kind = kind
-        return self.similarity_kind
+            c = self.config
+            if c.similarity_checkpoints < 1:
+                raise InputError(f"gptfluence: similarity_checkpoints must be >= 1, got {c.similarity_checkpoints}")
+            self.similarity_encoder = LossGradientEncoder.for_dynamics(
+                dynamics, dim=c.similarity_dim, seed=c.seed, checkpoints=c.similarity_checkpoints,
+                run_id=fit_runs[0], device=self.device)
+            self.similarity_spec = self.similarity_encoder.spec()
+        self.similarity_kind = kind
 
     def _get_similarity_encoder(self, dynamics: Dynamics | None = None) -> Any:
         """The gradient encoder; for an artifact's spec rebuilt from it (checkpoint gradients: from
@@ -388,14 +387,13 @@ class GPTfluenceSimulator(RecurrenceSimulator):
                                                           device=self.device, replay=replay)
         return self.similarity_encoder
 
-    def _add_gradients(self, train: Sequence[Example], test: Sequence[Example],
-                       dynamics: Dynamics | None = None) -> None:
+    def _add_gradients(self, train: Sequence[Example], test: Sequence[Example]) -> None:
         """Gradient features of ``train`` and ``test``: from the on-disk feature cache, the rest in
         one encoder call (one replay, one projection pass)."""
         train, test = list(train), list(test)
         if not train and not test:
             return
-        gtr, gte = np.split(self._get_similarity_encoder(dynamics).embed(train + test), [len(train)])
+        gtr, gte = np.split(self._get_similarity_encoder().embed(train + test), [len(train)])
         if train:
             self.sim_train_features.add([e.id for e in train], gtr, "training (gradient)")
         if test:
@@ -443,15 +441,11 @@ class GPTfluenceSimulator(RecurrenceSimulator):
                 sorted({*(i for i in map(int, self.train_features.ids) if i in known_tr), *map(int, train_ids)}))
             gte = self.sim_test_features.missing(
                 sorted({*(i for i in map(int, self.test_features.ids) if i in known_te), *map(int, test_ids)}))
-            self._add_gradients([dynamics.train_example(i) for i in gtr], [dynamics.test_example(i) for i in gte],
-                                dynamics)
+            self._add_gradients([dynamics.train_example(i) for i in gtr], [dynamics.test_example(i) for i in gte])
 
     # -- hooks ----------------------------------------------------------------------------------
     def _init_params(self, dynamics: Dynamics, train_ids: np.ndarray, test_ids: np.ndarray,
                      fit_train_ids: np.ndarray, fit_runs: Sequence[str]) -> None:
-        # a (re)fit decides the similarity afresh: this store, these fit runs, the current config
-        self.similarity_kind, self.similarity_encoder, self.similarity_spec = None, None, None
-        self.sim_train_features, self.sim_test_features = FeatureTable(), FeatureTable()
         self._resolve_similarity(dynamics, fit_runs)
         self.ensure_features(dynamics, train_ids, test_ids)
         c = self.config
