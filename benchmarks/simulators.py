@@ -39,7 +39,7 @@ from gptfluence.dynamics.store import Dynamics
 from gptfluence.simulators import make_simulator
 from gptfluence.simulators import engine
 from gptfluence.simulators.common import stack_curricula
-from gptfluence.simulators.encoders import resolve_encoder
+from gptfluence.features.encoders import resolve_encoder
 from gptfluence.simulators.loop_reference import featurized_pair_fn, loop_rollout, loop_teacher_forced_loss
 from gptfluence.simulators.synthetic import synthetic_dynamics
 

@@ -52,8 +52,13 @@ def test_read_curricula_errors_name_file_line_and_id(tmp_path):
         read_curricula(g, range(5))
 
 
+def cli_read(path):
+    """What `simulate --curriculum FILE` reads: the one curriculum reader, any id."""
+    (c,) = read_curricula(path, allow_empty_steps=True).values()
+    return c
+
+
 def test_published_step_lines_one_parser_for_every_reader(tmp_path):
-    from gptfluence.cli.simulators import read_curriculum as cli_read
     from gptfluence.dynamics.curriculum import read_samples_id
     from gptfluence.dynamics.gptdynamics import read_curriculum as gd_read
 
@@ -85,8 +90,6 @@ def test_published_step_lines_one_parser_for_every_reader(tmp_path):
 
 
 def test_cli_read_curriculum_array_formats(tmp_path):
-    from gptfluence.cli.simulators import read_curriculum as cli_read
-
     j = tmp_path / "c.json"
     j.write_text("[[0, 1], [2]]")
     np.testing.assert_array_equal(cli_read(j), [[0, 1], [2, -1]])

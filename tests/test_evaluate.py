@@ -167,7 +167,8 @@ def test_cli_fit_simulate_evaluate(tmp_path, stores, capsys):
     assert cfg["config"]["hidden"] == 8 and cfg["method"] == "gptfluence" and cfg["encoder_spec"]["dim"] == 16
     assert main(["simulate", str(sim), "--dynamics", a, "--curriculum", "run-0001", "--out", str(tmp_path / "p.json")]) == 0
     p = json.loads((tmp_path / "p.json").read_text())
-    assert len(p["steps"]) == 13 and len(p["predicted"]) == 13 and len(p["predicted"][0]) == 6
+    (c,) = p["curricula"]
+    assert c["name"] == "run-0001" and len(c["steps"]) == 13 and len(c["predicted"]) == 13 and len(c["predicted"][0]) == 6
     cur = tmp_path / "cur.jsonl"
     cur.write_text('{"step": 1, "samples_id": [0, 1]}\n{"step": 2, "samples_id": [5]}\n')
     assert main(["simulate", str(sim), "--dynamics", a, "--curriculum", str(cur), "--test-ids", "1", "2",
@@ -176,7 +177,7 @@ def test_cli_fit_simulate_evaluate(tmp_path, stores, capsys):
     capsys.readouterr()
     cur.write_text('{"step": 1, "samples_id": [0, 1]}\n{"step": 2, "samples_id": [500]}\n')
     assert main(["simulate", str(sim), "--dynamics", a, "--curriculum", str(cur), "--out", str(tmp_path / "q.json")]) == 2
-    assert "training id 500 (step 2)" in capsys.readouterr().err
+    assert "unknown training id 500 (step 2)" in capsys.readouterr().err
     cur.write_text('{"step": 1, "samples_id": [0, 1]}\nnot json\n')
     assert main(["simulate", str(sim), "--dynamics", a, "--curriculum", str(cur), "--out", str(tmp_path / "q.json")]) == 2
     assert "cur.jsonl line 2" in capsys.readouterr().err

@@ -155,6 +155,10 @@ def load_json(path: str | os.PathLike) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise InputError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, expected a JSON file") from None
 
 
 def check_header(obj: Any, path: str | os.PathLike, fmt: str, version: int, required: tuple[str, ...] = (),

@@ -175,7 +175,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True, log: Calla
             v = run.trajectory("loss")
             change = np.abs(v[-1] - v[0])
             chosen = run.test_ids[np.argsort(-change)[:cfg.influence_test_examples]]
-            infl = run_loo_influence(sim, run, test_ids=chosen)
+            infl = run_loo_influence(sim, run, test_ids=chosen, dynamics=store)
             rep = influence_report(infl, store, test_ids=chosen.tolist(), k=5)
             rep["task"] = task
             rep["run_id"] = run.run_id

@@ -19,8 +19,12 @@ def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, An
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path} line {lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:

@@ -21,6 +21,7 @@ Metrics (pure functions, tested against hand-computed values):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gptfluence.config import to_dict, write_text_atomic
+from gptfluence.config import write_text_atomic
 from gptfluence.dynamics.store import Dynamics
 from gptfluence.errors import InputError
 
@@ -168,37 +169,46 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
     Returns the JSON-ready dict described in `write_results` (NaN kept as float NaN here).
     """
     from gptfluence.analysis.splits import split_runs
-    from gptfluence.simulators import CONFIG_CLASSES, SIMULATOR_METHODS, make_simulator
+    from gptfluence.config import to_dict
+    from gptfluence.simulators import make_simulator, method_config, method_names, method_spec
+    from gptfluence.features.encoders import resolve_encoder
     from gptfluence.simulators.common import stack_curricula
-    from gptfluence.simulators.encoders import embed, resolve_encoder
     from gptfluence.simulators.engine import first_recorded_step
 
     stores = [dynamics] if isinstance(dynamics, Dynamics) else list(dynamics)
     if not stores:
         raise InputError("no dynamics stores to evaluate")
-    methods = list(methods or SIMULATOR_METHODS)
+    methods = list(methods or method_names())
     for m in methods:
-        if m not in SIMULATOR_METHODS:
-            raise InputError(f"unknown method {m!r} (known: {', '.join(SIMULATOR_METHODS)})")
+        method_spec(m)  # names the unknown method
     configs = {k: dict(v) for k, v in (configs or {}).items()}
-    if "simfluence" in methods:
-        # held-out curricula may use training ids no fit run used; Simfluence has no parameters
-        # for them, so in the comparison they contribute nothing (recorded in the config)
-        configs.setdefault("simfluence", {}).setdefault("unseen", "zero")
+    for m in methods:
+        # held-out curricula may use training ids no fit run used; methods without parameters for
+        # them (Simfluence) let them contribute nothing in the comparison (recorded in the config)
+        cls = method_spec(m).config_cls
+        if cls is not None and "unseen" in {f.name for f in dataclasses.fields(cls)}:
+            configs.setdefault(m, {}).setdefault("unseen", "zero")
     for k in configs:
         if k not in methods:
             raise InputError(f"config given for method {k!r}, which is not evaluated")
     full_cfg: dict[str, Any] = {}
     for m in methods:
-        cls = CONFIG_CLASSES.get(m)
-        if cls is not None:
-            from gptfluence.config import from_dict
+        cfg = method_config(m, configs.get(m) or None)
+        if cfg is not None:
+            full_cfg[m] = to_dict(cfg)
 
-            full_cfg[m] = to_dict(from_dict(cls, configs.get(m, {}), f"{m} config"))
-        elif configs.get(m):
-            raise InputError(f"method {m!r} takes no config")
-    if "gptfluence" in methods and encoder is None:
-        encoder = resolve_encoder(full_cfg["gptfluence"]["encoder"])
+    loaded: dict[str, Any] = {}
+
+    def _encoder_for(method: str) -> Any:
+        """The ``encoder`` given, else one loaded encoder per distinct encoder spec (not one per fit)."""
+        if not method_spec(method).takes_encoder:
+            return None
+        if encoder is not None:
+            return encoder
+        spec = full_cfg[method]["encoder"]
+        if spec not in loaded:
+            loaded[spec] = resolve_encoder(spec)
+        return loaded[spec]
 
     results: list[dict[str, Any]] = []
     trajectories: list[dict[str, Any]] = []
@@ -215,9 +225,6 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
         else:
             sp = split_runs(store.run_ids, seed, n_val=n_val, n_test=n_test)
         splits[task] = sp
-        feats = None
-        if "gptfluence" in methods:
-            feats = (embed(encoder, store.task.train), embed(encoder, store.task.test))
         for metric in (metrics or store.metrics):
             if not all(metric in store.run(r).values for r in sp["fit"] + sp["val"] + sp["test"]):
                 skipped.append({"task": task, "metric": metric, "reason": "not recorded in every run"})
@@ -227,20 +234,14 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
             true = V[:, f0:]
             cur = stack_curricula(store, sp["test"])
             for method in methods:
-                if method == "gptfluence":
-                    sim = make_simulator(method, metric, encoder=encoder, config=full_cfg[method])
-                else:
-                    sim = make_simulator(method, metric, config=full_cfg[method]) if method in full_cfg \
-                        else make_simulator(method, metric, **configs.get(method, {}))
-                if method == "gptfluence":
-                    assert feats is not None
-                    sim.set_examples(store.task.train, store.task.test, features=feats)  # type: ignore[attr-defined]
+                sim = make_simulator(method, metric, encoder=_encoder_for(method), config=full_cfg.get(method))
                 t0 = time.perf_counter()
                 hist = sim.fit(store, sp["fit"], sp["val"], progress=progress)
                 fit_s = time.perf_counter() - t0
                 if save_simulators is not None:
                     sim.save(Path(save_simulators) / task / f"{method}-{metric}")
                 t0 = time.perf_counter()
+                sim.prepare(store, np.unique(cur[cur >= 0]), tids)
                 pred = sim.simulate(cur, tids, true[:, 0], first_step=f0)
                 sim_s = time.perf_counter() - t0
                 rec: dict[str, Any] = {"method": method, "task": task, "metric": metric}
@@ -258,7 +259,9 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
     first = splits[names[0]]
     return {
         "config": {"methods": methods, "metrics": list(metrics) if metrics else None, "seed": seed,
-                   "method_configs": full_cfg, "encoder": encoder.spec() if encoder is not None else None,
+                   "method_configs": full_cfg,
+                   "encoders": {m: (_encoder_for(m).spec() if _encoder_for(m) is not None else None)
+                                for m in methods if method_spec(m).takes_encoder},
                    "stores": [str(s.root) if s.root else _store_name(s) for s in stores], "tasks": names,
                    "skipped": skipped},
         "split": first,

@@ -204,11 +204,13 @@ def loo_influence(simulator: Any, curriculum: np.ndarray, test_ids: Sequence[int
 
 def run_loo_influence(simulator: Any, run: Any, test_ids: Sequence[int] | None = None,
                       train_ids: Sequence[int] | None = None, first_step: int | None = None,
-                      chunk: int = 256) -> Influence:
+                      chunk: int = 256, dynamics: Any = None) -> Influence:
     """`loo_influence` on the curriculum of a recorded `Run`, starting from its recorded values.
 
     ``first_step`` defaults to the run's first recorded step; the start values are the run's
     values of ``simulator.metric`` at that step (which must be recorded for every chosen test id).
+    ``dynamics``: the store the run belongs to; the simulator is first prepared for the run's
+    examples (`Simulator.prepare`: e.g. GPTfluence embeds training examples no fit run used).
     """
     metric = str(getattr(simulator, "metric", "loss"))
     steps = np.asarray(run.steps)
@@ -228,6 +230,9 @@ def run_loo_influence(simulator: Any, run: Any, test_ids: Sequence[int] | None =
     if not np.all(np.isfinite(start)):
         bad = tids[int(np.flatnonzero(~np.isfinite(start))[0])]
         raise InputError(f"run {run.run_id!r}: {metric} of test id {bad} not recorded at step {s}")
+    if dynamics is not None and hasattr(simulator, "prepare"):
+        cur = np.asarray(run.curriculum)
+        simulator.prepare(dynamics, np.unique(cur[cur >= 0]), tids)
     return loo_influence(simulator, run.curriculum, tids, start, train_ids=train_ids,
                          first_step=s, chunk=chunk)
 

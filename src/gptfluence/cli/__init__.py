@@ -43,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that it unwinds like Ctrl-C (worker processes are
+    stopped, finished work is kept, temporary files are removed)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     # the default pipeline never touches a hub; a hub model or dataset named by the user may
     # (set HF_HUB_OFFLINE=1 to forbid it, as `make demo` and the tests do)
@@ -52,6 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the sub-command; input errors, interrupts and termination become one line and an exit code."""
     try:
         return int(args.func(args) or 0)
     except GptfluenceError as e:
@@ -68,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ngptfluence {args.command}: interrupted; finished work is saved, rerun the same command to resume",
               file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"\ngptfluence {args.command}: terminated (SIGTERM); finished work is saved, rerun the same command "
+              f"to resume", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     store = Dynamics.open(args.dynamics)
     sim = load_simulator(args.simulator, dynamics=store)
     rec = store.run(args.run)
-    infl = run_loo_influence(sim, rec, test_ids=args.test_ids)
+    infl = run_loo_influence(sim, rec, test_ids=args.test_ids, dynamics=store)
     rep = influence_report(infl, store, test_ids=args.test_ids, k=args.k)
     rep.update(task=store.task.name, run_id=rec.run_id)
     save_json({"reports": [rep]}, Path(args.out))

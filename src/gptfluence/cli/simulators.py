@@ -19,19 +19,24 @@ from typing import Any
 
 import numpy as np
 
-from gptfluence.config import add_arguments, load_json
+from gptfluence.config import add_arguments, write_text_atomic
 from gptfluence.errors import InputError
 
 
 def _config_classes() -> list[type]:
-    from gptfluence.simulators import GPTfluenceConfig, SimfluenceConfig
+    """The distinct config classes of the registered methods (their fields become flags)."""
+    from gptfluence.simulators import METHODS
 
-    return [GPTfluenceConfig, SimfluenceConfig]
+    out: list[type] = []
+    for spec in METHODS.values():
+        if spec.config_cls is not None and spec.config_cls not in out:
+            out.append(spec.config_cls)
+    return out
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     seen: set[str] = set()
-    group = p.add_argument_group("simulator config (fields of GPTfluenceConfig / SimfluenceConfig)")
+    group = p.add_argument_group("simulator config (fields of " + " / ".join(c.__name__ for c in _config_classes()) + ")")
     for cls in _config_classes():
         skip = tuple(seen)
         add_arguments(group, cls, skip=skip)  # type: ignore[arg-type]
@@ -44,12 +49,12 @@ def _given_config(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def _method_configs(methods: list[str], given: dict[str, Any], strict: bool) -> dict[str, dict[str, Any]]:
-    from gptfluence.simulators import CONFIG_CLASSES
+    from gptfluence.simulators import method_spec
 
     out: dict[str, dict[str, Any]] = {}
     used: set[str] = set()
     for m in methods:
-        cls = CONFIG_CLASSES.get(m)
+        cls = method_spec(m).config_cls
         if cls is None:
             continue
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -63,14 +68,19 @@ def _method_configs(methods: list[str], given: dict[str, Any], strict: bool) -> 
 
 
 def register(subparsers: Any) -> None:
-    from gptfluence.simulators import SIMULATOR_METHODS
+    from gptfluence.simulators import method_names
+
+    SIMULATOR_METHODS = method_names()
 
     p = subparsers.add_parser("fit", help="fit a simulator on a dynamics store",
                               description="Fit a simulator (teacher forcing, early stopping on validation runs).")
     p.add_argument("dynamics", help="dynamics store folder")
     p.add_argument("--method", default="gptfluence", choices=SIMULATOR_METHODS)
     p.add_argument("--metric", default="loss", help="metric to simulate (default: loss)")
-    p.add_argument("--out", required=True, help="simulator folder to write (config.json + weights.safetensors)")
+    p.add_argument("--out", required=True, help="simulator folder to write (config.json + weights.safetensors): new, "
+                                                "empty or an earlier simulator")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write the simulator's two files into a non-empty folder that holds no simulator (nothing else there is touched)")
     p.add_argument("--fit-runs", nargs="+", default=None, help="run ids to fit on (default: the seeded split's fit runs)")
     p.add_argument("--val-runs", nargs="*", default=None, help="run ids for early stopping (default: the seeded split's validation runs; none when --fit-runs is given)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -83,15 +93,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("simulator", help="simulator folder written by `gptfluence fit`")
     p.add_argument("--dynamics", required=True, help="the dynamics store the simulator belongs to (examples, start values)")
     p.add_argument("--curriculum", required=True,
-                   help="a run id of the store, or a file: JSON lines {\"step\", \"samples_id\"} (GPTDynamics), "
-                        "a .json [T][b] array or a .npy [T, b] array of training ids (-1 = padding)")
+                   help="a run id of the store, or a curriculum file as `collect --curriculum-file` takes it: JSON lines "
+                        "{\"run_id\", \"curriculum\"} (one run per line; every run is simulated), JSON lines "
+                        "{\"step\", \"samples_id\"} (GPTDynamics), a .json [T][b] array or a .npy [T, b] array of "
+                        "training ids (-1 = padding)")
     p.add_argument("--test-ids", nargs="+", type=int, default=None, help="test ids (default: all of the start run)")
     p.add_argument("--start-run", default=None,
                    help="run whose values at the first step are the start values (default: the curriculum's run, else the first run)")
     p.add_argument("--first-step", type=int, default=None, help="step of the start values (default: first recorded step of the start run)")
     p.add_argument("--allow-new-examples", action="store_true",
                    help="gptfluence only: use a store with other examples than the fit store (embeds them)")
-    p.add_argument("--out", required=True, help="output: .json ({steps, test_ids, predicted [S][M]}) or .npy [S, M]")
+    p.add_argument("--out", required=True, help="output file: .json ({method, metric, test_ids, curricula: [{name, steps, "
+                                                "predicted [S][M]}]}), .npy ([S, M], or [R, S, M] for several curricula) "
+                                                "or .csv (curriculum, step, test_id, predicted value)")
     p.set_defaults(func=cmd_simulate)
 
     p = subparsers.add_parser("evaluate", help="fit and score simulators on held-out runs",
@@ -126,6 +140,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from gptfluence.dynamics.store import Dynamics
     from gptfluence.simulators import make_simulator
 
+    from gptfluence.outputs import prepare_output_dir
+    from gptfluence.simulators.common import is_simulator_artifact
+
+    prepare_output_dir(args.out, "simulator", is_simulator_artifact, overwrite=args.overwrite,
+                       inputs=[args.dynamics], create=False)  # refuse before fitting, not after
     store = Dynamics.open(args.dynamics)
     given = _given_config(args)
     cfg = _method_configs([args.method], given, strict=True).get(args.method, {})
@@ -139,7 +158,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             store.run(r)  # raises naming an unknown run id
     sim = make_simulator(args.method, args.metric, **cfg)
     hist = sim.fit(store, fit_runs, val_runs, progress=not args.no_progress)
-    out = sim.save(args.out)
+    out = sim.save(args.out, overwrite=args.overwrite)
     msg = f"fitted {args.method} ({args.metric}) on {len(fit_runs)} runs"
     if val_runs:
         msg += f", validated on {len(val_runs)}"
@@ -152,58 +171,31 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_curriculum(path: str | Path) -> np.ndarray:
-    """A curriculum [T, b] int64 (-1 = padding) from .npy, a .json [T][b] array, or JSON lines
-    ``{"step": s, "samples_id": [...]}`` (s = 1..T; exact repeats tolerated, see
-    `gptfluence.dynamics.curriculum.StepBatches`)."""
-    from gptfluence.dynamics.curriculum import load_npy, pad_rows, read_samples_id
-
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    if path.suffix == ".npy":
-        arr = load_npy(path)
-        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-            raise InputError(f"{path}: expected an integer array [steps, batch], got {arr.dtype} {arr.shape}")
-        return arr.astype(np.int64)
-    if path.read_text(encoding="utf-8").lstrip().startswith("["):
-        data = load_json(path)
-        for t, row in enumerate(data):
-            if not isinstance(row, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in row):
-                raise InputError(f"{path}: row {t} (step {t + 1}) must be a list of integer ids")
-        if not data:
-            raise InputError(f"{path}: empty curriculum")
-        out = pad_rows(data)
-    else:
-        out = read_samples_id(path)
-    if out.min() < -1:
-        raise InputError(f"{path}: id {int(out.min())} is negative (only -1, padding, may be)")
-    return out
+SIMULATE_OUTPUTS = (".json", ".npy", ".csv")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from gptfluence.dynamics.curriculum import read_curriculum_file
     from gptfluence.dynamics.store import Dynamics
-    from gptfluence.simulators import GPTfluenceSimulator, load_simulator
+    from gptfluence.outputs import prepare_output_file
+    from gptfluence.simulators import load_simulator
 
+    out = prepare_output_file(args.out, inputs=[args.dynamics, args.simulator], suffixes=SIMULATE_OUTPUTS)
     store = Dynamics.open(args.dynamics)
     sim = load_simulator(args.simulator, dynamics=store, allow_new_examples=args.allow_new_examples)
     cur_src = args.curriculum
     if cur_src in store.run_ids:
-        cur = store.run(cur_src).curriculum
+        curricula = {cur_src: store.run(cur_src).curriculum}
         start_run = args.start_run or cur_src
         src_name = f"run {cur_src!r}"
     else:
         if not Path(cur_src).exists():
             raise InputError(f"--curriculum {cur_src!r}: neither a run id of the store nor a file")
-        cur = read_curriculum(cur_src)
+        curricula = read_curriculum_file(cur_src, store.train_ids, allow_empty_steps=True).curricula
         if not args.start_run and not store.run_ids:
             raise InputError(f"{args.dynamics}: the store has no runs to take start values from")
         start_run = args.start_run or store.run_ids[0]
         src_name = str(cur_src)
-        for t, row in enumerate(cur):
-            for i in row:
-                if i >= 0 and int(i) not in store.train_row:
-                    raise InputError(f"{cur_src}: training id {int(i)} (step {t + 1}) is not in the store's training pool")
     run = store.run(start_run)
     vals = run.trajectory(sim.metric)
     rec = np.isfinite(vals).any(1)
@@ -222,21 +214,45 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if int(i) not in col:
             raise InputError(f"test id {int(i)} is not recorded in run {start_run!r} (no start value)")
     start = vals[row, [col[int(i)] for i in test_ids]][None].astype(np.float64)
-    if first > cur.shape[0]:
-        raise InputError(f"{src_name}: first step {first} is beyond its {cur.shape[0]} steps")
-    if isinstance(sim, GPTfluenceSimulator):
-        sim.ensure_features(store, np.unique(cur[cur >= 0]), test_ids)
-    pred = sim.simulate(cur[None], test_ids, start, first_step=first)[0]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    steps = list(range(first, cur.shape[0] + 1))
-    if out.suffix == ".npy":
-        np.save(out, pred)
+    if not np.isfinite(start).all():
+        bad = int(test_ids[np.flatnonzero(~np.isfinite(start[0]))[0]])
+        raise InputError(f"run {start_run!r}: {sim.metric} of test id {bad} is not recorded at step {first}")
+    preds: dict[str, np.ndarray] = {}
+    for name, cur in curricula.items():
+        if first > cur.shape[0]:
+            raise InputError(f"{src_name} ({name}): first step {first} is beyond its {cur.shape[0]} steps")
+        sim.prepare(store, np.unique(cur[cur >= 0]), test_ids)
+        preds[name] = sim.simulate(cur[None], test_ids, start, first_step=first)[0]
+    suffix = out.suffix.lower()
+    if suffix == ".npy":
+        shapes = {p.shape for p in preds.values()}
+        if len(shapes) > 1:
+            raise InputError(f"--out {out}: the curricula have different numbers of steps; write .json or .csv")
+        arr = next(iter(preds.values())) if len(preds) == 1 else np.stack(list(preds.values()))
+        np.save(out, arr)  # [S, M] for one curriculum, [R, S, M] for several (file order)
+    elif suffix == ".csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["curriculum", "step", "test_id", f"predicted_{sim.metric}"])
+        for name, pred in preds.items():
+            for k, step in enumerate(range(first, first + pred.shape[0])):
+                for j, tid in enumerate(test_ids.tolist()):
+                    w.writerow([name, step, tid, f"{float(pred[k, j]):.6g}"])
+        write_text_atomic(out, buf.getvalue())
     else:
-        out.write_text(json.dumps({"method": sim.method, "metric": sim.metric, "curriculum": src_name,
-                                   "start_run": start_run, "steps": steps, "test_ids": test_ids.tolist(),
-                                   "predicted": np.round(pred.astype(np.float64), 6).tolist()}) + "\n", encoding="utf-8")
-    print(f"{sim.method} ({sim.metric}): {len(steps)} steps x {test_ids.size} test examples from step {first} -> {out}")
+        doc = {"method": sim.method, "metric": sim.metric, "source": src_name, "start_run": start_run,
+               "first_step": first, "test_ids": test_ids.tolist(),
+               "curricula": [{"name": name, "steps": list(range(first, first + pred.shape[0])),
+                              "predicted": np.round(pred.astype(np.float64), 6).tolist()}
+                             for name, pred in preds.items()]}
+        write_text_atomic(out, json.dumps(doc, allow_nan=True) + "\n")
+    sizes = ", ".join(f"{name}: {pred.shape[0]} steps" for name, pred in list(preds.items())[:3])
+    more = f" (+{len(preds) - 3} more)" if len(preds) > 3 else ""
+    print(f"{sim.method} ({sim.metric}): {len(preds)} curriculum(s) x {test_ids.size} test examples from step {first} "
+          f"({sizes}{more}) -> {out}")
     return 0
 
 

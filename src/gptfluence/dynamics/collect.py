@@ -26,6 +26,7 @@ import dataclasses
 import multiprocessing as mp
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -327,10 +328,41 @@ def replay_run(dynamics: Dynamics, run_id: str, steps: Sequence[int], device: st
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(cfg_dict: dict[str, Any], store_path: str, device: str, progress_q: Any) -> None:
+def die_with_parent(parent_pid: int, poll_seconds: float = 0.5) -> None:
+    """Make this (worker) process end when ``parent_pid`` ends, however it ends (SIGKILL too):
+    the kernel's parent-death signal where there is one (Linux), and a watchdog thread that
+    exits as soon as the process is re-parented. A run in progress is lost (its staging
+    folder is removed by the next collection); committed runs are kept."""
+    import signal
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the watchdog still works
+            pass
+    if os.getppid() != parent_pid:  # the parent died before we got here
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_seconds)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def _worker_init(cfg_dict: dict[str, Any], store_path: str, device: str, progress_q: Any,
+                 parent_pid: int | None = None) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business; it terminates us
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     try:
         cfg = CollectConfig(**cfg_dict)
         store = Dynamics.open(store_path)
@@ -462,7 +494,7 @@ def _collect_parallel(cfg: CollectConfig, out: str, device: str, todo: list, wor
     th = threading.Thread(target=pump, daemon=True)
     th.start()
     ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                             initargs=(to_dict(cfg), out, device, q))
+                             initargs=(to_dict(cfg), out, device, q, os.getpid()))
     try:
         pending = {ex.submit(_worker_run, rid, seed, c) for rid, seed, c in todo}
         while pending:

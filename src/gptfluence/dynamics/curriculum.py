@@ -8,6 +8,7 @@ order per epoch) or read from a file.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Iterable, Sequence
 
@@ -53,20 +54,32 @@ def sample_curriculum(pool_ids: Sequence[int], examples_per_run: int, batch_size
     return np.stack(rows).astype(np.int64)
 
 
-def check_curriculum(curriculum: np.ndarray, train_ids: set[int], source: str) -> np.ndarray:
-    """Validate ids and shape; raises `InputError` naming ``source``, the step and the id."""
+def check_curriculum(curriculum: np.ndarray, train_ids: Collection[int] | None, source: str,
+                     allow_empty_steps: bool = False) -> np.ndarray:
+    """Validate shape and ids (``train_ids`` None: any id >= 0); a step whose batch is all padding
+    is an error unless ``allow_empty_steps``. Raises `InputError` naming ``source``, the step and
+    the id."""
     c = np.asarray(curriculum)
     if c.ndim != 2 or c.shape[0] == 0 or c.shape[1] == 0:
         raise InputError(f"{source}: a curriculum must be a non-empty [steps, batch] array, got shape {c.shape}")
     if not np.issubdtype(c.dtype, np.integer):
-        raise InputError(f"{source}: curriculum ids must be integers")
-    for t, row in enumerate(c, start=1):
-        for i in row:
-            if i != PAD and int(i) not in train_ids:
-                raise InputError(f"{source}, step {t}: unknown training id {int(i)}")
-        if np.all(row == PAD):
-            raise InputError(f"{source}, step {t}: empty batch")
-    return c.astype(np.int64)
+        raise InputError(f"{source}: curriculum ids must be integers, got {c.dtype}")
+    c = c.astype(np.int64)
+    bad = np.argwhere(c < PAD)
+    if bad.size:
+        t, k = bad[0]
+        raise InputError(f"{source}, step {t + 1}: id {int(c[t, k])} is negative (only -1, padding, may be)")
+    if train_ids is not None:
+        known = np.fromiter((int(i) for i in train_ids), dtype=np.int64)
+        unknown = (c != PAD) & ~np.isin(c, known)
+        if unknown.any():
+            t, k = np.argwhere(unknown)[0]
+            raise InputError(f"{source}, step {t + 1}: unknown training id {int(c[t, k])}")
+    if not allow_empty_steps:
+        empty = np.flatnonzero((c == PAD).all(axis=1))
+        if empty.size:
+            raise InputError(f"{source}, step {int(empty[0]) + 1}: empty batch (only padding)")
+    return c
 
 
 def pad_rows(rows: Iterable[Sequence[int]], width: int | None = None) -> np.ndarray:
@@ -147,45 +160,119 @@ def read_samples_id(path: str | os.PathLike, train_ids: Collection[int] | None =
     return steps.curriculum()
 
 
-def read_curricula(path: str | os.PathLike, train_ids: Sequence[int]) -> dict[str, np.ndarray]:
-    """Read explicit curricula from a file; returns {run_id: curriculum [T, b]}.
+CURRICULUM_LINE_FIELDS = ("run_id", "curriculum", "group")
 
-    Accepted formats (JSON lines, one object per line):
 
-    * ``{"run_id": "a", "curriculum": [[3, 1], [0, 2], ...]}``: one run per line;
-    * ``{"step": 1, "samples_id": [3, 1]}``: the published GPTDynamics ``train_samples_id.json``
-      (one run, named after the file's stem; steps must be 1..T without gaps, see `StepBatches`);
-    * a ``.npy`` file holding one [T, b] array (run id = file stem).
+@dataclass
+class CurriculumFile:
+    """Curricula read from one file: ``curricula`` {run_id: [T, b] int64} in file order and
+    ``groups`` {run_id: group label} for lines that carry one (e.g. the LDS designs' "membership")."""
+
+    path: Path
+    curricula: dict[str, np.ndarray]
+    groups: dict[str, str]
+
+
+def read_curriculum_file(path: str | os.PathLike, train_ids: Collection[int] | None = None,
+                         allow_empty_steps: bool = False) -> CurriculumFile:
+    """The one reader of curriculum files (``collect --curriculum-file``, ``simulate --curriculum``).
+
+    Formats (errors name the file, line, field, step and id):
+
+    * JSON lines, one run per line: ``{"run_id": "a", "curriculum": [[3, 1], [0, 2], ...],
+      "group": "membership"}`` (``group`` optional; run ids must be safe file names);
+    * JSON lines in the published GPTDynamics style (``train_samples_id.json``):
+      ``{"step": 1, "samples_id": [3, 1]}``, steps 1..T without gaps (see `StepBatches`); one run,
+      named after the file's stem;
+    * a ``.json`` file holding one [T][b] array of ids (-1 = padding), or a ``.npy`` file holding
+      one [T, b] integer array; one run named after the file's stem.
+
+    ``train_ids``: every id must be one of them (-1 = padding is always allowed).
+    ``allow_empty_steps``: a step whose batch is all padding is allowed (simulation); collection
+    refuses it.
     """
+    from gptfluence.outputs import check_name, slug
+
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: curriculum file not found")
-    ids = {int(i) for i in train_ids}
-    if path.suffix == ".npy":
-        return {path.stem: check_curriculum(load_npy(path), ids, str(path))}
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, expected a curriculum file")
+    ids = None if train_ids is None else {int(i) for i in train_ids}
+    stem = slug(path.stem)
+
+    def checked(arr: Any, source: str) -> np.ndarray:
+        return check_curriculum(arr, ids, source, allow_empty_steps=allow_empty_steps)
+
+    if path.suffix.lower() == ".npy":
+        return CurriculumFile(path, {stem: checked(load_npy(path), str(path))}, {})
+    text = read_text_file(path)
+    if not text.strip():
+        raise InputError(f"{path}: empty file, no curricula")
+    if text.lstrip().startswith("["):
+        import json
+
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(data, list) or not data:
+            raise InputError(f"{path}: expected a non-empty [steps][batch] array of training ids")
+        for t, row in enumerate(data):
+            if not isinstance(row, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in row):
+                raise InputError(f"{path}: row {t} (step {t + 1}) must be a list of integer ids")
+        return CurriculumFile(path, {stem: checked(pad_rows(data), str(path))}, {})
     runs: dict[str, np.ndarray] = {}
+    groups: dict[str, str] = {}
     steps = StepBatches(path, ids)
     for lineno, obj in iter_json_lines(path):
         if "curriculum" in obj:
+            unknown = sorted(set(obj) - set(CURRICULUM_LINE_FIELDS))
+            if unknown:
+                raise InputError(f"{path} line {lineno}: unknown field {unknown[0]!r} "
+                                 f"(a run line has {', '.join(CURRICULUM_LINE_FIELDS)})")
             rid = obj.get("run_id")
             if not isinstance(rid, str) or not rid:
                 raise InputError(f"{path} line {lineno}, field 'run_id': expected a non-empty string")
+            check_name(rid, "run id", f"{path} line {lineno}")
             if rid in runs:
                 raise InputError(f"{path} line {lineno}: duplicate run_id {rid!r}")
             rows = obj["curriculum"]
-            if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
-                raise InputError(f"{path} line {lineno}, field 'curriculum': expected a list of non-empty id lists")
+            if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
+                raise InputError(f"{path} line {lineno}, field 'curriculum': expected a non-empty list of id lists")
             if not all(isinstance(i, int) and not isinstance(i, bool) for r in rows for i in r):
                 raise InputError(f"{path} line {lineno}, field 'curriculum': ids must be integers")
-            runs[rid] = check_curriculum(pad_rows(rows), ids, f"{path} line {lineno} (run {rid!r})")
+            runs[rid] = checked(pad_rows(rows), f"{path} line {lineno} (run {rid!r})")
+            if "group" in obj:
+                if not isinstance(obj["group"], str) or not obj["group"]:
+                    raise InputError(f"{path} line {lineno}, field 'group': expected a non-empty string")
+                groups[rid] = obj["group"]
         elif "samples_id" in obj:
             steps.add(lineno, obj)
         else:
-            raise InputError(f"{path} line {lineno}: expected field 'curriculum' or 'samples_id'")
+            raise InputError(f"{path} line {lineno}: expected field 'curriculum' (one run per line) or "
+                             f"'samples_id' (one step per line)")
     if steps and runs:
         raise InputError(f"{path}: mixes per-run lines ('curriculum') and per-step lines ('samples_id')")
     if steps:
-        runs[path.stem] = steps.curriculum()
+        runs[stem] = checked(steps.curriculum(), str(path))
     if not runs:
         raise InputError(f"{path}: no curricula found")
-    return runs
+    return CurriculumFile(path, runs, groups)
+
+
+def read_curricula(path: str | os.PathLike, train_ids: Collection[int] | None = None,
+                   allow_empty_steps: bool = False) -> dict[str, np.ndarray]:
+    """{run_id: curriculum [T, b]} of a curriculum file (see `read_curriculum_file`)."""
+    return read_curriculum_file(path, train_ids, allow_empty_steps).curricula
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """A whole UTF-8 text file; `InputError` naming the file when missing or not UTF-8."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None

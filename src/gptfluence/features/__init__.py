@@ -16,11 +16,13 @@ at checkpoints of a replayed fine-tuning run, cached the same way:
 from gptfluence.features.cache import (EmbedStats, embed_examples, embed_texts, embed_texts_with_stats,
                                        spec_key)
 from gptfluence.features.gradients import CheckpointReplay, LossGradientEncoder
-from gptfluence.features.encoders import (MINILM_NAME, CausalLMEncoder, Encoder, HFEncoder,
-                                          SentenceTransformerEncoder, load_encoder, minilm_path)
+from gptfluence.features.encoders import (MINILM_NAME, CausalLMEncoder, Encoder, HashingBowEncoder, HFEncoder,
+                                          SentenceTransformerEncoder, load_encoder, minilm_path,
+                                          parse_encoder_spec, resolve_encoder)
 
 __all__ = [
-    "Encoder", "SentenceTransformerEncoder", "HFEncoder", "CausalLMEncoder", "load_encoder", "minilm_path",
+    "Encoder", "SentenceTransformerEncoder", "HFEncoder", "CausalLMEncoder", "HashingBowEncoder", "load_encoder",
+    "resolve_encoder", "parse_encoder_spec", "minilm_path",
     "MINILM_NAME", "LossGradientEncoder", "CheckpointReplay", "embed_texts", "embed_texts_with_stats",
     "embed_examples", "EmbedStats", "spec_key",
 ]

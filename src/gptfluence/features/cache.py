@@ -219,5 +219,9 @@ def embed_texts(encoder: Any, texts: Sequence[str], cache_dir: str | os.PathLike
 
 def embed_examples(encoder: Any, examples: Sequence[Any], cache_dir: str | os.PathLike | None = None,
                    progress: bool = False, batch_size: int = 64, use_cache: bool = True) -> np.ndarray:
-    """Embeddings float32 [len(examples), dim] of ``example.text`` (prompt + target), in order."""
+    """Embeddings float32 [len(examples), dim] of ``example.text`` (prompt + target), in order.
+    Encoders with ``cacheable = False`` (the hashing bag of words) bypass the disk cache."""
+    if not examples:
+        return np.zeros((0, int(encoder.dim)), dtype=np.float32)
+    use_cache = use_cache and getattr(encoder, "cacheable", True)
     return embed_texts(encoder, [e.text for e in examples], cache_dir, progress, batch_size, use_cache)

@@ -9,13 +9,19 @@ cache. Models load from local folders only (no hub downloads).
 * `HFEncoder`: any Hugging Face encoder (AutoModel), CLS or mean pooling, optional normalisation.
 * `CausalLMEncoder`: a causal LM's last hidden layer (after its final norm), last non-pad token or
   mean over non-pad tokens: the paper's "GPT as encoder" ablation.
+* `HashingBowEncoder`: a dependency-free hashed bag of words (tests, quick looks).
+
+`load_encoder` / `resolve_encoder` build one from a spec string such as ``"minilm"`` or the
+authors' configuration ``"minilm,pooling=cls,normalize=false,max_length=512"``.
 
 Texts longer than ``max_length`` tokens are truncated (the end is dropped).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -29,16 +35,15 @@ POOLINGS = ("mean", "cls", "last")
 
 @runtime_checkable
 class Encoder(Protocol):
-    """A frozen text encoder.
+    """A frozen text encoder: the one protocol every feature producer follows.
 
-    ``name``: stable identifier of the weights (a hub name or a path); ``pooling``: how token
-    states become one vector ("mean" over non-pad tokens, "cls" = first token, "last" = last
-    non-pad token); ``max_length``: tokens kept per text; ``dim``: embedding size.
+    ``dim``: embedding size; ``spec()``: a JSON-able identity (kind, name and every setting that
+    changes the vectors, e.g. pooling, max_length, normalize), saved with simulators, compared on
+    load and keying the embedding cache; ``encode(texts) -> float32 [len(texts), dim]``, row i for
+    texts[i]. The Hugging Face encoders below also expose ``name``, ``pooling`` ("mean" over
+    non-pad tokens, "cls" = first token, "last" = last non-pad token) and ``max_length``.
     """
 
-    name: str
-    pooling: str
-    max_length: int
     dim: int
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
@@ -46,8 +51,51 @@ class Encoder(Protocol):
         ...
 
     def spec(self) -> dict[str, Any]:
-        """JSON-able identity: kind, name, pooling, max_length, normalize."""
+        """JSON-able identity of the encoder and its settings."""
         ...
+
+
+_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+class HashingBowEncoder:
+    """Bag of words -> ``dim``-d vector by signed feature hashing (a sparse random projection),
+    L2-normalised; ``seed`` changes the hash. Output float32 [N, dim]. Cheap, deterministic,
+    dependency-free: meant for tests and quick looks, far weaker than a sentence encoder (its
+    vectors are not written to the embedding cache: ``cacheable = False``)."""
+
+    kind = "bow"
+    cacheable = False
+
+    def __init__(self, dim: int = 64, seed: int = 0) -> None:
+        if dim < 1:
+            raise InputError(f"bow encoder: dim must be >= 1, got {dim}")
+        self.dim = int(dim)
+        self.seed = int(seed)
+        self.name = f"bow:{self.dim}:{self.seed}"
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": "bow", "dim": self.dim, "seed": self.seed}
+
+    def _hash(self, tok: str) -> tuple[int, float]:
+        h = hashlib.blake2b(f"{self.seed}\x00{tok}".encode("utf-8"), digest_size=8).digest()
+        v = int.from_bytes(h, "little")
+        return v % self.dim, (1.0 if (v >> 63) & 1 else -1.0)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        cache: dict[str, tuple[int, float]] = {}
+        for r, text in enumerate(texts):
+            for tok in _WORD.findall(text.lower()):
+                if tok not in cache:
+                    cache[tok] = self._hash(tok)
+                j, s = cache[tok]
+                out[r, j] += s
+        norm = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norm, 1e-12)
+
+    def __repr__(self) -> str:
+        return f"HashingBowEncoder({self.spec()})"
 
 
 def minilm_path() -> Path:
@@ -298,17 +346,60 @@ class CausalLMEncoder(_EncoderBase):
 
 
 
-def load_encoder(spec: str = "minilm", pooling: str | None = None, max_length: int = 128,
-                 device: str = "cpu", normalize: bool | None = None) -> Encoder:
-    """An encoder from a short spec string.
+ENCODER_OPTIONS = ("pooling", "normalize", "max_length")
 
-    ``"minilm"`` (default: all-MiniLM-L6-v2, mean pooling, normalised) · ``"st:<path-or-name>"``
+
+def parse_encoder_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"NAME[,key=value...]"`` -> (NAME, options). Options: ``pooling`` (mean, cls, last),
+    ``normalize`` (true/false), ``max_length`` (tokens). E.g. the authors' configuration
+    ``"minilm,pooling=cls,normalize=false,max_length=512"``."""
+    head, *parts = [p.strip() for p in str(spec).split(",")]
+    opts: dict[str, Any] = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in ENCODER_OPTIONS:
+            raise InputError(f"encoder spec {spec!r}: option {part!r} is not one of "
+                             f"{', '.join(k + '=...' for k in ENCODER_OPTIONS)}")
+        if key == "pooling":
+            opts[key] = _check_pooling(value)
+        elif key == "normalize":
+            if value.lower() not in ("true", "false"):
+                raise InputError(f"encoder spec {spec!r}: normalize must be true or false, got {value!r}")
+            opts[key] = value.lower() == "true"
+        else:
+            if not value.isdigit() or int(value) < 1:
+                raise InputError(f"encoder spec {spec!r}: max_length must be a positive integer, got {value!r}")
+            opts[key] = int(value)
+    return head, opts
+
+
+def load_encoder(spec: str = "minilm", pooling: str | None = None, max_length: int | None = None,
+                 device: str = "cpu", normalize: bool | None = None) -> Encoder:
+    """An encoder from a short spec string ``NAME[,pooling=...,normalize=...,max_length=...]``
+    (options in the string win over the keyword arguments; max_length defaults to 128).
+
+    NAME: ``"minilm"`` (default: all-MiniLM-L6-v2, mean pooling, normalised) · ``"bow"`` /
+    ``"bow:DIM[:SEED]"`` (`HashingBowEncoder`, dependency-free, for tests) · ``"st:<path-or-name>"``
     (sentence-transformers) · ``"hf:<path-or-name>"`` (AutoModel; pooling default "mean",
     normalize default False) · ``"gpt:<path-or-name>"`` (causal LM hidden states; pooling default
     "last", normalize default False). A bare existing path is treated as ``st:`` when it holds a
     ``modules.json``, else as ``hf:``.
     """
-    s = spec.strip()
+    s, opts = parse_encoder_spec(spec.strip())
+    pooling = opts.get("pooling", pooling)
+    normalize = opts.get("normalize", normalize)
+    max_length = int(opts.get("max_length", max_length or 128))
+    if s == "bow" or s.startswith("bow:"):
+        if opts:
+            raise InputError(f"encoder spec {spec!r}: the bow encoder takes no options")
+        parts = s.split(":")
+        try:
+            dim = int(parts[1]) if len(parts) > 1 and parts[1] else 64
+            seed = int(parts[2]) if len(parts) > 2 else 0
+        except ValueError:
+            raise InputError(f"encoder spec {spec!r}: expected 'bow', 'bow:DIM' or 'bow:DIM:SEED'") from None
+        return HashingBowEncoder(dim, seed)
     if s in ("minilm", "default", MINILM_NAME, "all-MiniLM-L6-v2"):
         return SentenceTransformerEncoder(None, pooling=pooling, max_length=max_length,
                                           normalize=True if normalize is None else normalize, device=device)
@@ -316,8 +407,8 @@ def load_encoder(spec: str = "minilm", pooling: str | None = None, max_length: i
     if not sep or kind not in ("st", "hf", "gpt"):
         p = Path(s).expanduser()
         if not p.exists():
-            raise GptfluenceError(f"unknown encoder {spec!r}: use 'minilm', 'st:<path>', 'hf:<path>' or "
-                                  f"'gpt:<path>' (and the path must exist)")
+            raise GptfluenceError(f"unknown encoder {spec!r}: use 'minilm', 'bow[:DIM]', 'st:<path>', 'hf:<path>' "
+                                  f"or 'gpt:<path>' (and the path must exist)")
         kind, rest = ("st" if (p / "modules.json").exists() else "hf"), s
     if not rest:
         raise GptfluenceError(f"encoder {spec!r}: missing a path or name after '{kind}:'")
@@ -329,3 +420,8 @@ def load_encoder(spec: str = "minilm", pooling: str | None = None, max_length: i
                          normalize=bool(normalize), device=device)
     return CausalLMEncoder(rest, pooling=pooling or "last", max_length=max_length,
                            normalize=bool(normalize), device=device)
+
+
+def resolve_encoder(spec: "str | Encoder") -> Encoder:
+    """An encoder from a spec string (see `load_encoder`), or ``spec`` itself if it is one."""
+    return load_encoder(spec) if isinstance(spec, str) else spec

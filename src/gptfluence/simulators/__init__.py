@@ -1,55 +1,116 @@
-"""Simulators of training dynamics: one protocol (`base.Simulator`), one matrix-form engine.
+"""Simulators of training dynamics: one protocol (`base.Simulator`), one registry of methods.
 
-Methods: ``gptfluence`` (featurized, n-th order), ``simfluence`` (free per-pair factors),
-``constant`` and ``mean_curve`` (trivial references). Build with `make_simulator`, reload with
-`load_simulator` (which refuses artifacts made for another store, metric or encoder).
+Every method name maps to a `MethodSpec` in `METHODS`: the simulator class, its config dataclass
+(None for methods without hyper-parameters) and, for presets, the config fields that make the
+preset (applied before any user override). Build with `make_simulator`, reload with
+`load_simulator` (which refuses artifacts made for another store, metric or encoder). The
+method name is recorded in every artifact and result, so a preset is never confused with the
+class it runs on.
+
+Methods: ``gptfluence`` (featurized, n-th order; this library's variant), ``simfluence``
+(free per-pair factors), ``constant`` and ``mean_curve`` (trivial references).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from gptfluence.dynamics.store import Dynamics
 from gptfluence.errors import ArtifactMismatchError, InputError
+from gptfluence.features.encoders import Encoder, HashingBowEncoder, resolve_encoder
 from gptfluence.simulators.base import Simulator
-from gptfluence.simulators.common import FitConfig, check_against, read_artifact
-from gptfluence.simulators.encoders import Encoder, HashingBowEncoder, resolve_encoder
+from gptfluence.simulators.common import FitConfig, check_against, config_from, read_artifact
 from gptfluence.simulators.gptfluence import GPTfluenceConfig, GPTfluenceSimulator
 from gptfluence.simulators.simfluence import SimfluenceConfig, SimfluenceSimulator
 from gptfluence.simulators.trivial import ConstantSimulator, MeanCurveSimulator
 
-SIMULATOR_CLASSES: dict[str, type] = {
-    "gptfluence": GPTfluenceSimulator,
-    "simfluence": SimfluenceSimulator,
-    "constant": ConstantSimulator,
-    "mean_curve": MeanCurveSimulator,
-}
-SIMULATOR_METHODS: tuple[str, ...] = tuple(SIMULATOR_CLASSES)
-CONFIG_CLASSES: dict[str, type | None] = {
-    "gptfluence": GPTfluenceConfig, "simfluence": SimfluenceConfig, "constant": None, "mean_curve": None,
-}
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method name stands for.
+
+    ``cls``: the simulator class (constructed as ``cls(metric, config)``, or ``cls(metric)``
+    when ``config_cls`` is None); ``preset``: config fields fixed by this method (a named
+    configuration such as the paper's), applied before user overrides; ``takes_encoder``:
+    whether the class accepts an ``encoder=`` object; ``description``: one line for tables and
+    ``--help``.
+    """
+
+    name: str
+    cls: type
+    config_cls: type | None = None
+    preset: dict[str, Any] = field(default_factory=dict)
+    takes_encoder: bool = False
+    description: str = ""
 
 
-def make_simulator(method: str, metric: str = "loss", encoder: Encoder | None = None, **config: Any) -> Simulator:
-    """A new, unfitted simulator. ``config``: fields of the method's config dataclass
-    (`GPTfluenceConfig`, `SimfluenceConfig`; the trivial methods take none) or ``config=`` a
-    dataclass/dict. ``encoder`` is used by gptfluence only."""
-    if method not in SIMULATOR_CLASSES:
-        raise InputError(f"unknown simulator method {method!r} (known: {', '.join(SIMULATOR_METHODS)})")
-    cls = SIMULATOR_CLASSES[method]
-    base = config.pop("config", None)
-    if method == "gptfluence":
-        if encoder is not None and not isinstance(encoder, str):
-            return cls(metric, base, encoder=encoder, **config)
-        if isinstance(encoder, str):
-            config["encoder"] = encoder
-        return cls(metric, base, **config)
-    if method == "simfluence":
-        return cls(metric, base, **config)
-    if config or base:
-        raise InputError(f"simulator {method!r} takes no config (got {sorted(config) or base})")
-    return cls(metric)
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to `METHODS` (a name is registered once)."""
+    if spec.name in METHODS:
+        raise ValueError(f"simulator method {spec.name!r} is already registered")
+    METHODS[spec.name] = spec
+    return spec
+
+
+register_method(MethodSpec(
+    "gptfluence", GPTfluenceSimulator, GPTfluenceConfig, takes_encoder=True,
+    description="GPTfluence, this library's variant (see GPTfluenceConfig: linear separate projections of centred "
+                "MiniLM features, gradient-similarity terms at checkpoints, detrended, normalised)"))
+register_method(MethodSpec("simfluence", SimfluenceSimulator, SimfluenceConfig,
+                           description="Simfluence-Linear, this library's variant (zero init, detrended, normalised)"))
+register_method(MethodSpec("constant", ConstantSimulator, description="reference: the start value at every step"))
+register_method(MethodSpec("mean_curve", MeanCurveSimulator,
+                           description="reference: start + the fit runs' mean change per step (ignores the curriculum)"))
+
+
+def method_names() -> tuple[str, ...]:
+    """Every registered method, in registration order."""
+    return tuple(METHODS)
+
+
+def method_spec(method: str) -> MethodSpec:
+    try:
+        return METHODS[method]
+    except KeyError:
+        raise InputError(f"unknown simulator method {method!r} (known: {', '.join(METHODS)})") from None
+
+
+def method_config(method: str, config: Any = None, **overrides: Any) -> Any:
+    """The full config object of ``method``: defaults, then the method's preset, then ``config``
+    (a dataclass or dict of fields), then ``overrides``. None for methods without a config."""
+    spec = method_spec(method)
+    if spec.config_cls is None:
+        if config or overrides:
+            raise InputError(f"simulator {method!r} takes no config (got {sorted(overrides) or config})")
+        return None
+    from gptfluence.config import to_dict
+
+    base = dict(spec.preset)
+    if config is not None:
+        base.update(config if isinstance(config, dict) else to_dict(config))
+    return config_from(spec.config_cls, base, overrides, f"{method} config")
+
+
+def make_simulator(method: str, metric: str = "loss", encoder: Encoder | str | None = None, config: Any = None,
+                   **overrides: Any) -> Simulator:
+    """A new, unfitted simulator of ``method`` for ``metric``. ``config``: a dataclass or dict of
+    fields of the method's config class; ``overrides``: more fields (see `method_config`).
+    ``encoder``: an encoder object (or spec string) for methods that take one; ignored by the others."""
+    spec = method_spec(method)
+    cfg = method_config(method, config, **overrides)
+    if cfg is None:
+        sim = spec.cls(metric)
+    elif spec.takes_encoder and encoder is not None:
+        sim = spec.cls(metric, cfg, encoder=encoder)
+    else:
+        sim = spec.cls(metric, cfg)
+    sim.method = method  # presets run on their class under their own name
+    return sim
 
 
 def load_simulator(path: str | os.PathLike, dynamics: Dynamics | None = None, encoder: Encoder | None = None,
@@ -58,28 +119,32 @@ def load_simulator(path: str | os.PathLike, dynamics: Dynamics | None = None, en
 
     With ``dynamics``: refuses (`ArtifactMismatchError`) a simulator of a metric the store does
     not record or fitted on other training/test examples (sha256 of the store manifest), unless
-    ``allow_new_examples`` (gptfluence only: the store's examples are then embedded with the
-    simulator's encoder). With ``encoder``: refuses a gptfluence simulator whose features came
-    from an encoder with another spec.
+    ``allow_new_examples`` (methods that simulate unseen examples only: the store's examples are
+    then prepared with `Simulator.prepare`). With ``encoder``: refuses a featurized simulator whose
+    features came from an encoder with another spec.
     """
     meta, tensors = read_artifact(path)
     method = meta["method"]
-    if method not in SIMULATOR_CLASSES:
-        raise ArtifactMismatchError(f"{path}: unknown simulator method {method!r} (known: {', '.join(SIMULATOR_METHODS)})")
-    if allow_new_examples and method != "gptfluence":
-        raise InputError(f"{method} cannot be used with other examples than it was fitted on (only gptfluence can)")
+    if method not in METHODS:
+        raise ArtifactMismatchError(f"{path}: unknown simulator method {method!r} (known: {', '.join(METHODS)})")
+    spec = METHODS[method]
+    if allow_new_examples and not getattr(spec.cls, "simulates_unseen_examples", False):
+        raise InputError(f"{method} cannot be used with other examples than it was fitted on "
+                         f"(methods that can: {', '.join(m for m, s in METHODS.items() if getattr(s.cls, 'simulates_unseen_examples', False))})")
     check_against(meta, dynamics, str(path), strict_examples=not allow_new_examples)
-    cls = SIMULATOR_CLASSES[method]
-    if method == "gptfluence":
-        sim = cls._from_artifact(meta, tensors, encoder=encoder)
-        if dynamics is not None and allow_new_examples:
-            sim.ensure_features(dynamics, dynamics.train_ids, dynamics.test_ids)
-        return sim
-    return cls._from_artifact(meta, tensors)
+    if spec.takes_encoder:
+        sim = spec.cls._from_artifact(meta, tensors, encoder=encoder)
+    else:
+        sim = spec.cls._from_artifact(meta, tensors)
+    sim.method = method
+    if dynamics is not None and allow_new_examples:
+        sim.prepare(dynamics, dynamics.train_ids, dynamics.test_ids)
+    return sim
 
 
 __all__ = [
-    "Simulator", "SIMULATOR_METHODS", "SIMULATOR_CLASSES", "CONFIG_CLASSES", "make_simulator", "load_simulator",
-    "GPTfluenceSimulator", "GPTfluenceConfig", "SimfluenceSimulator", "SimfluenceConfig", "ConstantSimulator",
-    "MeanCurveSimulator", "FitConfig", "Encoder", "HashingBowEncoder", "resolve_encoder",
+    "Simulator", "MethodSpec", "METHODS", "register_method", "method_names", "method_spec", "method_config",
+    "make_simulator", "load_simulator", "GPTfluenceSimulator", "GPTfluenceConfig", "SimfluenceSimulator",
+    "SimfluenceConfig", "ConstantSimulator", "MeanCurveSimulator", "FitConfig", "Encoder", "HashingBowEncoder",
+    "resolve_encoder",
 ]

@@ -25,8 +25,15 @@ from gptfluence.dynamics.store import Dynamics
 
 @runtime_checkable
 class Simulator(Protocol):
-    method: str  # "gptfluence", "simfluence", "constant", "mean_curve", "tracin_cp", "grad_dot"
+    method: str  # the registered method name (`gptfluence.simulators.METHODS`), presets included
     metric: str  # the metric it simulates: "loss", "bleu", "rougeL", "accuracy"
+
+    simulates_unseen_examples: bool  # whether prepare() can make unseen training / test examples simulatable
+
+    def prepare(self, dynamics: Dynamics, train_ids: Sequence[int] = (), test_ids: Sequence[int] = ()) -> None:
+        """Make the store's examples ``train_ids`` / ``test_ids`` simulatable before `simulate`
+        (e.g. embed those the simulator has no features for). A no-op for methods that need
+        nothing; methods without parameters for unseen ids keep their ``unseen`` policy."""
 
     def fit(self, dynamics: Dynamics, fit_runs: Sequence[str], val_runs: Sequence[str] = (),
             progress: bool = False) -> dict[str, Any]:
@@ -36,5 +43,7 @@ class Simulator(Protocol):
                  first_step: int = 0) -> np.ndarray:
         """Roll out: curricula [R, T, b] int, test_ids [M], start [R, M] -> [R, T+1-first_step, M]."""
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``config.json`` (method, metric, hyper-parameters, metadata) + ``weights.safetensors``."""
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write ``config.json`` (method, metric, hyper-parameters, metadata) + ``weights.safetensors``
+        into the folder ``path`` (new, empty or a simulator artifact; another non-empty folder only
+        with ``overwrite``, and then nothing but these two files is written)."""

@@ -100,23 +100,33 @@ def metric_scale(values: np.ndarray) -> float:
 # artifacts
 
 
-def write_artifact(path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, np.ndarray | torch.Tensor]) -> Path:
-    """Write the folder ``path`` = ``config.json`` + ``weights.safetensors`` as one unit.
+PREVIOUS_WEIGHTS = ".weights.safetensors.prev"  # the committed weights while a re-save is under way
 
-    Both files are written into a temporary sibling folder which then replaces ``path`` (an
-    existing artifact is moved aside first and deleted only after the swap), so an interrupted
-    save leaves either the old pair or the new one, never a mix. ``config.json`` records the
-    sha256 of the weights file; `read_artifact` checks it. Other files in an existing ``path``
-    are carried over.
+
+def is_simulator_artifact(folder: Path) -> bool:
+    """Whether ``folder`` holds a simulator artifact (a config.json of this format)."""
+    from gptfluence.outputs import has_json_format
+
+    return has_json_format("config.json", FORMAT)(Path(folder))
+
+
+def write_artifact(path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, np.ndarray | torch.Tensor],
+                   overwrite: bool = False) -> Path:
+    """Write the simulator folder ``path``: ``weights.safetensors`` + ``config.json``.
+
+    The folder must be new, empty or already a simulator artifact; any other non-empty folder
+    is refused unless ``overwrite`` (see `gptfluence.outputs.prepare_output_dir`). Only the
+    artifact's own files are written, all inside the folder; nothing else there is touched.
+    ``config.json`` (written last, atomically) is the commit point and records the sha256 of its
+    weights. Until it is written, the previous weights are kept as ``.weights.safetensors.prev``
+    (a hard link), so an interrupted re-save still loads as the previous artifact
+    (`read_artifact` falls back to the file whose hash config.json records).
     """
-    import shutil
-
     from safetensors.numpy import save_file
 
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder; cannot write a simulator there")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from gptfluence.outputs import prepare_output_dir
+
+    out = prepare_output_dir(path, "simulator", is_simulator_artifact, overwrite=overwrite)
     arrays = {}
     for k, v in tensors.items():
         if isinstance(v, torch.Tensor):
@@ -124,28 +134,28 @@ def write_artifact(path: str | os.PathLike, meta: dict[str, Any], tensors: dict[
         arrays[k] = np.ascontiguousarray(v)
     if not arrays:
         arrays["_empty"] = np.zeros(0, dtype=np.float32)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    weights, prev = out / "weights.safetensors", out / PREVIOUS_WEIGHTS
+    for stale in out.glob(".weights.safetensors.tmp-*"):  # an interrupted save's temporary file (ours by name)
+        stale.unlink(missing_ok=True)
+    wtmp = out / f".weights.safetensors.tmp-{os.getpid()}"
     try:
-        if out.is_dir():  # keep files that are not ours
-            for f in out.iterdir():
-                if f.name not in ("config.json", "weights.safetensors") and f.is_file():
-                    shutil.copy2(f, tmp / f.name)
-        save_file(arrays, str(tmp / "weights.safetensors"))
-        digest = sha256_file(tmp / "weights.safetensors")
+        save_file(arrays, str(wtmp))
+        with open(wtmp, "rb") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(wtmp)
+        if weights.exists() and not prev.exists():  # keep the committed weights until the new config lands
+            try:
+                os.link(weights, prev)
+            except OSError:  # no hard links here: a copy
+                import shutil
+
+                shutil.copy2(weights, prev)
+        os.replace(wtmp, weights)
         save_json({"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "weights_sha256": digest},
-                  tmp / "config.json")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)  # put the previous artifact back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+                  out / "config.json")
+        prev.unlink(missing_ok=True)
+    finally:
+        wtmp.unlink(missing_ok=True)
     return out
 
 
@@ -164,6 +174,9 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np
     want = meta.get("weights_sha256")
     if want is not None:
         got = sha256_file(wpath)
+        prev = root / PREVIOUS_WEIGHTS
+        if got != want and prev.exists() and sha256_file(prev) == want:
+            wpath, got = prev, want  # a re-save was interrupted before its config.json: the previous artifact
         if got != want:
             raise ArtifactMismatchError(f"{wpath}: sha256 {got[:12]}... does not match config.json's weights_sha256 "
                                         f"{str(want)[:12]}... (files from two different saves?); save the simulator again")
@@ -191,12 +204,16 @@ class SimulatorBase:
     """Shared plumbing: metric, examples' hashes, metadata."""
 
     method = "base"
+    simulates_unseen_examples = False
 
     def __init__(self, metric: str = "loss") -> None:
         self.metric = metric
         self.examples_sha256: dict[str, str] | None = None
         self.task_name: str | None = None
         self.history: dict[str, Any] = {}
+
+    def prepare(self, dynamics: Dynamics, train_ids: Sequence[int] = (), test_ids: Sequence[int] = ()) -> None:
+        """Nothing to prepare (see `Simulator.prepare`)."""
 
     def _remember_dynamics(self, dynamics: Dynamics) -> None:
         self.examples_sha256 = dict(dynamics.manifest.get("examples_sha256") or {})
@@ -381,7 +398,10 @@ class RecurrenceSimulator(SimulatorBase):
         rows = np.searchsorted(uniq, np.maximum(cur, 0))
         rows[cur < 0] = uniq.size
         device = self.device
-        fn = self._factor_fn(uniq, tid, unseen=getattr(self.config, "unseen", "error"))
+        if uniq.size:
+            fn = self._factor_fn(uniq, tid, unseen=getattr(self.config, "unseen", "error"))
+        else:  # only padding (or no steps): every batch sum is zero, no factor is computed
+            fn = lambda: torch.zeros(self.order + 1, 0, tid.size, device=device)  # noqa: E731
         trend = None
         if self.trend is not None:
             trend = self.trend.values(tid, np.arange(first_step, first_step + cur.shape[1] + 1))  # [T+1, M]

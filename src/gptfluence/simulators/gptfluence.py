@@ -63,7 +63,8 @@ from gptfluence.config import arg
 from gptfluence.dynamics.store import Dynamics
 from gptfluence.errors import ArtifactMismatchError, InputError
 from gptfluence.simulators.common import FitConfig, RecurrenceSimulator, config_from, stored_config, write_artifact
-from gptfluence.simulators.encoders import Encoder, embed, resolve_encoder
+from gptfluence.features.cache import embed_examples
+from gptfluence.features.encoders import Encoder, resolve_encoder
 from gptfluence.types import Example
 
 
@@ -281,10 +282,11 @@ class FeatureTable:
 
 class GPTfluenceSimulator(RecurrenceSimulator):
     """The featurized simulator. ``encoder``: an object with spec()/dim/encode() (see
-    `gptfluence.simulators.encoders`), or a spec string (= the config field); if no object is
+    `gptfluence.features.encoders`), or a spec string (= the config field); if no object is
     given, ``config.encoder`` is resolved on first need."""
 
     method = "gptfluence"
+    simulates_unseen_examples = True
 
     def __init__(self, metric: str = "loss", config: GPTfluenceConfig | dict | None = None,
                  encoder: Encoder | None = None, **overrides: Any) -> None:
@@ -327,7 +329,7 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         train, test = list(train), list(test)
         if features is None:
             enc = self._get_encoder()
-            ftr, fte = embed(enc, train), embed(enc, test)
+            ftr, fte = embed_examples(enc, train), embed_examples(enc, test)
         else:
             ftr, fte = features
             if self.encoder_spec is None:
@@ -426,6 +428,10 @@ class GPTfluenceSimulator(RecurrenceSimulator):
             self.encoder_spec = {"name": "precomputed", "spec": self.config.encoder}
         (self.train_features if split == "train" else self.test_features).add(ids, values, split)
 
+    def prepare(self, dynamics: Dynamics, train_ids: Sequence[int] = (), test_ids: Sequence[int] = ()) -> None:
+        """`Simulator.prepare`: `ensure_features` (embed the examples without features)."""
+        self.ensure_features(dynamics, train_ids, test_ids)
+
     def ensure_features(self, dynamics: Dynamics, train_ids: Sequence[int] = (), test_ids: Sequence[int] = ()) -> None:
         """Embed the dynamics' examples among ``train_ids``/``test_ids`` that have no features yet
         (and, once the similarity kind is fixed by fitting, their gradient features)."""
@@ -485,7 +491,7 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         return lambda: module(htr, hte, s_tr, s_te)
 
     # -- artifacts ----------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write ``config.json`` + ``weights.safetensors`` (projection weights, feature centre, features by id)."""
         if self.module is None:
             raise InputError("gptfluence simulator is not fitted; nothing to save")
@@ -502,7 +508,7 @@ class GPTfluenceSimulator(RecurrenceSimulator):
                             "simfeatures.train.values": self.sim_train_features.matrix,
                             "simfeatures.test.ids": self.sim_test_features.ids,
                             "simfeatures.test.values": self.sim_test_features.matrix})
-        return write_artifact(path, meta, tensors)
+        return write_artifact(path, meta, tensors, overwrite=overwrite)
 
     @classmethod
     def _from_artifact(cls, meta: dict[str, Any], tensors: dict[str, np.ndarray], encoder: Encoder | None = None

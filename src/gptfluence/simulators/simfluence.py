@@ -106,11 +106,11 @@ class SimfluenceSimulator(RecurrenceSimulator):
 
         return fn
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         if self.module is None:
             raise InputError("simfluence simulator is not fitted; nothing to save")
         return write_artifact(path, self._meta(), {"F": self.module.F, "train_ids": self.train_ids,
-                                                   "test_ids": self.test_ids})
+                                                   "test_ids": self.test_ids}, overwrite=overwrite)
 
     @classmethod
     def _from_artifact(cls, meta: dict[str, Any], tensors: dict[str, np.ndarray], **_: Any) -> "SimfluenceSimulator":

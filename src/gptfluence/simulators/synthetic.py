@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from gptfluence.dynamics.store import Dynamics, Run
-from gptfluence.simulators.encoders import HashingBowEncoder
+from gptfluence.features.encoders import HashingBowEncoder
 from gptfluence.types import Example, Task
 
 

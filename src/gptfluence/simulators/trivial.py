@@ -45,8 +45,8 @@ class ConstantSimulator(SimulatorBase):
         S = cur.shape[1] + 1 - first_step
         return np.repeat(st[:, None, :], S, axis=1).astype(np.float32)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        return write_artifact(path, self._meta(), {})
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        return write_artifact(path, self._meta(), {}, overwrite=overwrite)
 
     @classmethod
     def _from_artifact(cls, meta: dict[str, Any], tensors: dict[str, np.ndarray], **_: Any) -> "ConstantSimulator":
@@ -124,13 +124,13 @@ class MeanCurveSimulator(SimulatorBase):
         c = c - c[:1]
         return (st[:, None, :] + c[None]).astype(np.float32)
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         if self.delta is None:
             raise InputError("mean_curve simulator is not fitted; nothing to save")
         meta = self._meta()
         meta["fit_first_step"] = self.fit_first_step
         return write_artifact(path, meta, {"delta": self.delta, "global_delta": self.global_delta,
-                                           "test_ids": self.test_ids})
+                                           "test_ids": self.test_ids}, overwrite=overwrite)
 
     @classmethod
     def _from_artifact(cls, meta: dict[str, Any], tensors: dict[str, np.ndarray], **_: Any) -> "MeanCurveSimulator":
