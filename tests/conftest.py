@@ -27,7 +27,9 @@ def make_run(run_id: str, task, steps: int = 6, batch: int = 2, seed: int = 0, m
     rng = np.random.default_rng(seed)
     cur = sample_curriculum([e.id for e in task.train], 0, batch, 2, seed)[:steps]
     M = len(task.test)
-    vals = {m: rng.normal(size=(cur.shape[0] + 1, M)).astype(np.float32) for m in metrics}
+    # values within each metric's range (loss >= 0; accuracy, rougeL in [0, 1]; bleu in [0, 100])
+    vals = {m: (np.abs(rng.normal(size=(cur.shape[0] + 1, M))) if m == "loss" else rng.random((cur.shape[0] + 1, M))
+                ).astype(np.float32) for m in metrics}
     if "accuracy" in vals:
         vals["accuracy"][1::2] = np.nan  # generation metrics on a schedule
     return Run(run_id, cur, np.arange(cur.shape[0] + 1), [e.id for e in task.test], vals,

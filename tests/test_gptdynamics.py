@@ -190,7 +190,7 @@ def _random_dynamics(seed: int = 0) -> Dynamics:
         if k == 2:
             steps = np.asarray([0, 1, 2, 4, 5, 7])  # missing steps
         M = len(test)
-        loss = (rng.standard_normal((steps.size, M)) * 3).astype(np.float32)
+        loss = np.abs(rng.standard_normal((steps.size, M)) * 3).astype(np.float32)  # losses are >= 0
         loss[0, 1] = np.float32(1e-42)  # subnormal
         loss[1, 2] = np.float32(3.4e38)
         bleu = (rng.random((steps.size, M)) * 100).astype(np.float32)

@@ -165,14 +165,20 @@ def test_write_report_full(tmp_path):
 
 
 def test_report_without_optional_inputs_and_rerun(tmp_path):
+    """A rewrite removes the figures the previous report wrote and nothing else (a user's file in
+    the report folder stays)."""
+    (tmp_path / "evaluation.json").write_text(json.dumps(synthetic_evaluation(tasks=("rte", "wmt"))), encoding="utf-8")
+    mine = tmp_path / "report" / "my-notes.png"
+    mine.parent.mkdir()
+    mine.write_bytes(PNG_MAGIC)
+    first = {f.name for f in write_report(tmp_path).parent.glob("*.png")} - {"my-notes.png"}
     (tmp_path / "evaluation.json").write_text(json.dumps(synthetic_evaluation(tasks=("rte",))), encoding="utf-8")
-    stale = tmp_path / "report" / "old-figure.png"
-    stale.parent.mkdir()
-    stale.write_bytes(PNG_MAGIC)
     index = write_report(tmp_path)
     html = index.read_text(encoding="utf-8")
     assert "Mislabelled-data detection" not in html and 'id="influence"' not in html
-    assert not stale.exists()
+    assert mine.exists()
+    now = {f.name for f in index.parent.glob("*.png")} - {"my-notes.png"}
+    assert now < first  # the wmt figures of the first report are gone
     p = _Collect()
     p.feed(html)
     assert len(p.imgs) == 2 and "script" not in p.tags

@@ -467,8 +467,8 @@ def test_rollout_objective_fits_and_its_loss_is_the_rollout_mse(synth, fitted):
     assert abs(float(loss.detach()) - engine.rollout_mse(Fp, block, residual=True)) < 1e-6
     loss.backward()
     assert Fp.grad is not None and torch.isfinite(Fp.grad).all() and Fp.grad.abs().sum() > 0
-    with pytest.raises(Exception, match="objective must be one of"):
-        make_simulator("gptfluence", "loss", encoder=enc, objective="magic", **FAST).fit(dyn, fit, val)
+    with pytest.raises(InputError, match=r"--objective \(objective\) must be one of"):  # refused when made
+        make_simulator("gptfluence", "loss", encoder=enc, objective="magic", **FAST)
 
 
 def test_rollout_loss_ignores_unrecorded_targets_in_the_gradient():

@@ -31,6 +31,11 @@ def test_store_round_trip(tmp_path, tiny_task):
 
 def test_store_reopen_checks_task_and_config(tmp_path, tiny_task):
     create_store(tmp_path / "s", tiny_task, ["loss"], {"lr": 1e-3})
+    # a store without runs (a first collection that failed before its first run) is re-made
+    create_store(tmp_path / "s", tiny_task, ["loss"], {"lr": 5e-3})
+    store = create_store(tmp_path / "s", tiny_task, ["loss"], {"lr": 1e-3})
+    assert store.manifest["config"] == {"lr": 1e-3}
+    store.write_run(make_run("run-0", tiny_task, metrics=("loss",)))
     create_store(tmp_path / "s", tiny_task, ["loss"], {"lr": 1e-3})  # same: fine
     with pytest.raises(ArtifactMismatchError, match="fields differ: lr"):
         create_store(tmp_path / "s", tiny_task, ["loss"], {"lr": 2e-3})

@@ -16,6 +16,7 @@ tests, ``paper`` for the paper's fine-tuning shape), a ``--config`` file, and fl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -31,25 +32,42 @@ from gptfluence.errors import InputError
 SCALES = ("demo", "tiny", "paper")
 
 
+def _collect_field(name: str, default: Any = dataclasses.MISSING) -> Any:
+    """A DemoConfig field that *is* a `CollectConfig` field: the same help text (one definition),
+    with the demo's own default when given."""
+    from gptfluence.dynamics.collect import CollectConfig
+
+    f = CollectConfig.__dataclass_fields__[name]
+    return arg(f.default if default is dataclasses.MISSING else default, f.metadata.get("help", ""))
+
+
+# CollectConfig fields the demo passes through to every task's collection (task seed and run seed
+# both come from the demo's `seed`)
+SHARED_COLLECT_FIELDS = ("n_train", "n_test", "examples_per_run", "batch_size", "epochs", "lr", "gen_every",
+                         "gen_max_new_tokens", "model", "model_layers", "model_hidden", "model_pretrain_steps",
+                         "device")
+
+
 @dataclass
 class DemoConfig:
-    """Sizes and settings of `gptfluence demo` (saved as ``demo_config.json`` in the output)."""
+    """Sizes and settings of `gptfluence demo` (saved as ``demo_config.json`` in the output).
+    The fine-tuning fields are `CollectConfig`'s (same meaning and help), with smaller defaults."""
 
     tasks: list[str] = arg(["sentiment", "entailment", "yesno", "data2text", "translation"], "built-in tasks to run")
     runs: int = arg(16, "fine-tuning runs (curricula) per task")
-    n_train: int = arg(100, "training pool size per task")
-    n_test: int = arg(50, "test examples per task")
-    examples_per_run: int = arg(64, "training examples sampled from the pool per run")
-    batch_size: int = arg(8, "fine-tuning batch size")
-    epochs: int = arg(4, "fine-tuning epochs per run")
-    lr: float = arg(3e-4, "fine-tuning learning rate (AdamW, constant)")
-    gen_every: int = arg(1, "record BLEU/ROUGE-L/accuracy every k steps")
-    gen_max_new_tokens: int = arg(24, "greedy decoding length for generation tasks")
-    model: str = arg("default", "'default' (small GPT-NeoX built offline) or an HF causal LM name/path")
-    model_layers: int = arg(2, "default model: layers")
-    model_hidden: int = arg(64, "default model: hidden size")
-    model_pretrain_steps: int = arg(600, "default model: pre-training steps")
-    device: str = arg("auto", "auto, cpu or cuda")
+    n_train: int = _collect_field("n_train", 100)
+    n_test: int = _collect_field("n_test", 50)
+    examples_per_run: int = _collect_field("examples_per_run", 64)
+    batch_size: int = _collect_field("batch_size")
+    epochs: int = _collect_field("epochs", 4)
+    lr: float = _collect_field("lr")
+    gen_every: int = _collect_field("gen_every")
+    gen_max_new_tokens: int = _collect_field("gen_max_new_tokens")
+    model: str = _collect_field("model")
+    model_layers: int = _collect_field("model_layers")
+    model_hidden: int = _collect_field("model_hidden")
+    model_pretrain_steps: int = _collect_field("model_pretrain_steps")
+    device: str = _collect_field("device")
     methods: list[str] = arg(["gptfluence", "simfluence", "constant", "mean_curve"], "simulators to fit and compare")
     encoder: str = arg("minilm", "text encoder for GPTfluence features")
     sim_epochs: int = arg(60, "maximum fitting epochs of the learned simulators")
@@ -58,6 +76,28 @@ class DemoConfig:
     influence_test_examples: int = arg(3, "test examples per task whose top helpful/harmful training examples are reported")
     seed: int = arg(0, "seed of the task generators, curricula and run split")
     workers: int = arg(0, "collection worker processes (0 = one per core)")
+
+    def validate(self) -> None:
+        """Refuse settings that would fail after collecting (`InputError` naming the flag)."""
+        from gptfluence.simulators import method_spec
+
+        if self.runs < 1:
+            raise InputError(f"--runs must be >= 1, got {self.runs}")
+        for name in ("split_val", "split_test", "influence_test_examples", "workers"):
+            if getattr(self, name) < 0:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.sim_epochs < 1:
+            raise InputError(f"--sim-epochs must be >= 1, got {self.sim_epochs}")
+        n_test = self.split_test or max(2, round(self.runs * 5 / 32))
+        n_val = self.split_val or max(1, round(self.runs * 2 / 32))
+        if n_test + n_val >= self.runs:
+            raise InputError(f"--runs {self.runs} leaves no run to fit after {n_test} held-out and {n_val} validation "
+                             f"runs (--split-test / --split-val); collect more runs or hold out fewer")
+        if not self.tasks:
+            raise InputError("--tasks: give at least one task")
+        for m in self.methods:
+            method_spec(m)
+        collect_config_for(self, self.tasks[0]).validate()  # the collection's own checks, before anything runs
 
 
 def load_scale(scale: str) -> dict[str, Any]:
@@ -68,13 +108,11 @@ def load_scale(scale: str) -> dict[str, Any]:
 
 
 def collect_config_for(cfg: DemoConfig, task: str):
+    """The `CollectConfig` of one demo task: the shared fields, task seed and run seed = ``cfg.seed``."""
     from gptfluence.dynamics.collect import CollectConfig
 
-    return CollectConfig(task=task, n_train=cfg.n_train, n_test=cfg.n_test, task_seed=cfg.seed,
-                         model=cfg.model, model_layers=cfg.model_layers, model_hidden=cfg.model_hidden,
-                         model_pretrain_steps=cfg.model_pretrain_steps, examples_per_run=cfg.examples_per_run,
-                         batch_size=cfg.batch_size, epochs=cfg.epochs, lr=cfg.lr, run_seed=cfg.seed,
-                         gen_every=cfg.gen_every, gen_max_new_tokens=cfg.gen_max_new_tokens, device=cfg.device)
+    return CollectConfig(task=task, task_seed=cfg.seed, run_seed=cfg.seed,
+                         **{name: getattr(cfg, name) for name in SHARED_COLLECT_FIELDS})
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -112,9 +150,16 @@ def terminal_table(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True, log: Callable[[str], None] = print
-             ) -> dict[str, Any]:
-    """Run every stage into ``out``; returns a summary dict (paths, timings, the evaluation)."""
+def is_demo_output(folder: Path) -> bool:
+    """Whether ``folder`` is the output of an earlier demo (it holds demo_config.json)."""
+    return (Path(folder) / "demo_config.json").is_file()
+
+
+def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True, log: Callable[[str], None] = print,
+             overwrite: bool = False) -> dict[str, Any]:
+    """Run every stage into ``out`` (new, empty or an earlier demo's output; another non-empty
+    folder only with ``overwrite``, and then only the demo's own files and folders are written);
+    returns a summary dict (paths, timings, the evaluation)."""
     import torch
 
     from gptfluence.analysis.evaluate import evaluate, format_markdown, write_results
@@ -124,8 +169,10 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True, log: Calla
     from gptfluence.report import write_report
     from gptfluence.simulators import load_simulator
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from gptfluence.outputs import prepare_output_dir, slug
+
+    cfg.validate()
+    out = prepare_output_dir(out, "demo output", is_demo_output, overwrite=overwrite)
     save_json(cfg, out / "demo_config.json")
     timings: dict[str, float] = {}
 
@@ -134,7 +181,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True, log: Calla
     stores = []
     for i, task in enumerate(cfg.tasks):
         ccfg = collect_config_for(cfg, task)
-        path = out / "dynamics" / task.replace("/", "_")
+        path = out / "dynamics" / slug(task)
         have = len(Dynamics.open(path)) if (path / "manifest.json").exists() else 0
         log(f"[1/4 collect] {task}: {cfg.runs} runs" + (f" ({min(have, cfg.runs)} cached)" if have else ""))
         store = collect(ccfg, path, runs=cfg.runs, workers=cfg.workers, progress=progress, log=log)
@@ -166,7 +213,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True, log: Calla
     if "gptfluence" in cfg.methods and cfg.influence_test_examples > 0:
         log("[3/4 influence] leave-one-out influence with GPTfluence (loss) on a held-out curriculum")
         for task, store in zip(result["config"]["tasks"], stores):
-            sim_dir = out / "simulators" / task / "gptfluence-loss"
+            sim_dir = out / "simulators" / slug(task) / "gptfluence-loss"
             if not sim_dir.exists():
                 continue
             sim = load_simulator(sim_dir, dynamics=store)

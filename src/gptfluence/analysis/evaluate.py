@@ -172,6 +172,7 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
     from gptfluence.config import to_dict
     from gptfluence.simulators import make_simulator, method_config, method_names, method_spec
     from gptfluence.features.encoders import resolve_encoder
+    from gptfluence.outputs import slug
     from gptfluence.simulators.common import stack_curricula
     from gptfluence.simulators.engine import first_recorded_step
 
@@ -227,7 +228,8 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
         splits[task] = sp
         for metric in (metrics or store.metrics):
             if not all(metric in store.run(r).values for r in sp["fit"] + sp["val"] + sp["test"]):
-                skipped.append({"task": task, "metric": metric, "reason": "not recorded in every run"})
+                skipped.append({"task": task, "metric": metric,
+                                "reason": f"not recorded in every run (the store records {', '.join(store.metrics) or 'nothing'})"})
                 continue
             V, steps, tids = store.stack(metric, sp["test"])
             f0 = first_recorded_step(V, steps)
@@ -239,7 +241,7 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
                 hist = sim.fit(store, sp["fit"], sp["val"], progress=progress)
                 fit_s = time.perf_counter() - t0
                 if save_simulators is not None:
-                    sim.save(Path(save_simulators) / task / f"{method}-{metric}")
+                    sim.save(Path(save_simulators) / slug(task) / f"{method}-{slug(metric)}")
                 t0 = time.perf_counter()
                 sim.prepare(store, np.unique(cur[cur >= 0]), tids)
                 pred = sim.simulate(cur, tids, true[:, 0], first_step=f0)

@@ -59,7 +59,9 @@ def split_runs(run_ids: Sequence[str], seed: int = 0, n_val: int | None = None, 
         out["val"] = list(val)
     out["fit"] = list(fit) if fit is not None else rest
     if not out["fit"]:
-        raise InputError(f"no runs left to fit ({R} runs: {len(out['val'])} validation, {len(out['test'])} test)")
+        raise InputError(f"no runs left to fit ({R} runs: {len(out['val'])} validation, {len(out['test'])} test); "
+                         f"collect more runs, lower --n-val / --n-test, or name the runs with --fit-runs / --val-runs / "
+                         f"--test-runs")
     if not out["test"]:
         raise InputError("no held-out test runs")
     order = {r: i for i, r in enumerate(ids)}

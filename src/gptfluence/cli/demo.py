@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="packaged sizes: demo (a few minutes on 2 cores), tiny (tests), paper (the paper's fine-tuning shape; GPU)")
     p.add_argument("--config", default=None, help="JSON file with DemoConfig fields (applied after --scale)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty folder that is not an earlier demo's output (only the demo's files are written)")
     add_arguments(p, DemoConfig)
     p.set_defaults(func=run)
 
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         base = from_dict(DemoConfig, {**to_dict(base), **given}, source=args.config)
     cfg = from_namespace(DemoConfig, args, base)
     t0 = time.perf_counter()
-    res = run_demo(cfg, Path(args.out), progress=not args.quiet)
+    res = run_demo(cfg, Path(args.out), progress=not args.quiet, overwrite=args.overwrite)
     out = Path(args.out)
     print("\nHow well each simulator predicts held-out fine-tuning runs "
           "(rollout from the step-0 value; lower MSE/MAE and higher Spearman are better; * = lowest MSE):\n")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 
 
 def _summary(dyn, what: str) -> str:
@@ -31,11 +30,10 @@ def _import(args: argparse.Namespace) -> int:
     from gptfluence.dynamics.gptdynamics import import_gptdynamics
 
     dyn = import_gptdynamics(args.input, args.dir, task_name=args.task_name)
-    missing = 0
-    for r in dyn.runs():
-        for v in r.values.values():
-            missing += int(np.isnan(v).sum())
-    print(_summary(dyn, f"imported {args.input} -> {args.dir}") + f"; {missing} unrecorded values (NaN)")
+    rep = dyn.import_report
+    print(_summary(dyn, f"imported {args.input} -> {args.dir}")
+          + f"; {rep['unrecorded_values']} unrecorded values (NaN: missing steps or ids, and "
+            f"{rep['nan_records']} records whose value was NaN); {rep['exact_repeats']} exact repeats kept once")
     return 0
 
 
@@ -48,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dir", metavar="DIR", help="dynamics store folder")
     p.add_argument("out", metavar="OUT", help="output folder (must be empty unless --overwrite)")
     p.add_argument("--metrics", nargs="+", default=None, help="metrics to write (default: all)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty OUT: an earlier export's files there are replaced, nothing else is touched")
     p.set_defaults(func=_export)
 
     p = subparsers.add_parser(
@@ -56,6 +55,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Read IN (texts/ and runs/ in the published GPTDynamics layout) into a new dynamics "
                     "store DIR. Missing steps and exact repeats are tolerated; conflicting repeats are errors.")
     p.add_argument("input", metavar="IN", help="folder in the GPTDynamics layout")
-    p.add_argument("dir", metavar="DIR", help="dynamics store folder to create")
+    p.add_argument("dir", metavar="DIR", help="dynamics store folder to create (new or empty)")
     p.add_argument("--task-name", default=None, help="task name (default: from the export manifest or IN's name)")
     p.set_defaults(func=_import)

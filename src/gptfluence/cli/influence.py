@@ -27,8 +27,11 @@ def run(args: argparse.Namespace) -> int:
     from gptfluence.errors import InputError
     from gptfluence.simulators import load_simulator
 
+    from gptfluence.outputs import prepare_output_file
+
     if args.k < 1:
         raise InputError(f"--k must be >= 1 (got {args.k})")
+    prepare_output_file(args.out, inputs=[args.dynamics, args.simulator], suffixes=(".json",))
     store = Dynamics.open(args.dynamics)
     sim = load_simulator(args.simulator, dynamics=store)
     rec = store.run(args.run)

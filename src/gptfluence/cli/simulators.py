@@ -134,8 +134,9 @@ def register(subparsers: Any) -> None:
 def cmd_fit(args: argparse.Namespace) -> int:
     import torch
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     from gptfluence.analysis.splits import split_runs
     from gptfluence.dynamics.store import Dynamics
     from gptfluence.simulators import make_simulator
@@ -259,11 +260,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     from gptfluence.analysis.evaluate import evaluate, format_markdown, write_results
     from gptfluence.dynamics.store import Dynamics
 
+    from gptfluence.outputs import prepare_output_file
+
+    prepare_output_file(args.out, inputs=args.dynamics, suffixes=(".json",))
+    if args.markdown:
+        prepare_output_file(args.markdown, inputs=args.dynamics, flag="--markdown")
     stores = [Dynamics.open(p) for p in args.dynamics]
     given = _given_config(args)
     configs = _method_configs(list(args.methods), given, strict=True)
@@ -274,6 +281,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     res = evaluate(stores, methods=args.methods, metrics=args.metrics, split=split, seed=seed, configs=configs,
                    progress=not args.no_progress, keep_trajectories=not args.no_trajectories,
                    n_val=args.n_val, n_test=args.n_test)
+    if not res["results"]:
+        why = "; ".join(f"{s['task']} / {s['metric']}: {s['reason']}" for s in res["config"]["skipped"]) or "no metric"
+        raise InputError(f"nothing to evaluate ({why}); choose --metrics the stores record")
     write_results(res, args.out, args.markdown)
     sys.stdout.write(format_markdown(res))
     for s in res["config"]["skipped"]:

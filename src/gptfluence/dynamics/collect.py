@@ -418,7 +418,14 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, runs: int = 8, workers: 
     """
     from tqdm.auto import tqdm
 
+    from gptfluence.dynamics.store import FORMAT as STORE_FORMAT
+    from gptfluence.outputs import has_json_format, prepare_output_dir
+
     cfg.validate()
+    if workers < 0:
+        raise InputError(f"--workers must be >= 0 (0 = one per core), got {workers}")
+    prepare_output_dir(out, "dynamics store", has_json_format("manifest.json", STORE_FORMAT), create=False,
+                       inputs=[cfg.curriculum_file] if cfg.curriculum_file else [])
     device = resolve_device(cfg.device)
     task = load_task_for(cfg)
     plan = plan_runs(cfg, task, runs)  # bad curricula fail here, before the store is created
@@ -433,7 +440,7 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, runs: int = 8, workers: 
     if cfg.curriculum_file:
         # the file's content, not only its path, decides the runs: an edited file is a new collection
         identity["curriculum_sha256"] = sha256_file(cfg.curriculum_file) if Path(cfg.curriculum_file).exists() else None
-    store = create_store(out, task, metrics_for(cfg, task), identity)
+    store = create_store(out, task, metrics_for(cfg, task), identity)  # out was checked above
     removed = store.clean_staging()
     if removed:
         log(f"removed {removed} unfinished run folder(s) left by an interrupted collection")

@@ -174,17 +174,23 @@ def export_gptdynamics(dynamics: Dynamics, out_dir: str | os.PathLike,
     ``metrics``: which metrics to write (default all); each becomes ``all_<metric>_trajectory.out``.
     Only recorded (non-NaN) values at steps >= 1 go into the published files; step-0 values, run
     ids, seeds, learning rates and configs go into the ``gptfluence.json`` sidecars.
-    Refuses a non-empty ``out_dir`` unless ``overwrite``. Returns ``out_dir``.
+    Refuses a non-empty ``out_dir`` unless ``overwrite`` (``--overwrite``), and an ``out_dir`` that
+    is, contains or lies inside the store. With ``overwrite`` only files an earlier export wrote
+    (listed in its ``gptfluence_manifest.json``) are removed; nothing else is touched.
+    Returns ``out_dir``.
     """
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{out}: folder exists and is not empty (pass overwrite=True / use another folder)")
-    if overwrite and out.is_dir():  # no stale run folders or metric files from an earlier export
-        import shutil
+    from gptfluence.outputs import check_not_input
 
-        for name in ("runs", "texts"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
+    out = Path(out_dir)
+    if dynamics.root is not None:
+        check_not_input(out, [dynamics.root], flag="OUT")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out}: folder exists and is not empty (--overwrite replaces an earlier export's files; "
+                         f"or use another folder)")
+    if overwrite and out.is_dir():
+        _remove_previous_export(out)
     runs = dynamics.runs()
     all_metrics = list(dynamics.metrics)
     if metrics is None:
@@ -269,6 +275,42 @@ def export_gptdynamics(dynamics: Dynamics, out_dir: str | os.PathLike,
     return out
 
 
+def _remove_previous_export(out: Path) -> None:
+    """Remove exactly the files an earlier `export_gptdynamics` wrote into ``out`` (its manifest
+    lists the run folders), so no stale run or metric file survives an ``overwrite``; folders are
+    removed only when that leaves them empty. Without a manifest nothing is removed."""
+    man = out / MANIFEST_NAME
+    if not man.exists():
+        return
+    try:
+        runs = load_json(man).get("runs") or []
+        folders = [r["folder"] for r in runs if isinstance(r, dict) and isinstance(r.get("folder"), str)]
+    except (InputError, AttributeError):
+        folders = []
+    from gptfluence.outputs import is_safe_name
+
+    for folder in folders:
+        rdir = out / "runs" / folder
+        if not is_safe_name(folder) or not rdir.is_dir():
+            continue
+        for f in rdir.iterdir():
+            if f.is_file() and (f.name in (CURRICULUM_FILE, SIDECAR_NAME) or TRAJ_RE.match(f.name)):
+                f.unlink()
+        _rmdir_if_empty(rdir)
+    _rmdir_if_empty(out / "runs")
+    for split in ("train", "test"):
+        (out / "texts" / f"{split}.jsonl").unlink(missing_ok=True)
+    _rmdir_if_empty(out / "texts")
+    man.unlink()
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
 # ---------------------------------------------------------------------------------------------
 # import
 
@@ -302,8 +344,20 @@ def _find_texts(root: Path, split: str) -> Path:
 
 
 def _run_folders(root: Path) -> list[Path]:
+    """Run folders: every visible folder of ``root/runs`` (each must hold the curriculum file; a
+    folder that does not is an error, never silently skipped), or, without ``runs/``, the folders
+    of ``root`` that hold a curriculum or trajectory files."""
     base = root / "runs" if (root / "runs").is_dir() else root
-    dirs = [p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / CURRICULUM_FILE).exists()]
+    dirs = []
+    for p in base.iterdir():
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        has_traj = any(TRAJ_RE.match(f.name) for f in p.iterdir())
+        if (p / CURRICULUM_FILE).exists():
+            dirs.append(p)
+        elif base != root or has_traj:
+            raise InputError(f"{p}: run folder without {CURRICULUM_FILE} (its curriculum); restore the file or move "
+                             f"the folder out of {base}")
     if not dirs:
         raise InputError(f"{base}: no run folders (folders holding {CURRICULUM_FILE})")
     return sorted(dirs, key=lambda p: _natural_key(p.name))
@@ -325,15 +379,31 @@ def read_curriculum(path: str | os.PathLike, train_ids: set[int] | None = None,
     return cur
 
 
+@dataclass
+class TrajectoryFile:
+    """What `read_trajectories` read: ``values`` {test_id: {step: value}}, how many records were
+    NaN (kept as "not recorded") and how many exact repeats were merged."""
+
+    values: dict[int, dict[int, float]]
+    n_nan: int = 0
+    n_repeats: int = 0
+
+
 def read_trajectories(path: str | os.PathLike, test_ids: set[int] | None = None,
-                      num_steps: int | None = None) -> dict[int, dict[int, float]]:
-    """``{test_id: {step: value}}`` from an ``all_<metric>_trajectory.out`` file.
+                      num_steps: int | None = None, metric: str | None = None) -> TrajectoryFile:
+    """The trajectories of an ``all_<metric>_trajectory.out`` file (see `TrajectoryFile`).
 
     Values are Python floats as read (the store keeps them as float32). A NaN value counts as not
-    recorded. Repeats of a (test id, step) with the same float32 value are kept once; different
-    values are an error naming file, line, id and step.
+    recorded (and is counted). +-Infinity, and a value outside the metric's range (``metric``:
+    loss >= 0, bleu in [0, 100], rougeL and accuracy in [0, 1]), are errors naming file, line, id
+    and step. Repeats of a (test id, step) with the same float32 value are kept once (counted);
+    different values are an error. A file without any record is an error.
     """
+    from gptfluence.dynamics.store import METRIC_RANGES
+
     path = Path(path)
+    lo, hi = METRIC_RANGES.get(metric or "", (-math.inf, math.inf))
+    n_nan = n_rep = 0
     out: dict[int, dict[int, float]] = {}
     where_first: dict[tuple[int, int], int] = {}
     for lineno, obj in iter_json_lines(path):
@@ -357,16 +427,24 @@ def read_trajectories(path: str | os.PathLike, test_ids: set[int] | None = None,
                                  f"(the curriculum has {num_steps} steps)")
             v = float(v)
             if v != v:  # NaN: not recorded
+                n_nan += 1
                 continue
+            if math.isinf(v) or not lo <= v <= hi or not math.isfinite(float(np.float32(v))):
+                rng = f"; {metric} must lie in [{lo:g}, {hi:g}]" if metric in METRIC_RANGES else ""
+                raise InputError(f"{path} line {lineno} (id {tid}, step {s}), field 'loss': value {v!r} is not a "
+                                 f"finite {metric or 'metric'} value{rng}")
             if s in rec:
                 if np.float32(rec[s]).view(np.uint32) != np.float32(v).view(np.uint32):
                     raise InputError(
                         f"{path} line {lineno}: test id {tid}, step {s} repeated with a different value "
                         f"({rec[s]!r} on line {where_first[(tid, s)]}, {v!r} here)")
+                n_rep += 1
                 continue
             rec[s] = v
             where_first[(tid, s)] = lineno
-    return out
+    if not out:
+        raise InputError(f"{path}: no trajectories (an empty file)")
+    return TrajectoryFile(out, n_nan, n_rep)
 
 
 _FOLDER_RE = re.compile(
@@ -435,6 +513,11 @@ def import_gptdynamics(in_dir: str | os.PathLike, out_dir: str | os.PathLike | N
     root = Path(in_dir)
     if not root.is_dir():
         raise InputError(f"{root}: folder not found")
+    if out_dir is not None:
+        from gptfluence.outputs import prepare_output_dir
+
+        # a new store in a new or empty folder, never inside or around the input
+        prepare_output_dir(out_dir, "dynamics store", lambda _: False, inputs=[root], flag="DIR", create=False)
     manifest = load_json(root / MANIFEST_NAME) if (root / MANIFEST_NAME).exists() else None
     if manifest is not None and manifest.get("format") != MANIFEST_FORMAT:
         raise InputError(f"{root / MANIFEST_NAME}, field 'format': expected {MANIFEST_FORMAT!r}, "
@@ -455,6 +538,7 @@ def import_gptdynamics(in_dir: str | os.PathLike, out_dir: str | os.PathLike | N
         folders.sort(key=lambda p: (order.get(p.name, len(order)), _natural_key(p.name)))
 
     parsed = []  # (folder, sidecar, curriculum, {metric: trajectories})
+    stats = {"nan": 0, "repeats": 0}
     for rdir in folders:
         side = _read_sidecar(rdir)
         width = int(side.data["batch_size"]) if side and side.data.get("batch_size") is not None else None
@@ -464,9 +548,14 @@ def import_gptdynamics(in_dir: str | os.PathLike, out_dir: str | os.PathLike | N
                              f"has {cur.shape[0]} steps")
         trajs: dict[str, dict[int, dict[int, float]]] = {}
         files = sorted((p for p in rdir.iterdir() if TRAJ_RE.match(p.name)), key=lambda p: p.name)
+        if not files:
+            raise InputError(f"{rdir}: no trajectory files (all_<metric>_trajectory.out)")
         for p in files:
             metric = TRAJ_RE.match(p.name).group(1)  # type: ignore[union-attr]
-            trajs[metric] = read_trajectories(p, test_ids_set, cur.shape[0])
+            read = read_trajectories(p, test_ids_set, cur.shape[0], metric=metric)
+            trajs[metric] = read.values
+            stats["nan"] += read.n_nan
+            stats["repeats"] += read.n_repeats
         parsed.append((rdir, side, cur, trajs))
 
     # metrics: manifest order, then the conventional order, then alphabetical
@@ -484,89 +573,123 @@ def import_gptdynamics(in_dir: str | os.PathLike, out_dir: str | os.PathLike | N
 
     runs: list[Run] = []
     for rdir, side, cur, trajs in parsed:
-        if side is not None:
-            d = side.data
-            tids = np.asarray(d["test_ids"], dtype=np.int64)
-            steps = np.asarray(d["steps"], dtype=np.int64)
-            tid_set = set(tids.tolist())
-            for m, traj in trajs.items():
-                for tid in traj:
-                    if tid not in tid_set:
-                        raise InputError(f"{rdir / f'all_{m}_trajectory.out'}: test id {tid} is not among the run's "
-                                         f"test ids in {side.path}")
-            run_metrics = [m for m in (d.get("metrics") or metric_order) if m in trajs]
-            run_metrics += [m for m in metric_order if m in trajs and m not in run_metrics]
-            lr = None if d.get("lr") is None else np.asarray([np.nan if x is None else x for x in d["lr"]], dtype=np.float64)
-            run_id, seed = str(d["run_id"]), d.get("seed")
-            config, info = d.get("config") or {}, d.get("info") or {}
-            step0 = d.get("step0") or {}
-        else:
-            tids = common_test_ids
-            rec_steps = {s for traj in trajs.values() for per in traj.values() for s in per}
-            steps = np.asarray(sorted(rec_steps), dtype=np.int64)
-            run_metrics = [m for m in metric_order if m in trajs]
-            lr = None
-            fields = parse_folder_name(rdir.name)
-            seed = fields.pop("seed", None)
-            run_id = rdir.name
-            config = {k: v for k, v in fields.items()}
-            info = {FOLDER_KEY: rdir.name}
-            step0 = {}
-        col = {int(t): k for k, t in enumerate(tids.tolist())}
-        srow = {int(s): k for k, s in enumerate(steps.tolist())}
-        values: dict[str, np.ndarray] = {}
-        for m in run_metrics:
-            arr = np.full((steps.size, tids.size), np.nan, dtype=np.float32)
-            for tid, per in trajs[m].items():
-                c = col[tid]
-                for s, v in per.items():
-                    if s not in srow:
-                        raise InputError(f"{rdir / f'all_{m}_trajectory.out'}: test id {tid} has step {s}, which is not "
-                                         f"among the recorded steps in {side.path if side else rdir}")
-                    arr[srow[s], c] = v
-            if 0 in srow and m in step0 and step0[m] is not None:
-                vals0 = step0[m]
-                if len(vals0) != tids.size:
-                    raise InputError(f"{side.path if side else rdir}, field 'step0': metric {m!r} has {len(vals0)} "
-                                     f"values for {tids.size} test ids")
-                arr[srow[0]] = np.asarray([np.nan if x is None else x for x in vals0], dtype=np.float32)
-            values[m] = arr
-        run = Run(run_id=run_id, curriculum=cur, steps=steps, test_ids=tids, values=values, lr=lr,
-                  seed=None if seed is None else int(seed), config=config, info=info)
-        runs.append(run)
+        with _malformed(side.path if side is not None else rdir):
+            runs.append(_build_run(rdir, side, cur, trajs, metric_order, common_test_ids))
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise InputError(f"{root}: two run folders have run id {dup!r}")
 
     # the task
-    if manifest is not None:
-        tdesc = manifest.get("task") or {}
-        meta = manifest.get("example_meta") or {}
-        if meta:
-            train = [Example(e.id, e.prompt, e.target, dict(meta.get("train", {}).get(str(e.id), {}))) for e in train]
-            test = [Example(e.id, e.prompt, e.target, dict(meta.get("test", {}).get(str(e.id), {}))) for e in test]
-        task = Task(name=task_name or tdesc.get("name") or root.name, train=train, test=test,
-                    kind=tdesc.get("kind", GENERATION), labels=tuple(tdesc.get("labels", ())),
-                    metadata=tdesc.get("metadata", {}))
-        config = manifest.get("config") or {}
-    else:
-        kind, labels = _infer_kind(train, test)
-        task = Task(name=task_name or root.name, train=train, test=test, kind=kind, labels=labels,
-                    metadata={"source": "gptdynamics"})
-        config = {}
+    with _malformed(root / MANIFEST_NAME):
+        if manifest is not None:
+            tdesc = manifest.get("task") or {}
+            meta = manifest.get("example_meta") or {}
+            if meta:
+                train = [Example(e.id, e.prompt, e.target, dict(meta.get("train", {}).get(str(e.id), {}))) for e in train]
+                test = [Example(e.id, e.prompt, e.target, dict(meta.get("test", {}).get(str(e.id), {}))) for e in test]
+            task = Task(name=task_name or tdesc.get("name") or root.name, train=train, test=test,
+                        kind=tdesc.get("kind", GENERATION), labels=tuple(tdesc.get("labels", ())),
+                        metadata=dict(tdesc.get("metadata", {})))
+            config = dict(manifest.get("config") or {})
+        else:
+            kind, labels = _infer_kind(train, test)
+            task = Task(name=task_name or root.name, train=train, test=test, kind=kind, labels=labels,
+                        metadata={"source": "gptdynamics"})
+            config = {}
 
+    report = {"runs": len(runs), "nan_records": stats["nan"], "exact_repeats": stats["repeats"],
+              "unrecorded_values": int(sum(int(np.isnan(v).sum()) for r in runs for v in r.values.values()))}
     if out_dir is not None:
         store = create_store(out_dir, task, metric_order, config)
         for r in runs:
             if r.run_id in store.run_ids:
                 raise InputError(f"{Path(out_dir) / 'runs' / r.run_id}: run already exists in the store")
             store.write_run(r)
+        store.import_report = report
         return store
     dyn = Dynamics(task, runs)
     dyn.manifest["metrics"] = metric_order
     dyn.manifest["config"] = config
+    dyn.import_report = report
     return dyn
+
+
+class _malformed:
+    """Turn a type or value error while interpreting ``path`` (a sidecar or manifest written by
+    gptfluence, then edited or corrupted) into an `InputError` naming it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is not None and issubclass(exc_type, (TypeError, ValueError, KeyError, AttributeError,
+                                                          IndexError, OverflowError)) \
+                and not issubclass(exc_type, InputError):
+            raise InputError(f"{self.path}: malformed ({exc_type.__name__}: {exc})") from None
+        return False
+
+
+def _build_run(rdir: Path, side: "_Sidecar | None", cur: np.ndarray, trajs: dict[str, dict[int, dict[int, float]]],
+               metric_order: list[str], common_test_ids: np.ndarray) -> Run:
+    """One imported run from its parsed files (the sidecar, when there is one, restores everything)."""
+    from gptfluence.outputs import check_name
+
+    if side is not None:
+        d = side.data
+        tids = np.asarray(d["test_ids"], dtype=np.int64)
+        steps = np.asarray(d["steps"], dtype=np.int64)
+        tid_set = set(tids.tolist())
+        for m, traj in trajs.items():
+            for tid in traj:
+                if tid not in tid_set:
+                    raise InputError(f"{rdir / f'all_{m}_trajectory.out'}: test id {tid} is not among the run's "
+                                     f"test ids in {side.path}")
+        run_metrics = [m for m in (d.get("metrics") or metric_order) if m in trajs]
+        run_metrics += [m for m in metric_order if m in trajs and m not in run_metrics]
+        lr = None if d.get("lr") is None else np.asarray([np.nan if x is None else x for x in d["lr"]], dtype=np.float64)
+        run_id, seed = d["run_id"], d.get("seed")
+        config, info = d.get("config") or {}, d.get("info") or {}
+        step0 = d.get("step0") or {}
+    else:
+        tids = common_test_ids
+        rec_steps = {s for traj in trajs.values() for per in traj.values() for s in per}
+        steps = np.asarray(sorted(rec_steps), dtype=np.int64)
+        run_metrics = [m for m in metric_order if m in trajs]
+        lr = None
+        fields = parse_folder_name(rdir.name)
+        seed = fields.pop("seed", None)
+        run_id = rdir.name
+        config = {k: v for k, v in fields.items()}
+        info = {FOLDER_KEY: rdir.name}
+        step0 = {}
+    col = {int(t): k for k, t in enumerate(tids.tolist())}
+    srow = {int(s): k for k, s in enumerate(steps.tolist())}
+    values: dict[str, np.ndarray] = {}
+    for m in run_metrics:
+        arr = np.full((steps.size, tids.size), np.nan, dtype=np.float32)
+        for tid, per in trajs[m].items():
+            c = col[tid]
+            for s, v in per.items():
+                if s not in srow:
+                    raise InputError(f"{rdir / f'all_{m}_trajectory.out'}: test id {tid} has step {s}, which is not "
+                                     f"among the recorded steps in {side.path if side else rdir}")
+                arr[srow[s], c] = v
+        if 0 in srow and m in step0 and step0[m] is not None:
+            vals0 = step0[m]
+            if len(vals0) != tids.size:
+                raise InputError(f"{side.path if side else rdir}, field 'step0': metric {m!r} has {len(vals0)} "
+                                 f"values for {tids.size} test ids")
+            arr[srow[0]] = np.asarray([np.nan if x is None else x for x in vals0], dtype=np.float32)
+        values[m] = arr
+    check_name(run_id, "run id", str(side.path if side is not None else rdir))
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise InputError(f"{side.path if side is not None else rdir}, field 'seed': expected an integer, got {seed!r}")
+    return Run(run_id=run_id, curriculum=cur, steps=steps, test_ids=tids, values=values, lr=lr,
+               seed=None if seed is None else int(seed), config=config, info=info)
 
 
 __all__ = [

@@ -97,6 +97,7 @@ class Run:
                 raise InputError(
                     f"{src}: metric {name!r} has shape {v.shape}, expected "
                     f"(steps={self.steps.size}, test examples={self.test_ids.size})")
+            check_metric_values(name, v, src, self.steps, self.test_ids)
         if self.lr is not None and self.lr.shape != (self.num_steps,):
             raise InputError(f"{src}: lr has shape {self.lr.shape}, expected ({self.num_steps},)")
         id_to_row(self.test_ids.tolist(), f"{src} test_ids")
@@ -127,6 +128,55 @@ class Run:
         for k, v in self.values.items():
             out[METRIC_PREFIX + k] = v
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# integrity: every byte a reader relies on is covered by a hash
+
+CONTENT_HASH = "content_sha256"  # field of run.json / manifest.json: sha256 of the rest of the object
+
+
+def content_sha256(obj: dict[str, Any]) -> str:
+    """sha256 of a JSON object's canonical form, without its own `CONTENT_HASH` field (so that a
+    header can carry its own hash; whitespace and key order do not matter)."""
+    import hashlib
+
+    rest = {k: v for k, v in obj.items() if k != CONTENT_HASH}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")).hexdigest()
+
+
+def with_content_hash(obj: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: v for k, v in obj.items() if k != CONTENT_HASH}, CONTENT_HASH: content_sha256(obj)}
+
+
+def check_content_hash(obj: dict[str, Any], path: Path) -> None:
+    """`InputError` naming ``path`` when its recorded content hash does not match (edited or
+    corrupted); headers written before the hash existed carry none and are accepted."""
+    want = obj.get(CONTENT_HASH)
+    if want is not None and want != content_sha256(obj):
+        raise InputError(f"{path}: content does not match its {CONTENT_HASH} (file edited or corrupted)")
+
+
+# Value ranges of the standard metrics; a value outside (or +-inf) is refused on write and read.
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "loss": (0.0, float("inf")), "bleu": (0.0, 100.0), "rougeL": (0.0, 1.0), "accuracy": (0.0, 1.0),
+}
+
+
+def check_metric_values(name: str, values: np.ndarray, source: str, steps: np.ndarray | None = None,
+                        test_ids: np.ndarray | None = None) -> None:
+    """NaN means "not recorded"; +-inf, and values outside `METRIC_RANGES` for a standard metric,
+    are errors naming ``source``, the metric, the step and the test id."""
+    v = np.asarray(values)
+    lo, hi = METRIC_RANGES.get(name, (-np.inf, np.inf))
+    bad = np.isinf(v) | (np.isfinite(v) & ((v < lo) | (v > hi)))
+    if bad.any():
+        idx = tuple(int(x) for x in np.argwhere(bad)[0])
+        where = ""
+        if steps is not None and test_ids is not None and len(idx) == 2:
+            where = f" at step {int(steps[idx[0]])}, test id {int(test_ids[idx[1]])}"
+        rng = f" (must lie in [{lo:g}, {hi:g}])" if name in METRIC_RANGES else " (must be finite, or NaN = not recorded)"
+        raise InputError(f"{source}: metric {name!r} has value {float(v[idx])!r}{where}{rng}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +290,7 @@ class RunStaging:
             "config": run.config,
             "info": run.info,
         }
-        save_json(meta, self.path / "run.json")
+        save_json(with_content_hash(meta), self.path / "run.json")
         for p in self.path.rglob("*"):
             if p.is_file():
                 with open(p, "rb") as f:
@@ -289,9 +339,21 @@ def read_run(run_dir: str | os.PathLike) -> Run:
     run_dir = Path(run_dir)
     meta_path = run_dir / "run.json"
     meta = load_json(meta_path)
+    if not isinstance(meta, dict):
+        raise InputError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    check_content_hash(meta, meta_path)
     for key in ("run_id", "arrays_sha256", "num_steps"):
         if key not in meta:
             raise InputError(f"{meta_path}: missing field {key!r}")
+    if not isinstance(meta["run_id"], str) or not isinstance(meta["arrays_sha256"], str):
+        raise InputError(f"{meta_path}: fields 'run_id' and 'arrays_sha256' must be strings")
+    if isinstance(meta["num_steps"], bool) or not isinstance(meta["num_steps"], int):
+        raise InputError(f"{meta_path}, field 'num_steps': expected an integer, got {meta['num_steps']!r}")
+    if meta.get("seed") is not None and (isinstance(meta["seed"], bool) or not isinstance(meta["seed"], int)):
+        raise InputError(f"{meta_path}, field 'seed': expected an integer or null, got {meta['seed']!r}")
+    for key in ("config", "info"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise InputError(f"{meta_path}, field {key!r}: expected an object, got {meta[key]!r}")
     arrays_path = run_dir / "arrays.safetensors"
     if not arrays_path.exists():
         raise InputError(f"{arrays_path}: file not found (run {meta['run_id']!r} is incomplete)")
@@ -350,6 +412,12 @@ def create_store(path: str | os.PathLike, task: Task, metrics: Sequence[str],
     if manifest_path.exists():
         dyn = Dynamics.open(root)
         m = dyn.manifest
+        same = m.get("examples_sha256") == hashes and (
+            not config or m.get("config") == json.loads(json.dumps(config, default=str)))
+        if not same and not dyn.run_ids and not any((root / "runs").glob(STAGING_PREFIX + "*")):
+            # a store without a single run (e.g. a first collection that failed before its first run)
+            # holds nothing to lose: it is re-made for the new task and settings
+            return _write_new_store(root, task, metrics, config, hashes)
         if m.get("examples_sha256") != hashes:
             raise ArtifactMismatchError(
                 f"{manifest_path}: the store holds other examples than task {task.name!r} now gives "
@@ -361,6 +429,12 @@ def create_store(path: str | os.PathLike, task: Task, metrics: Sequence[str],
                 f"{manifest_path}: the store was collected with another config "
                 f"(fields differ: {', '.join(diff)}); use another --out folder")
         return dyn
+    return _write_new_store(root, task, metrics, config, hashes)
+
+
+def _write_new_store(root: Path, task: Task, metrics: Sequence[str], config: dict[str, Any],
+                     hashes: dict[str, str]) -> "Dynamics":
+    manifest_path = root / "manifest.json"
     root.mkdir(parents=True, exist_ok=True)
     (root / "runs").mkdir(exist_ok=True)
     write_examples(root / "examples" / "train.parquet", task.train)
@@ -372,9 +446,11 @@ def create_store(path: str | os.PathLike, task: Task, metrics: Sequence[str],
         "metrics": list(metrics),
         "config": config,
         "examples_sha256": hashes,
+        "files_sha256": {f"examples/{split}.parquet": sha256_file(root / "examples" / f"{split}.parquet")
+                         for split in ("train", "test")},
         "versions": _versions(),
     }
-    save_json(manifest, manifest_path)
+    save_json(with_content_hash(manifest), manifest_path)
     return Dynamics.open(root)
 
 
@@ -413,6 +489,16 @@ class Dynamics:
             raise InputError(f"{root}: not a dynamics store (no manifest.json)")
         manifest = check_header(load_json(manifest_path), manifest_path, FORMAT, FORMAT_VERSION,
                                 ("task", "examples_sha256"))
+        check_content_hash(manifest, manifest_path)
+        for key in ("task", "examples_sha256"):
+            if not isinstance(manifest[key], dict):
+                raise InputError(f"{manifest_path}, field {key!r}: expected an object")
+        for rel, want in (manifest.get("files_sha256") or {}).items():
+            f = root / rel
+            if rel not in ("examples/train.parquet", "examples/test.parquet"):
+                raise InputError(f"{manifest_path}, field 'files_sha256': unexpected file {rel!r}")
+            if f.exists() and sha256_file(f) != want:
+                raise InputError(f"{f}: sha256 does not match manifest.json (file corrupted or edited)")
         tdesc = manifest["task"]
         train = read_examples(root / "examples" / "train.parquet")
         test = read_examples(root / "examples" / "test.parquet")
@@ -435,8 +521,12 @@ class Dynamics:
         new = []
         if runs_dir.is_dir():
             for p in sorted(runs_dir.iterdir()):
-                if p.name.startswith(".") or not p.is_dir() or not (p / "run.json").exists():
+                if p.name.startswith("."):  # staging folders of runs being written, hidden files
                     continue
+                if not p.is_dir() or not (p / "run.json").exists():
+                    what = "a file" if not p.is_dir() else "a folder without run.json"
+                    raise InputError(f"{p}: {what} among the store's runs is not a finished run (a run becomes "
+                                     f"visible with its run.json); restore it, or move it out of {runs_dir}")
                 if p.name not in self._runs:
                     self._runs[p.name] = None
                     new.append(p.name)
@@ -530,6 +620,9 @@ class Dynamics:
         """Start writing run ``run_id``; see `RunStaging`."""
         if self.root is None:
             raise InputError("this Dynamics has no folder; use save() first")
+        from gptfluence.outputs import check_name
+
+        check_name(run_id, "run id")
         if (self.root / "runs" / run_id).exists():
             raise InputError(f"{self.root / 'runs' / run_id}: run already exists")
         return RunStaging(self.root / "runs", run_id)

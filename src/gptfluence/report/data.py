@@ -216,10 +216,16 @@ def check_influence(data: Any, source: str = INFLUENCE_FILE) -> list[dict[str, A
 
 
 def load_influence(out_dir: str | Path) -> list[dict[str, Any]] | None:
-    path = Path(out_dir) / INFLUENCE_FILE
+    """The checked reports of ``out_dir/influence.json``, or None when there is none."""
+    return load_optional(out_dir, INFLUENCE_FILE, check_influence)
+
+
+def load_optional(out_dir: str | Path, name: str, check: Any) -> Any:
+    """``check(data, path)`` of the JSON file ``out_dir/name``, or None when the file is absent."""
+    path = Path(out_dir) / name
     if not path.exists():
         return None
-    return check_influence(load_json(path), str(path))
+    return check(load_json(path), str(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +269,5 @@ def check_mislabel(data: Any, source: str = MISLABEL_FILE) -> list[dict[str, Any
 
 
 def load_mislabel(out_dir: str | Path) -> list[dict[str, Any]] | None:
-    path = Path(out_dir) / MISLABEL_FILE
-    if not path.exists():
-        return None
-    return check_mislabel(load_json(path), str(path))
+    """The checked experiments of ``out_dir/mislabel.json``, or None when there is none."""
+    return load_optional(out_dir, MISLABEL_FILE, check_mislabel)

@@ -9,18 +9,19 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import shutil
 from html import escape
 from pathlib import Path
 from typing import Any, Sequence
 
 
+from gptfluence.errors import InputError
 from gptfluence.report import data as rdata
 from gptfluence.report import figures as rfig
 from gptfluence.report.style import (HARMFUL_COLOR, HELPFUL_COLOR, Palette, fmt, fmt_seconds, is_reference,
                                      method_label, metric_label, order_methods, slug, squared_unit)
 
 REPORT_DIR = "report"
+WRITTEN_LIST = ".gptfluence-report-files.json"  # what the last report wrote, the only files a rewrite removes
 MAX_INFLUENCE_EXAMPLES = 12   # test examples shown per influence report
 MAX_TEXT = 240                # characters of an example text shown in a table cell
 
@@ -112,6 +113,7 @@ class _Files:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.used: set[str] = set()
+        self.paths: list[Path] = []
 
     def __call__(self, *parts: str) -> Path:
         base = slug(*parts)
@@ -119,7 +121,8 @@ class _Files:
         while name in self.used:
             name, k = f"{base}-{k}", k + 1
         self.used.add(name)
-        return self.root / f"{name}.png"
+        self.paths.append(self.root / f"{name}.png")
+        return self.paths[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,12 +312,17 @@ def write_report(out_dir: str | Path, evaluation: dict[str, Any] | None = None,
            else rdata.check_mislabel(mislabel, "mislabel"))
 
     root = out_dir / REPORT_DIR
-    if root.exists():
-        for p in root.iterdir():  # stale figures of an earlier report
-            if p.is_file() and p.suffix in (".png", ".html"):
-                p.unlink()
-            elif p.is_dir():
-                shutil.rmtree(p)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{root}: exists and is not a folder; the report is written there")
+    listing = root / WRITTEN_LIST
+    if listing.exists():  # stale figures of an earlier report: exactly the files it wrote
+        try:
+            earlier = json.loads(listing.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            earlier = []
+        for name in earlier if isinstance(earlier, list) else []:
+            if isinstance(name, str) and "/" not in name and "\\" not in name and name not in ("", ".", ".."):
+                (root / name).unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     files = _Files(root)
 
@@ -389,4 +397,6 @@ use no model of the training data.</footer>
     tmp = root / ".index.html.tmp"
     tmp.write_text(html, encoding="utf-8")
     tmp.replace(index)
+    written = sorted(p.name for p in files.paths if p.exists()) + ["index.html"]
+    (root / WRITTEN_LIST).write_text(json.dumps(written) + "\n", encoding="utf-8")
     return index

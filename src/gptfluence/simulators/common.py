@@ -47,6 +47,27 @@ class FitConfig:
     rollout_runs: int = arg(8, "objective=rollout: fit runs per optimizer step (0 = all)")
     normalize: bool = arg(True, "fit on metric / scale (scale = mean |value| over the fit runs); outputs stay in metric units")
 
+    def validate(self) -> None:
+        """Raise `InputError` naming the first invalid field (as its flag)."""
+        import math
+
+        def bad(name: str, rule: str) -> InputError:
+            return InputError(f"--{name.replace('_', '-')} ({name}) must be {rule}, got {getattr(self, name)!r}")
+
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", "a number > 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise bad("weight_decay", ">= 0")
+        if self.epochs < 1:
+            raise bad("epochs", ">= 1")
+        for name in ("batch_size", "min_steps_per_epoch", "warmup_steps", "patience", "rollout_runs"):
+            if getattr(self, name) < 0:
+                raise bad(name, ">= 0")
+        from gptfluence.simulators.engine import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise bad("objective", f"one of {', '.join(OBJECTIVES)}")
+
 
 # ---------------------------------------------------------------------------------------------
 # input checks
@@ -464,4 +485,6 @@ def config_from(cls: type, config: Any, overrides: dict[str, Any], source: str) 
         config = from_dict(cls, config, source)
     if overrides:
         config = from_dict(cls, {**to_dict(config), **overrides}, source)
+    if hasattr(config, "validate"):
+        config.validate()
     return config

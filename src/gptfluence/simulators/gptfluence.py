@@ -93,6 +93,21 @@ class GPTfluenceConfig(FitConfig):
     encoder: str = arg("minilm", "text encoder spec for features ('minilm', a model path, or 'bow[:DIM]')")
 
 
+def _validate_gptfluence(cfg: "GPTfluenceConfig") -> None:
+    FitConfig.validate(cfg)
+    rules = {"order": 1, "proj_dim": 1, "similarity_dim": 1, "similarity_checkpoints": 1, "hidden": 0}
+    for name, low in rules.items():
+        if getattr(cfg, name) < low:
+            raise InputError(f"--{name.replace('_', '-')} ({name}) must be >= {low}, got {getattr(cfg, name)!r}")
+    if not cfg.init_std > 0:
+        raise InputError(f"--init-std (init_std) must be > 0, got {cfg.init_std!r}")
+    if cfg.similarity not in SIMILARITIES:
+        raise InputError(f"--similarity must be one of {', '.join(SIMILARITIES)}, got {cfg.similarity!r}")
+
+
+GPTfluenceConfig.validate = _validate_gptfluence  # type: ignore[method-assign]
+
+
 class Projection(nn.Module):
     """h [N, H] -> [N, d]: Linear(H, d) when ``hidden == 0``, else Linear(H, hidden) -> ReLU ->
     Linear(hidden, d). ``l2`` is always the last layer."""

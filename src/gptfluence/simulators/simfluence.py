@@ -87,10 +87,10 @@ class SimfluenceSimulator(RecurrenceSimulator):
         if unseen == "error":
             if not rok.all():
                 raise InputError(f"simfluence has no parameters for training id {int(tr[~rok][0])}; it cannot simulate "
-                                 f"unseen examples (use unseen='zero' to let them contribute nothing)")
+                                 f"unseen examples (unseen='zero', --unseen zero, lets them contribute nothing)")
             if not cok.all():
                 raise InputError(f"simfluence has no parameters for test id {int(te[~cok][0])}; it cannot simulate "
-                                 f"unseen examples (use unseen='zero' for a constant trajectory)")
+                                 f"unseen examples (unseen='zero', --unseen zero, gives a constant trajectory)")
         dev = self.device
         rpos = np.where(rok, rpos, self.train_ids.size)  # index of the zero row
         cpos = np.where(cok, cpos, self.test_ids.size)

@@ -254,7 +254,7 @@ def _hub_rows(name: str, spec: HFSpec, split: str) -> tuple[list[tuple[str, int,
             err = e
     else:
         raise InputError(f"{name}: could not load {spec.hub_path} ({spec.hub_config}) split {split!r} from the "
-                         f"Hugging Face hub: {err}. Pass data_dir= with local files instead") from None
+                         f"Hugging Face hub: {err}. Give local files in the dataset's schema with --data-dir (data_dir=) instead") from None
     source = f"{spec.hub_path}/{spec.hub_config}:{s}"
     rows = [(source, i, "row", r) for i, r in enumerate(ds, 1)]
     if rows:
