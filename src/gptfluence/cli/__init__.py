@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed sub-command (``args.func(args)``) with SIGTERM handled like Ctrl-C."""
     import signal
     import threading
 
