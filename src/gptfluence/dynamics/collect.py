@@ -440,7 +440,8 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, runs: int = 8, workers: 
     if cfg.curriculum_file:
         # the file's content, not only its path, decides the runs: an edited file is a new collection
         identity["curriculum_sha256"] = sha256_file(cfg.curriculum_file) if Path(cfg.curriculum_file).exists() else None
-    store = create_store(out, task, metrics_for(cfg, task), identity)  # out was checked above
+    defaults = {k: v for k, v in to_dict(CollectConfig()).items() if k not in NON_IDENTITY_FIELDS}
+    store = create_store(out, task, metrics_for(cfg, task), identity, defaults=defaults)  # out was checked above
     removed = store.clean_staging()
     if removed:
         log(f"removed {removed} unfinished run folder(s) left by an interrupted collection")

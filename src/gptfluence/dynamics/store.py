@@ -398,12 +398,27 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _config_diff(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """Fields whose values differ between a store's recorded config and a new one; a field the old
+    config lacks (written before the field existed) counts as its default value in ``defaults``."""
+    def norm(v: Any) -> Any:
+        return json.loads(json.dumps(v, default=str))
+
+    out = []
+    for k in sorted(set(old) | set(new)):
+        was = old[k] if k in old else norm(defaults[k]) if k in defaults else None
+        if was != norm(new.get(k)):
+            out.append(k)
+    return out
+
+
 def create_store(path: str | os.PathLike, task: Task, metrics: Sequence[str],
-                 config: dict[str, Any] | None = None) -> "Dynamics":
+                 config: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None) -> "Dynamics":
     """Create a store for ``task`` (or reopen it if it exists with the same task and config).
 
     Reopening a store made for other examples or another collection config raises
-    `ArtifactMismatchError`, so two collections never mix in one folder.
+    `ArtifactMismatchError`, so two collections never mix in one folder (``defaults``: the
+    values of config fields a store written before they existed is taken to have).
     """
     root = Path(path)
     manifest_path = root / "manifest.json"
@@ -412,8 +427,8 @@ def create_store(path: str | os.PathLike, task: Task, metrics: Sequence[str],
     if manifest_path.exists():
         dyn = Dynamics.open(root)
         m = dyn.manifest
-        same = m.get("examples_sha256") == hashes and (
-            not config or m.get("config") == json.loads(json.dumps(config, default=str)))
+        diff = _config_diff(m.get("config") or {}, config, defaults or {}) if config else []
+        same = m.get("examples_sha256") == hashes and not diff
         if not same and not dyn.run_ids and not any((root / "runs").glob(STAGING_PREFIX + "*")):
             # a store without a single run (e.g. a first collection that failed before its first run)
             # holds nothing to lose: it is re-made for the new task and settings
@@ -422,9 +437,7 @@ def create_store(path: str | os.PathLike, task: Task, metrics: Sequence[str],
             raise ArtifactMismatchError(
                 f"{manifest_path}: the store holds other examples than task {task.name!r} now gives "
                 f"(different seed, size or data); use another --out folder")
-        if config and m.get("config") != json.loads(json.dumps(config, default=str)):
-            old = m.get("config") or {}
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != json.loads(json.dumps(config.get(k), default=str)))
+        if diff:
             raise ArtifactMismatchError(
                 f"{manifest_path}: the store was collected with another config "
                 f"(fields differ: {', '.join(diff)}); use another --out folder")
