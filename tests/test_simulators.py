@@ -208,6 +208,9 @@ def fitted(synth):
         "simfluence": make_simulator("simfluence", "loss", epochs=40, batch_size=1024),
         "constant": make_simulator("constant", "loss"),
         "mean_curve": make_simulator("mean_curve", "loss"),
+        # the presets at their own configuration, cut to 2 epochs (batch 128: 53 steps each)
+        "gptfluence_paper": make_simulator("gptfluence_paper", "loss", encoder=enc, epochs=2),
+        "simfluence_paper": make_simulator("simfluence_paper", "loss", epochs=2),
     }
     for s in sims.values():
         s.fit(dyn, fit, val)
@@ -216,7 +219,7 @@ def fitted(synth):
 
 def test_fit_recovers_known_process(synth, fitted):
     dyn, enc, fit, val, test = synth
-    mse = {k: _heldout_mse(s, dyn, test)[0] for k, s in fitted.items()}
+    mse = {k: _heldout_mse(s, dyn, test)[0] for k, s in fitted.items() if not k.endswith("_paper")}
     assert mse["gptfluence"] < 0.5 * mse["mean_curve"], mse
     assert mse["gptfluence"] < 0.05 * mse["constant"], mse
     assert mse["simfluence"] < mse["constant"], mse

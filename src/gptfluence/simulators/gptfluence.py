@@ -62,13 +62,15 @@ from torch import nn
 from gptfluence.config import arg
 from gptfluence.dynamics.store import Dynamics
 from gptfluence.errors import ArtifactMismatchError, InputError
-from gptfluence.simulators.common import FitConfig, RecurrenceSimulator, config_from, stored_config, write_artifact
+from gptfluence.simulators.common import (FitConfig, RecurrenceSimulator, check_fit_config, config_from, stored_config,
+                                         write_artifact)
 from gptfluence.features.cache import embed_examples
 from gptfluence.features.encoders import Encoder, resolve_encoder
 from gptfluence.types import Example
 
 
 SIMILARITIES = ("auto", "grad", "features", "none")
+INITS = ("scaled", "pytorch_default")
 
 
 @dataclasses.dataclass
@@ -87,9 +89,11 @@ class GPTfluenceConfig(FitConfig):
     lr: float = arg(3e-4, "AdamW learning rate (after warmup)")
     epochs: int = arg(100, "maximum epochs over all teacher-forcing transitions of the fit runs")
     patience: int = arg(15, "stop after this many epochs without a better validation rollout MSE (0 = never)")
-    residual: bool = arg(True, "alpha_1 = 1 + sum A_1 (stable start); false = the paper's literal alpha_1 = sum A_1")
+    residual: bool = arg(True, "alpha_1 = 1 + sum A_1 (stable start); false = the paper's literal alpha_1 = sum A_1 (gptfluence with factor_bias: c_1 starts at 1/batch; simfluence: N(0,1)-initialised A is then the whole alpha)")
     factor_bias: bool = arg(True, "a learned scalar offset per factor (lets A take either sign with a shared MLP)")
-    init_std: float = arg(1e-3, "target RMS of the initial per-pair factors A, B (normalised units)")
+    init: str = arg("scaled", "initialisation. gptfluence: scaled (last layers scaled so that |A|, |B| ~ init_std) or pytorch_default (nn.Linear's own, the authors' code); simfluence: zeros or normal (N(0, 1), nn.Embedding's default in the authors' code)")
+    init_std: float = arg(1e-3, "init=scaled: target RMS of the initial per-pair factors A, B (normalised units)")
+    history_padding: str = arg("start", "order n > 1: the values before the first one of a trajectory (teacher forcing and rollouts): start (= the first value) or zeros (the authors' code)")
     encoder: str = arg("minilm", "text encoder spec for features ('minilm', a model path, or 'bow[:DIM]')")
 
 
@@ -298,6 +302,9 @@ class GPTfluenceSimulator(RecurrenceSimulator):
             raise InputError(f"gptfluence: order must be >= 1, got {self.config.order}")
         self.order = self.config.order
         self.residual = self.config.residual
+        check_fit_config(self.config, "gptfluence")
+        if self.config.init not in INITS:
+            raise InputError(f"gptfluence: init must be one of {INITS}, got {self.config.init!r}")
         self.encoder = encoder
         self.encoder_spec: dict[str, Any] | None = encoder.spec() if encoder is not None else None
         self.train_features = FeatureTable()
@@ -469,11 +476,10 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         if c.center_features:
             with torch.no_grad():
                 self.module.center.copy_(torch.cat([htr, hte]).mean(0))
-        self.module.rescale_init(htr, hte, c.init_std)
-        if not c.residual:
+        if c.init == "scaled":
+            self.module.rescale_init(htr, hte, c.init_std)
+        if not c.residual and self.module.bias is not None:  # without a bias (authors' code): no offset at all
             b = max(1, int(np.max([dynamics.run(r).curriculum.shape[1] for r in dynamics.run_ids[:1]])))
-            if self.module.bias is None:
-                raise InputError("gptfluence: residual=false needs factor_bias=true (c_1 starts at 1/batch)")
             with torch.no_grad():
                 self.module.bias[0] = 1.0 / b
 
