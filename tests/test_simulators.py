@@ -616,3 +616,58 @@ def test_artifacts_that_predate_a_config_field_load_with_the_behaviour_they_were
         assert back.config.detrend is False
         if method == "gptfluence":
             assert back.config.center_features is False
+
+
+# ---------------------------------------------------------------------------------------------
+# checks that guard code paths the tests above do not reach
+
+
+def test_early_stopping_restores_the_best_epochs_weights(synth):
+    dyn, enc, fit, val, test = synth
+    # a large lr makes the validation MSE jump about (here: best at epoch 4 of 12); patience 0
+    # never stops
+    kw = dict(epochs=12, batch_size=256, lr=0.01, patience=0)
+    sim = make_simulator("simfluence", "loss", **kw)
+    h = sim.fit(dyn, fit, val)
+    vm = h["val_mse"]
+    best = int(np.argmin(vm)) + 1
+    assert h["best_epoch"] == best and vm[-1] > min(vm) and best < kw["epochs"], vm
+    # the returned simulator rolls the validation run out with the best epoch's error ...
+    mse, pred = _heldout_mse(sim, dyn, val)
+    assert mse == pytest.approx(min(vm) * sim.scale ** 2, rel=1e-4)
+    # ... and predicts exactly as a fit that ran only up to that epoch
+    short = make_simulator("simfluence", "loss", **{**kw, "epochs": best})
+    short.fit(dyn, fit, val)
+    V, _, tids = dyn.stack("loss", test)
+    cur = stack_curricula(dyn, test)
+    np.testing.assert_array_equal(sim.simulate(cur, tids, V[:, 0]), short.simulate(cur, tids, V[:, 0]))
+
+
+def test_detrended_rollout_from_a_later_first_step_by_hand():
+    from gptfluence.simulators.common import Trend
+    from gptfluence.simulators.simfluence import FreeFactors, SimfluenceSimulator
+
+    # imported-like data: steps start at 1; trend (mean trajectory) 10, 8, 7, 6.5 at steps 1..4
+    sim = SimfluenceSimulator("loss")
+    sim.train_ids, sim.test_ids = np.array([0]), np.array([0])
+    sim.module = FreeFactors(1, 1)
+    with torch.no_grad():
+        sim.module.F[:, 0, 0] = torch.tensor([0.5, 0.25])  # A (alpha = 1 + A), B in normalised units
+    sim.scale = 2.0
+    sim.trend = Trend(np.array([1, 2, 3, 4]), np.array([0]), np.array([[10.0], [8.0], [7.0], [6.5]]))
+    cur = np.zeros((1, 4, 1), dtype=np.int64)  # row t-1 = batch of step t
+    out = sim.simulate(cur, [0], np.array([[9.0]]), first_step=2)
+    # step 2: deviation (9 - 8) / 2 = 0.5; step 3: 1.5 * 0.5 + 0.25 = 1.0 -> 1.0 * 2 + 7 = 9;
+    # step 4: 1.5 * 1.0 + 0.25 = 1.75 -> 1.75 * 2 + 6.5 = 10
+    np.testing.assert_allclose(out[0, :, 0], [9.0, 9.0, 10.0], rtol=1e-6)
+
+
+def test_batch_sums_chunked_equals_unchunked():
+    g = torch.Generator().manual_seed(0)
+    Fp = engine.pad_factors(torch.randn(3, 9, 4, generator=g))
+    rows = torch.randint(0, 10, (5, 7, 3), generator=g)  # 9 = the zero (padding) row
+    whole = engine.batch_sums(Fp, rows)
+    for max_elems in (1, 3 * 3 * 4 * 7 + 1, 3 * 3 * 4 * 7 * 2):  # one run per chunk, then 2
+        torch.testing.assert_close(engine.batch_sums(Fp, rows, max_elems=max_elems), whole, rtol=0, atol=0)
+    want = torch.stack([Fp[k][rows].sum(-2) for k in range(3)])
+    torch.testing.assert_close(whole, want)
