@@ -265,3 +265,25 @@ def test_preset_artifact_roundtrip_keeps_the_preset(tmp_path, synth):
     V, _, tids = dyn.stack("loss", test)
     cur = stack_curricula(dyn, test)
     np.testing.assert_array_equal(sim.simulate(cur, tids, V[:, 0]), back.simulate(cur, tids, V[:, 0]))
+
+
+def test_cli_fit_preset_paper_and_evaluate_by_name(tmp_path, synth, capsys):
+    import json
+
+    from gptfluence.cli import main
+
+    dyn, enc, fit, val, test = synth
+    store = str(dyn.save(tmp_path / "store").root)
+    assert main(["fit", store, "--method", "simfluence", "--preset", "paper", "--epochs", "2", "--no-progress",
+                 "--out", str(tmp_path / "s")]) == 0
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert cfg["method"] == "simfluence_paper" and cfg["config"]["init"] == "normal" and cfg["config"]["epochs"] == 2
+    assert cfg["config"]["optimizer"] == "adam_l2" and cfg["residual"] is False
+    assert main(["fit", store, "--method", "constant", "--preset", "paper", "--out", str(tmp_path / "c")]) == 2
+    assert "no such preset" in capsys.readouterr().err
+    out = tmp_path / "ev.json"
+    assert main(["evaluate", store, "--methods", "gptfluence_paper", "mean_curve", "--metrics", "loss", "--epochs", "1",
+                 "--encoder", "bow:16", "--no-progress", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert [r["method"] for r in d["results"]] == ["gptfluence_paper", "mean_curve"]
+    assert d["config"]["method_configs"]["gptfluence_paper"]["lr_schedule"] == "warmup_linear_decay"

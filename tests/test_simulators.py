@@ -671,3 +671,25 @@ def test_batch_sums_chunked_equals_unchunked():
         torch.testing.assert_close(engine.batch_sums(Fp, rows, max_elems=max_elems), whole, rtol=0, atol=0)
     want = torch.stack([Fp[k][rows].sum(-2) for k in range(3)])
     torch.testing.assert_close(whole, want)
+
+
+@pytest.mark.parametrize("order,residual,bias", [(1, False, False), (2, True, True)])
+def test_batched_reference_equals_the_engine(order, residual, bias):
+    from gptfluence.simulators.loop_reference import batched_transition_pred
+
+    torch.manual_seed(0)
+    N, M, H, K, b = 9, 5, 6, 20, 3
+    mod = FeaturizedFactors(H, 8, 4, order, share=True, factor_bias=bias)
+    htr, hte = torch.randn(N, H), torch.randn(M, H)
+    rows = torch.randint(-1, N, (K, b))
+    cols = torch.randint(0, M, (K,))
+    prev = torch.randn(order, K)
+    fast = engine.teacher_forced_pred(engine.pad_factors(mod(htr, hte)), torch.where(rows < 0, N, rows), cols, prev,
+                                      residual)
+    slow = batched_transition_pred(mod, htr, hte, rows, cols, prev, residual)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    g1 = torch.autograd.grad(fast.pow(2).mean(), list(mod.parameters()))
+    g2 = torch.autograd.grad(batched_transition_pred(mod, htr, hte, rows, cols, prev, residual).pow(2).mean(),
+                             list(mod.parameters()))
+    for a, c in zip(g1, g2):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
