@@ -7,7 +7,9 @@ a known GPTfluence-like process, see `gptfluence.simulators.synthetic`), or a st
 Simulator: the paper preset's size (one MLP 384 -> 384 -> 384 per factor shared by the train and
 the test side, order 1).
 
-Measured (one thread for everything unless ``--threads``):
+Measured (one thread for everything unless ``--threads``). Every time is the CPU time of this
+process (``time.process_time``): on a shared machine other load inflates wall time but not the
+work done; wall seconds are recorded beside (``wall``).
 
 * fit, like for like (``fit_speedup``): the ``gptfluence_paper`` preset in our engine (Adam with
   coupled weight decay, batches of 128 transitions, the factor matrices of the whole pool computed
@@ -57,6 +59,13 @@ from gptfluence.simulators.synthetic import synthetic_dynamics
 
 AUTHORS_MS_PER_128 = 36.0  # shared/design/measurements.md, one CPU thread
 AUTHORS_ROLLOUT_MS_PER_TRAJECTORY_STEP = 0.8
+
+
+def timed(fn, *a, **kw):
+    """(result, cpu seconds of this process, wall seconds) of ``fn(*a, **kw)``."""
+    c0, w0 = time.process_time(), time.perf_counter()
+    out = fn(*a, **kw)
+    return out, time.process_time() - c0, time.perf_counter() - w0
 PAPER_SIZE = dict(hidden=384, proj_dim=384, share_projection=True, order=1, center_features=False, similarity="none")
 
 
@@ -71,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref-fit-steps", type=int, default=10, help="reference optimizer steps (x128 transitions) to time")
     ap.add_argument("--ref-rollout-trajectories", type=int, default=4, help="reference trajectories to roll out")
     ap.add_argument("--paper-runs", type=int, default=12, help="whole fit + evaluate of the preset: runs of its store")
-    ap.add_argument("--paper-steps", type=int, default=48, help="... steps per run (batch 4)")
-    ap.add_argument("--paper-tests", type=int, default=50, help="... test examples")
+    ap.add_argument("--paper-steps", type=int, default=32, help="... steps per run (batch 4)")
+    ap.add_argument("--paper-tests", type=int, default=40, help="... test examples")
     ap.add_argument("--paper-pool", type=int, default=100, help="... training pool")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both implementations")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "simulators.json"))
@@ -97,19 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     sim.fit(dyn, fit_runs, [])  # also embeds the examples (excluded from the timing below)
     sim_t = make_simulator("gptfluence", args.metric, encoder=encoder, **big_kw)
     sim_t.train_features, sim_t.test_features = sim.train_features, sim.test_features
-    h = sim_t.fit(dyn, fit_runs, [])
-    ours_big_per_tr = h["seconds"] / (h["epochs_run"] * h["transitions"])
+    h, big_cpu, big_wall = timed(sim_t.fit, dyn, fit_runs, [])
+    ours_big_per_tr = big_cpu / (h["epochs_run"] * h["transitions"])
     print(f"ours, batch {h['batch_size']}: {h['epochs_run']} epochs x {h['transitions']} transitions in "
-          f"{h['seconds']:.2f} s ({1e6 * ours_big_per_tr:.2f} us per transition)")
+          f"{big_cpu:.2f} CPU-s ({big_wall:.2f} s wall; {1e6 * ours_big_per_tr:.2f} us per transition)")
 
     # --- ours at the paper preset (batch 128, Adam + coupled decay, linear warmup/decay) ----------
     paper = make_simulator("gptfluence_paper", args.metric, encoder=encoder, epochs=1)
     paper.train_features, paper.test_features = sim.train_features, sim.test_features
-    hp = paper.fit(dyn, fit_runs[:args.preset_fit_runs], [])
-    ours_paper_per_tr = hp["seconds"] / (hp["epochs_run"] * hp["transitions"])
+    hp, paper_cpu, paper_wall = timed(paper.fit, dyn, fit_runs[:args.preset_fit_runs], [])
+    ours_paper_per_tr = paper_cpu / (hp["epochs_run"] * hp["transitions"])
     print(f"ours, gptfluence_paper (batch {hp['batch_size']}): 1 epoch x {hp['transitions']} transitions in "
-          f"{hp['seconds']:.2f} s ({1e6 * ours_paper_per_tr:.1f} us per transition, "
-          f"{1e3 * hp['seconds'] / hp['steps_per_epoch']:.1f} ms per optimizer step)")
+          f"{paper_cpu:.2f} CPU-s ({paper_wall:.2f} s wall; {1e6 * ours_paper_per_tr:.1f} us per transition, "
+          f"{1e3 * paper_cpu / hp['steps_per_epoch']:.1f} ms per optimizer step)")
 
     # --- reference: the authors' loop structure, batched as theirs ---------------------------------
     V, steps, tids = dyn.stack(args.metric, fit_runs)
@@ -146,14 +155,15 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         sched.step()
 
+    def ref_steps() -> None:
+        for s in range(1, args.ref_fit_steps + 1):
+            ref_step(picks[128 * s:128 * (s + 1)])
+
     ref_step(picks[:128])  # warm-up
-    t0 = time.perf_counter()
-    for s in range(1, args.ref_fit_steps + 1):
-        ref_step(picks[128 * s:128 * (s + 1)])
-    ref_fit_s = time.perf_counter() - t0
+    _, ref_fit_s, ref_fit_wall = timed(ref_steps)
     ref_fit_per_tr = ref_fit_s / (128 * args.ref_fit_steps)
-    print(f"reference (authors' loop, batched): {args.ref_fit_steps} x 128 transitions in {ref_fit_s:.2f} s "
-          f"({1000 * ref_fit_s / args.ref_fit_steps:.1f} ms per 128)")
+    print(f"reference (authors' loop, batched): {args.ref_fit_steps} x 128 transitions in {ref_fit_s:.2f} CPU-s "
+          f"({ref_fit_wall:.2f} s wall; {1000 * ref_fit_s / args.ref_fit_steps:.1f} ms per 128)")
 
     # equal teacher-forced predictions with the same weights: the engine vs the batched reference
     scale = sim.scale
@@ -169,10 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     start_all = dyn.stack(args.metric, runs)[0][:, f0]
     sim.simulate(cur_all[:1], tids, start_all[:1], first_step=f0)  # warm-up
     reps = 5
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fast = sim.simulate(cur_all, tids, start_all, first_step=f0)
-    ours_roll_s = (time.perf_counter() - t0) / reps
+    fast, ours_roll_s, _ = timed(lambda: [sim.simulate(cur_all, tids, start_all, first_step=f0) for _ in range(reps)][-1])
+    ours_roll_s /= reps
     ours_roll_per = ours_roll_s / (len(runs) * M * (cur_all.shape[1] - f0))
     print(f"ours: rollout of {len(runs)} runs x {M} test x {cur_all.shape[1] - f0} steps in {ours_roll_s * 1000:.1f} ms "
           f"({ours_roll_per * 1e9:.0f} ns per trajectory-step)")
@@ -180,10 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     rr = np.searchsorted(train_ids, np.maximum(cur_all[:1, f0:], 0))
     rr[cur_all[:1, f0:] < 0] = -1
     pair = featurized_pair_fn(sim.module, htr, hte)
-    t0 = time.perf_counter()
-    slow = loop_rollout(pair, 1, torch.as_tensor(rr), torch.arange(K),
-                        torch.as_tensor(start_all[:1, :K] / scale, dtype=torch.float32))
-    ref_roll_s = time.perf_counter() - t0
+    slow, ref_roll_s, _ = timed(loop_rollout, pair, 1, torch.as_tensor(rr), torch.arange(K),
+                                torch.as_tensor(start_all[:1, :K] / scale, dtype=torch.float32))
     ref_roll_per = ref_roll_s / (K * (cur_all.shape[1] - f0))
     roll_diff = float(np.abs(slow.numpy() * scale - fast[:1, :, :K]).max())
     print(f"reference: rollout of {K} trajectories x {cur_all.shape[1] - f0} steps in {ref_roll_s:.2f} s "
@@ -192,14 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     # --- a whole fit + evaluation of the paper preset -----------------------------------------------
     pdyn, penc = synthetic_dynamics(n_runs=args.paper_runs, n_steps=args.paper_steps, n_train=args.paper_pool,
                                     n_test=args.paper_tests, batch=4, dim=384, seed=1)
-    t0 = time.perf_counter()
-    pres = evaluate(pdyn, methods=["gptfluence_paper", "simfluence_paper", "mean_curve"], encoder=penc,
-                    keep_trajectories=False)
-    paper_eval_s = time.perf_counter() - t0
-    prec = {r["method"]: r for r in pres["results"]}
-    gp = prec["gptfluence_paper"]
-    print(f"gptfluence_paper fit + evaluate: {gp['fit_seconds'] + gp['simulate_seconds']:.1f} s "
-          f"({gp['epochs_run']} epochs, best {gp['best_epoch']}); all three methods {paper_eval_s:.1f} s")
+    pres, paper_eval_cpu, paper_eval_wall = timed(
+        evaluate, pdyn, methods=["gptfluence_paper"], encoder=penc, keep_trajectories=False)
+    gp = pres["results"][0]
+    others = evaluate(pdyn, methods=["simfluence_paper", "gptfluence", "simfluence", "mean_curve"], encoder=penc,
+                      keep_trajectories=False, configs={"gptfluence": {"similarity": "features"}})
+    prec = {r["method"]: r for r in pres["results"] + others["results"]}
+    print(f"gptfluence_paper fit + evaluate: {paper_eval_cpu:.1f} CPU-s ({paper_eval_wall:.1f} s wall; "
+          f"{gp['epochs_run']} epochs, best {gp['best_epoch']})")
 
     res = {
         "fit_speedup": ref_fit_per_tr / ours_paper_per_tr,
@@ -212,21 +218,23 @@ def main(argv: list[str] | None = None) -> int:
         "rollout_max_abs_diff": roll_diff,
         "teacher_forced_max_abs_diff": tf_diff,
         "ours_paper_preset_us_per_transition": 1e6 * ours_paper_per_tr,
-        "ours_paper_preset_ms_per_optimizer_step": 1e3 * hp["seconds"] / hp["steps_per_epoch"],
+        "ours_paper_preset_ms_per_optimizer_step": 1e3 * paper_cpu / hp["steps_per_epoch"],
         "ours_batch_4096_us_per_transition": 1e6 * ours_big_per_tr,
         "ref_fit_ms_per_128_transitions": 1000 * ref_fit_per_tr * 128,
         "measured_authors_code_ms_per_128_transitions": AUTHORS_MS_PER_128,
         "ours_rollout_ns_per_trajectory_step": ours_roll_per * 1e9,
         "ref_rollout_ms_per_trajectory_step": ref_roll_per * 1e3,
         "ours_rollout_seconds_all_runs": ours_roll_s,
-        "paper_preset_fit_evaluate_seconds": gp["fit_seconds"] + gp["simulate_seconds"],
+        "paper_preset_fit_evaluate_seconds": paper_eval_cpu,
+        "paper_preset_fit_evaluate_seconds_wall": paper_eval_wall,
         "paper_preset_epochs_run": gp["epochs_run"],
         "paper_preset_best_epoch": gp["best_epoch"],
-        "paper_preset_seconds_per_epoch": gp["fit_seconds"] / max(1, gp["epochs_run"]),
+        "paper_preset_seconds_per_epoch": paper_eval_cpu / max(1, gp["epochs_run"]),
         "paper_evaluation": {m: {k: prec[m][k] for k in ("mse_mean", "spearman_final_mean", "fit_seconds",
                                                           "epochs_run", "best_epoch")} for m in prec},
         "targets": {"rollout_speedup": 1000, "fit_speedup_vs_measured_authors_code": 100},
-        "seconds_total": time.perf_counter() - t_start,
+        "wall": {"ours_paper_preset_epoch": paper_wall, "ours_batch_4096_fit": big_wall, "ref_fit": ref_fit_wall},
+        "seconds_total_wall": time.perf_counter() - t_start,
         "setup": {
             "data": source, "runs": len(runs), "steps": int(cur_all.shape[1]), "test_examples": int(M),
             "train_pool": int(train_ids.size), "feature_dim": int(htr.shape[1]),
@@ -239,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             "paper_evaluation_store": f"synthetic {args.paper_runs} runs x {args.paper_steps} steps x {args.paper_tests} "
                                       f"test x {args.paper_pool} train, batch 4, 384-d; split "
                                       f"{len(pres['split']['fit'])}/{len(pres['split']['val'])}/{len(pres['split']['test'])}",
+            "clock": "CPU time of the process (time.process_time); wall seconds under 'wall'",
+            "paper_evaluation_note": "gptfluence with similarity=features (a synthetic store has no GPT for gradients)",
             "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
             "note": "reference timed on a subset and scaled per transition / per (trajectory, step); shared weights",
         },

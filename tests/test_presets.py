@@ -287,3 +287,25 @@ def test_cli_fit_preset_paper_and_evaluate_by_name(tmp_path, synth, capsys):
     d = json.loads(out.read_text())
     assert [r["method"] for r in d["results"]] == ["gptfluence_paper", "mean_curve"]
     assert d["config"]["method_configs"]["gptfluence_paper"]["lr_schedule"] == "warmup_linear_decay"
+
+
+def test_artifacts_without_the_new_fields_load_with_the_old_behaviour(tmp_path, synth):
+    import json
+
+    dyn, enc, fit, val, test = synth
+    sim = make_simulator("simfluence", "loss", epochs=2)
+    sim.fit(dyn, fit, val)
+    sim.save(tmp_path / "s")
+    cfg_path = tmp_path / "s" / "config.json"
+    meta = json.loads(cfg_path.read_text())
+    for k in ("residual", "init", "l2_penalty", "optimizer", "lr_schedule", "early_stopping"):
+        meta["config"].pop(k)
+    cfg_path.write_text(json.dumps(meta))
+    back = load_simulator(tmp_path / "s")
+    c = back.config
+    assert (c.residual, c.init, c.l2_penalty, c.optimizer, c.lr_schedule, c.early_stopping) == (
+        True, "zeros", 0.0, "adamw", "warmup_constant", "patience")
+    assert back.residual is True
+    V, _, tids = dyn.stack("loss", test)
+    cur = stack_curricula(dyn, test)
+    np.testing.assert_array_equal(sim.simulate(cur, tids, V[:, 0]), back.simulate(cur, tids, V[:, 0]))

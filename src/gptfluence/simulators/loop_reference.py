@@ -1,10 +1,13 @@
-"""A per-step Python-loop implementation of the same model, with the research code's structure.
+"""Reference implementations of the same model, with the research code's structure.
 
-One trajectory (run, test example) at a time, one step at a time; at each step the factor MLPs
-are called on that step's batch (batch-1 over trajectories) and the test example, and the
-recurrence is applied to scalars. Teacher forcing likewise calls the MLPs once per transition.
-It exists to check the matrix-form engine (tests: equal rollouts and equal loss gradients) and
-to measure what the matrix form buys (`benchmarks/simulators.py`). Never use it for real work.
+`loop_rollout`: one trajectory (run, test example) at a time, one step at a time; at each step
+the factor MLPs are called on that step's batch and the test example, and the recurrence is
+applied to scalars (the authors' validation rollouts work so). `loop_teacher_forced_loss`: one
+model call per transition (a check, slower than the authors' training). `batched_transition_pred`:
+teacher forcing as the authors' training loop does it, the MLPs once per batch of transitions on
+all its (transition, example) rows. They exist to check the matrix-form engine (tests: equal
+rollouts, predictions and loss gradients) and to measure what the matrix form buys
+(`benchmarks/simulators.py`). Never use them for real work.
 """
 
 from __future__ import annotations
