@@ -62,7 +62,7 @@ evaluate-ablations: setup
 # The authors' exact configurations (methods gptfluence_paper, simfluence_paper; see
 # gptfluence.simulators.presets) beside the mean curve, loss only. Not in evaluate-builtin: at the
 # paper's batch 128 and up to 300 epochs, gptfluence_paper costs ~16 CPU-s per epoch per task here
-# (938 steps of 384-384-384 MLPs over the 300-example pool), i.e. 15-80 min per task on one
+# (938 steps of 384-384-384 MLPs over the 300-example pool): up to 80 min per task (300 epochs) on one
 # thread; --device auto uses a GPU when there is one.
 evaluate-paper: setup
 	$(EVAL_LOSS) --methods gptfluence_paper simfluence_paper mean_curve --device auto \
