@@ -211,3 +211,29 @@ def test_markdown_marks_fits_that_kept_untrained_weights():
     assert "| simfluence † |" in md and "| gptfluence |" in md and "| constant |" in md
     assert "| 1 ± 0 | 0.250 |" in md and "| 4 ± 0 | 1.000 |" in md  # MSE ÷ mean curve
     assert "kept the initial (untrained) weights" in md
+
+
+def test_evaluate_records_equal_the_metric_functions_on_its_own_trajectories():
+    dyn, enc = synthetic_dynamics(n_runs=9, n_steps=12, n_train=30, n_test=8, dim=16, seed=6)
+    res = evaluate(dyn, methods=["simfluence", "constant", "mean_curve"], seed=1, configs={"simfluence": {"epochs": 3}},
+                   n_test=3)
+    test_runs = res["split"]["test"]
+    assert len(res["results"]) == 3
+    for rec in res["results"]:
+        trs = {t["run_id"]: t for t in res["trajectories"] if (t["method"], t["metric"]) == (rec["method"], rec["metric"])}
+        true = np.array([trs[r]["true"] for r in test_runs], dtype=float)  # [R, S, M], rounded to 1e-6
+        pred = np.array([trs[r]["predicted"] for r in test_runs], dtype=float)
+        d = pred[:, 1:] - true[:, 1:]  # every value is recorded here: plain means over steps 1..S-1
+        mse, mae = (d ** 2).mean(1), np.abs(d).mean(1)  # per trajectory [R, M]
+        want = {"mse_mean": mse.mean(), "mse_std": mse.std(), "mae_mean": mae.mean(), "mae_std": mae.std(),
+                "n_trajectories": mse.size}
+        assert all_steps_errors(true, pred) == pytest.approx(want)
+        want["spearman_final_mean"], want["spearman_final_std"], _ = final_step_spearman(true, pred)
+        want["curriculum_spearman_mean"], want["curriculum_spearman_std"], _ = curriculum_spearman(true, pred)
+        for k, v in want.items():
+            assert rec[k] == pytest.approx(v, rel=1e-4, abs=1e-6, nan_ok=True), (rec["method"], k)
+        np.testing.assert_allclose(rec["mse_by_step"], mse_by_step(true, pred), rtol=1e-4, atol=1e-9)
+        # the fields differ from each other here, so a swapped field cannot pass
+        assert len({round(want[k], 6) for k in ("mse_mean", "mae_mean", "spearman_final_mean")}) == 3
+    by = {r["method"]: r for r in res["results"]}
+    assert by["simfluence"]["spearman_final_mean"] != pytest.approx(by["simfluence"]["curriculum_spearman_mean"])

@@ -42,3 +42,21 @@ def test_gptfluence_fit_on_cuda_matches_cpu_rollout(tmp_path):
         r = dyn.run(dyn.run_ids[-1])
         preds[device] = sim.simulate(r.curriculum[None], r.test_ids, r.trajectory("loss")[:1])
     assert np.abs(preds["cpu"] - preds["cuda"]).max() < 1e-2
+
+
+def test_paper_presets_fit_on_cuda_like_on_cpu():
+    from gptfluence.simulators import make_simulator
+    from gptfluence.simulators.synthetic import synthetic_dynamics
+
+    dyn, enc = synthetic_dynamics(n_runs=6, n_steps=20, n_train=40, n_test=10, dim=32)
+    r = dyn.run(dyn.run_ids[-1])
+    for method in ("gptfluence_paper", "simfluence_paper"):
+        out = {}
+        for device in ("cpu", "cuda"):
+            kw = {"encoder": enc} if method == "gptfluence_paper" else {}
+            sim = make_simulator(method, "loss", epochs=3, device=device, **kw)
+            h = sim.fit(dyn, dyn.run_ids[:-2], dyn.run_ids[-2:-1])
+            one_step = sim.simulate(r.curriculum[None, :1], r.test_ids, r.trajectory("loss")[:1])
+            out[device] = (np.array(h["train_loss"]), one_step)
+        np.testing.assert_allclose(out["cuda"][0], out["cpu"][0], rtol=1e-3)
+        np.testing.assert_allclose(out["cuda"][1], out["cpu"][1], rtol=1e-3, atol=1e-4)

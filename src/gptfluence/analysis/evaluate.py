@@ -170,7 +170,7 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
     """
     from gptfluence.analysis.splits import split_runs
     from gptfluence.config import to_dict
-    from gptfluence.simulators import make_simulator, method_config, method_names, method_spec
+    from gptfluence.simulators import default_method_names, make_simulator, method_config, method_spec
     from gptfluence.features.encoders import resolve_encoder
     from gptfluence.outputs import slug
     from gptfluence.simulators.common import stack_curricula
@@ -179,7 +179,7 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
     stores = [dynamics] if isinstance(dynamics, Dynamics) else list(dynamics)
     if not stores:
         raise InputError("no dynamics stores to evaluate")
-    methods = list(methods or method_names())
+    methods = list(methods or default_method_names())
     for m in methods:
         method_spec(m)  # names the unknown method
     configs = {k: dict(v) for k, v in (configs or {}).items()}

@@ -68,7 +68,7 @@ def _method_configs(methods: list[str], given: dict[str, Any], strict: bool) -> 
 
 
 def register(subparsers: Any) -> None:
-    from gptfluence.simulators import method_names
+    from gptfluence.simulators import default_method_names, method_names
 
     SIMULATOR_METHODS = method_names()
 
@@ -76,6 +76,9 @@ def register(subparsers: Any) -> None:
                               description="Fit a simulator (teacher forcing, early stopping on validation runs).")
     p.add_argument("dynamics", help="dynamics store folder")
     p.add_argument("--method", default="gptfluence", choices=SIMULATOR_METHODS)
+    p.add_argument("--preset", default=None, choices=["paper"],
+                   help="paper: the authors' exact configuration of --method (gptfluence -> gptfluence_paper, "
+                        "simfluence -> simfluence_paper; see gptfluence.simulators.presets); config flags still override")
     p.add_argument("--metric", default="loss", help="metric to simulate (default: loss)")
     p.add_argument("--out", required=True, help="simulator folder to write (config.json + weights.safetensors): new, "
                                                 "empty or an earlier simulator")
@@ -112,7 +115,8 @@ def register(subparsers: Any) -> None:
                               description="Fit each method on each store's fit runs, roll out on held-out runs, "
                                           "report all-steps MSE/MAE, final-step and curriculum Spearman.")
     p.add_argument("dynamics", nargs="+", help="dynamics store folders (one per task)")
-    p.add_argument("--methods", nargs="+", default=list(SIMULATOR_METHODS), choices=SIMULATOR_METHODS)
+    p.add_argument("--methods", nargs="+", default=list(default_method_names()), choices=SIMULATOR_METHODS,
+                   help="default: every method except the presets (gptfluence_paper, simfluence_paper: name them)")
     p.add_argument("--metrics", nargs="+", default=None, help="metrics (default: every metric of each store)")
     p.add_argument("--out", required=True, help="results JSON")
     p.add_argument("--markdown", default=None, help="also write the Markdown table here")
@@ -146,6 +150,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     prepare_output_dir(args.out, "simulator", is_simulator_artifact, overwrite=args.overwrite,
                        inputs=[args.dynamics], create=False)  # refuse before fitting, not after
+    if args.preset is not None:
+        from gptfluence.simulators import METHODS
+
+        name = f"{args.method}_{args.preset}"
+        if name not in METHODS:
+            raise InputError(f"--preset {args.preset}: method {args.method!r} has no such preset "
+                             f"(presets: {', '.join(m for m, s in METHODS.items() if s.preset)})")
+        args.method = name
     store = Dynamics.open(args.dynamics)
     given = _given_config(args)
     cfg = _method_configs([args.method], given, strict=True).get(args.method, {})

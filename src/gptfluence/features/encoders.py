@@ -193,6 +193,9 @@ class SentenceTransformerEncoder(_EncoderBase):
         self.model.max_seq_length = int(max_length)
         self.max_length = int(max_length)
         self.normalize = bool(normalize)
+        if not self.normalize:  # the pipeline's own Normalize module (MiniLM has one) would still normalise
+            for key in [k for k, m in self.model._modules.items() if type(m).__name__ == "Normalize"]:
+                del self.model._modules[key]
         pool_mod = next((m for m in self.model if type(m).__name__ == "Pooling"), None)
         own = getattr(pool_mod, "pooling_mode", None) if pool_mod is not None else None
         own_map = {"mean": "mean", "cls": "cls", "lasttoken": "last"}

@@ -23,6 +23,7 @@ REFERENCE_METHODS = ("constant", "mean_curve")
 METHOD_LABELS = {
     "gptfluence": "GPTfluence", "simfluence": "Simfluence", "tracin_cp": "TracIn-CP",
     "grad_dot": "Grad-Dot", "constant": "constant (ref.)", "mean_curve": "mean curve (ref.)",
+    "gptfluence_paper": "GPTfluence (authors' config)", "simfluence_paper": "Simfluence (authors' config)",
 }
 
 HELPFUL_COLOR = "#2ca02c"

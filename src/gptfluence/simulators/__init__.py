@@ -8,7 +8,8 @@ method name is recorded in every artifact and result, so a preset is never confu
 class it runs on.
 
 Methods: ``gptfluence`` (featurized, n-th order; this library's variant), ``simfluence``
-(free per-pair factors), ``constant`` and ``mean_curve`` (trivial references).
+(free per-pair factors), ``gptfluence_paper`` and ``simfluence_paper`` (the authors' exact
+configurations, `PAPER_PRESETS`), ``constant`` and ``mean_curve`` (trivial references).
 """
 
 from __future__ import annotations
@@ -67,10 +68,30 @@ register_method(MethodSpec("constant", ConstantSimulator, description="reference
 register_method(MethodSpec("mean_curve", MeanCurveSimulator,
                            description="reference: start + the fit runs' mean change per step (ignores the curriculum)"))
 
+# The authors' configurations (ernie-research/gptfluence: train.py, model/EncSimulator.py,
+# model/NOrder_EncSimulator.py, dataset/simfluence_dataset.py, utils/eval.py, run_enc_sim.sh,
+# run_original.sh, model/Simulator.py); item by item with its source in `gptfluence.simulators.presets`.
+from gptfluence.simulators.presets import PAPER_PRESETS  # noqa: E402
+
+register_method(MethodSpec(
+    "gptfluence_paper", GPTfluenceSimulator, GPTfluenceConfig, preset=PAPER_PRESETS["gptfluence"], takes_encoder=True,
+    description="GPTfluence as in the authors' code (MiniLM CLS features, one 384-384-384 MLP per factor for both "
+                "sides, alpha = sum A, raw values, Adam + L2, lr 1e-4, batch 128, warmup 200 + linear decay)"))
+register_method(MethodSpec(
+    "simfluence_paper", SimfluenceSimulator, SimfluenceConfig, preset=PAPER_PRESETS["simfluence"],
+    description="Simfluence-Linear as in the authors' code (N(0,1) init, alpha = sum A, raw values, Adam + L2, "
+                "lr 1e-3, batch 128, warmup 200 + linear decay)"))
+
 
 def method_names() -> tuple[str, ...]:
     """Every registered method, in registration order."""
     return tuple(METHODS)
+
+
+def default_method_names() -> tuple[str, ...]:
+    """The methods `evaluate` runs when none are named: every registered method except presets
+    (a preset such as ``gptfluence_paper`` runs only when asked for by name)."""
+    return tuple(m for m, spec in METHODS.items() if not spec.preset)
 
 
 def method_spec(method: str) -> MethodSpec:
@@ -143,7 +164,7 @@ def load_simulator(path: str | os.PathLike, dynamics: Dynamics | None = None, en
 
 
 __all__ = [
-    "Simulator", "MethodSpec", "METHODS", "register_method", "method_names", "method_spec", "method_config",
+    "Simulator", "MethodSpec", "METHODS", "register_method", "method_names", "default_method_names", "method_spec", "method_config",
     "make_simulator", "load_simulator", "GPTfluenceSimulator", "GPTfluenceConfig", "SimfluenceSimulator",
     "SimfluenceConfig", "ConstantSimulator", "MeanCurveSimulator", "FitConfig", "Encoder", "HashingBowEncoder",
     "resolve_encoder",

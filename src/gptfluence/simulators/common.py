@@ -32,8 +32,8 @@ UNSEEN_POLICIES = ("error", "zero")
 class FitConfig:
     """Optimisation settings shared by the learned simulators."""
 
-    lr: float = arg(1e-3, "AdamW learning rate (after warmup)")
-    weight_decay: float = arg(1e-3, "AdamW decoupled weight decay (the L2 term)")
+    lr: float = arg(1e-3, "peak learning rate (after warmup)")
+    weight_decay: float = arg(1e-3, "weight decay (the L2 term): decoupled with optimizer=adamw, added to the gradient with adam_l2")
     epochs: int = arg(60, "maximum epochs over all teacher-forcing transitions of the fit runs")
     batch_size: int = arg(4096, "transitions (run, step, test example) per optimizer step; 0 = all")
     min_steps_per_epoch: int = arg(16, "small fits: shrink the batch (not below 64) so that an epoch has at least this many optimizer steps (0 = off)")
@@ -46,6 +46,19 @@ class FitConfig:
     objective: str = arg("teacher_forcing", "fitting loss: teacher_forcing (the paper: one-step MSE from true previous values) or rollout (MSE of whole autoregressive rollouts of the fit runs, backpropagated through time; what evaluation measures)")
     rollout_runs: int = arg(8, "objective=rollout: fit runs per optimizer step (0 = all)")
     normalize: bool = arg(True, "fit on metric / scale (scale = mean |value| over the fit runs); outputs stay in metric units")
+    optimizer: str = arg("adamw", "adamw (decoupled weight decay) or adam_l2 (Adam with coupled weight decay, the authors' code)")
+    lr_schedule: str = arg("warmup_constant", "warmup_constant (linear warmup, then constant) or warmup_linear_decay (linear warmup from 0, then linear decay to 0 at the last epoch; the authors' code)")
+    early_stopping: str = arg("patience", "patience (stop after `patience` epochs without a new best; the untrained start is a candidate) or consecutive_increases (the authors' code: stop after `patience` epochs in a row each worse than the epoch before; only trained epochs are candidates); the best epoch's weights are kept")
+
+
+def check_fit_config(config: FitConfig, method: str) -> None:
+    """InputError naming the field for an unknown choice in a `FitConfig` (at construction, not
+    after minutes of feature extraction)."""
+    for name, allowed in (("optimizer", engine.OPTIMIZERS), ("lr_schedule", engine.LR_SCHEDULES),
+                          ("early_stopping", engine.EARLY_STOPPING), ("objective", engine.OBJECTIVES),
+                          ("history_padding", engine.HISTORY_PADDINGS)):
+        if hasattr(config, name):
+            engine.check_choice(f"{method}: {name}", getattr(config, name), allowed)
 
     def validate(self) -> None:
         """Raise `InputError` naming the first invalid field (as its flag)."""
@@ -325,6 +338,15 @@ class RecurrenceSimulator(SimulatorBase):
     residual: bool = True
     module: torch.nn.Module | None
 
+    @property
+    def history_padding(self) -> str:
+        """Values before the start of an order-n history: "start" (= the start value) or "zeros"."""
+        return getattr(self.config, "history_padding", "start")
+
+    def _penalty(self) -> Callable[[], torch.Tensor] | None:
+        """A term added to every minibatch loss while fitting (None: none)."""
+        return None
+
     def __init__(self, metric: str = "loss") -> None:
         super().__init__(metric)
         self.scale = 1.0
@@ -396,9 +418,11 @@ class RecurrenceSimulator(SimulatorBase):
                                  min_steps_per_epoch=c.min_steps_per_epoch,
                                  warmup_steps=c.warmup_steps, patience=c.patience, seed=c.seed, device=device,
                                  residual=self.residual, order=self.order, bridge_gaps=c.bridge_gaps,
-                                 objective=c.objective, rollout_runs=c.rollout_runs)
+                                 objective=c.objective, rollout_runs=c.rollout_runs, optimizer=c.optimizer,
+                                 lr_schedule=c.lr_schedule, early_stopping=c.early_stopping,
+                                 history_padding=self.history_padding)
         hist = engine.fit_engine(self.module, fn, fit_block, val_block, opts, progress=progress,
-                                 desc=f"{self.method} {self.metric}")
+                                 desc=f"{self.method} {self.metric}", penalty=self._penalty())
         self.module.eval()
         hist.update(fit_runs=fit_runs, val_runs=val_runs, scale=self.scale, fit_first_step=self.fit_first_step,
                     total_seconds=time.perf_counter() - t0)
@@ -430,7 +454,8 @@ class RecurrenceSimulator(SimulatorBase):
         with torch.no_grad():
             Fp = engine.pad_factors(fn())
             start_t = torch.as_tensor(st / self.scale, dtype=torch.float32, device=device)
-            out = engine.rollout_tensor(Fp, torch.as_tensor(rows, device=device), start_t, self.residual)
+            out = engine.rollout_tensor(Fp, torch.as_tensor(rows, device=device), start_t, self.residual,
+                                        zero_history=self.history_padding == "zeros")
         pred = out.cpu().numpy().astype(np.float64) * self.scale
         if trend is not None:
             pred = pred + trend[None]

@@ -18,7 +18,8 @@ Simfluence holds F as free parameters. The engine computes F once per optimizer 
   in one tensor expression (no per-transition model calls),
 * rolls out all runs x test examples at once, one small vector step per optimizer step.
 
-Histories before the start value equal the start value (see `gptfluence.simulators.base`).
+Histories before the start value equal the start value (``history_padding="start"``, default) or
+zero (``"zeros"``: the authors' code pads the n previous values of the first steps with 0).
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ from gptfluence.errors import InputError
 
 FactorFn = Callable[[], torch.Tensor]
 OBJECTIVES = ("teacher_forcing", "rollout")
+OPTIMIZERS = ("adamw", "adam_l2")
+LR_SCHEDULES = ("warmup_constant", "warmup_linear_decay")
+EARLY_STOPPING = ("patience", "consecutive_increases")
+HISTORY_PADDINGS = ("start", "zeros")
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``allowed``, else InputError naming the field."""
+    if value not in allowed:
+        raise InputError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,16 +85,18 @@ def step_update(sums: torch.Tensor, hist: list[torch.Tensor], residual: bool) ->
     return out
 
 
-def rollout_tensor(Fp: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, residual: bool) -> torch.Tensor:
+def rollout_tensor(Fp: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, residual: bool,
+                   zero_history: bool = False) -> torch.Tensor:
     """Autoregressive rollout. ``Fp [n+1, N+1, M]`` (already restricted to the M test columns),
     ``rows [R, T, b]`` (row t-1 = batch of the t-th simulated step, N = padding), ``start [R, M]``
-    -> ``[R, T+1, M]`` with ``out[:, 0] = start``."""
+    -> ``[R, T+1, M]`` with ``out[:, 0] = start``. The n-1 values before the start equal the start
+    value, or 0 with ``zero_history`` (the authors' padding)."""
     n = Fp.shape[0] - 1
     R, T, _ = rows.shape
     if T == 0:
         return start[:, None].clone()
     sums = batch_sums(Fp, rows)  # [n+1, R, T, M]
-    hist = [start] * n
+    hist = [start] + [torch.zeros_like(start) if zero_history else start] * (n - 1)
     outs = [start]
     for t in range(T):
         new = step_update(sums[:, :, t], hist, residual)
@@ -161,20 +175,24 @@ class RunBlock:
         k0 = prev[tr[:, 0], tr[:, 1], tr[:, 2]]
         return torch.stack([tr[:, 0], k0, tr[:, 1], tr[:, 2]], dim=1)
 
-    def gather(self, tr: torch.Tensor, order: int) -> tuple[torch.Tensor, ...]:
+    def gather(self, tr: torch.Tensor, order: int, zero_history: bool = False) -> tuple[torch.Tensor, ...]:
         """For targets ``tr [K, 4]`` (see `transitions`): (run [K], k0 [K], gap [K] = k1 - k0,
-        cols [K], history [n, K] = phi_k0, phi_k0-1, ... (missing -> newer value), target [K])."""
+        cols [K], history [n, K] = phi_k0, phi_k0-1, ... (missing -> newer value; before grid
+        index 0: phi_0, or 0 with ``zero_history``), target [K])."""
         r, k0, k1, m = tr[:, 0], tr[:, 1], tr[:, 2], tr[:, 3]
         hist = [self.values[r, k0, m]]
         for j in range(1, order):
             v = self.values[r, torch.clamp(k0 - j, min=0), m]
+            if zero_history:
+                v = torch.where(k0 - j < 0, torch.zeros_like(v), v)
             hist.append(torch.where(torch.isfinite(v), v, hist[-1]))
         return r, k0, k1 - k0, self.cols[m], torch.stack(hist), self.values[r, k1, m]
 
-    def predict(self, Fp: torch.Tensor, tr: torch.Tensor, order: int, residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, Fp: torch.Tensor, tr: torch.Tensor, order: int, residual: bool,
+                zero_history: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced predictions and targets [K] for targets ``tr``: one tensor expression
         per step of the longest gap in the minibatch (1 when every step is recorded)."""
-        r, k0, gap, cols, hist, target = self.gather(tr, order)
+        r, k0, gap, cols, hist, target = self.gather(tr, order, zero_history)
         return segment_pred(Fp, self.rows, r, k0, gap, cols, hist, residual), target
 
 
@@ -196,14 +214,15 @@ def segment_pred(Fp: torch.Tensor, rows_grid: torch.Tensor, r: torch.Tensor, k0:
     return h[0]
 
 
-def rollout_loss(Fp: torch.Tensor, block: RunBlock, residual: bool, runs: torch.Tensor | None = None) -> torch.Tensor:
+def rollout_loss(Fp: torch.Tensor, block: RunBlock, residual: bool, runs: torch.Tensor | None = None,
+                 zero_history: bool = False) -> torch.Tensor:
     """Mean squared error (normalised units, a differentiable scalar) of rollouts of ``block``'s
     runs (or the subset ``runs``) from the first grid value over all recorded later values;
     NaN if nothing is recorded."""
     V = block.values if runs is None else block.values[runs]
     rows = block.rows if runs is None else block.rows[runs]
     start = V[:, 0]
-    pred = rollout_tensor(Fp[:, :, block.cols], rows, torch.nan_to_num(start), residual)
+    pred = rollout_tensor(Fp[:, :, block.cols], rows, torch.nan_to_num(start), residual, zero_history)
     # mask before squaring: a NaN target must not reach the gradient (NaN * 0 is NaN)
     ok = torch.isfinite(V[:, 1:]) & torch.isfinite(start)[:, None, :]
     if not ok.any():
@@ -212,9 +231,9 @@ def rollout_loss(Fp: torch.Tensor, block: RunBlock, residual: bool, runs: torch.
     return (diff * diff).sum() / ok.sum()
 
 
-def rollout_mse(Fp: torch.Tensor, block: RunBlock, residual: bool) -> float:
+def rollout_mse(Fp: torch.Tensor, block: RunBlock, residual: bool, zero_history: bool = False) -> float:
     """`rollout_loss` as a float."""
-    return float(rollout_loss(Fp, block, residual).detach())
+    return float(rollout_loss(Fp, block, residual, zero_history=zero_history).detach())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,18 +256,88 @@ class FitOptions:
     bridge_gaps: bool = True
     objective: str = "teacher_forcing"
     rollout_runs: int = 8
+    optimizer: str = "adamw"
+    lr_schedule: str = "warmup_constant"
+    early_stopping: str = "patience"
+    history_padding: str = "start"
+
+
+def make_optimizer(kind: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """``"adamw"``: AdamW, decoupled weight decay; ``"adam_l2"``: Adam with coupled weight decay
+    (``weight_decay * p`` added to the gradient, i.e. an L2 term ``weight_decay / 2 * |p|^2`` in
+    the loss, as ``torch.optim.Adam(weight_decay=...)`` in the authors' code)."""
+    check_choice("optimizer", kind, OPTIMIZERS)
+    if kind == "adam_l2":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def lr_factor(schedule: str, step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier for optimizer step ``step`` (0-based) of ``total``.
+
+    ``"warmup_constant"``: (step + 1) / warmup during warmup, then 1. ``"warmup_linear_decay"``
+    (transformers' ``get_linear_schedule_with_warmup``, the authors' code): step / warmup during
+    warmup (the first step has lr 0), then linear from 1 down to 0 at ``total`` steps
+    (= epochs x steps per epoch, the maximum epochs, reached only without early stopping).
+    """
+    check_choice("lr_schedule", schedule, LR_SCHEDULES)
+    warm = max(0, int(warmup))
+    if schedule == "warmup_constant":
+        return min(1.0, (step + 1) / warm) if warm else 1.0
+    if step < warm:
+        return step / max(1, warm)
+    return max(0.0, (total - step) / max(1, total - warm))
+
+
+class EarlyStopping:
+    """Which epoch's weights to keep and when to stop, from validation rollout MSEs.
+
+    ``"patience"`` (default): the untrained start (``initial``) is a candidate; stop after
+    ``patience`` epochs in a row without a new best. ``"consecutive_increases"`` (the authors'
+    code): only trained epochs are candidates (best = lowest MSE, kept as best-checkpoint); a
+    counter grows by one for each epoch whose MSE is above the previous epoch's and is reset by
+    any epoch that is not; stop when it reaches ``patience``. ``patience = 0``: never stop.
+    A NaN MSE is never a best and, like the authors' comparisons, does not count as an increase.
+    """
+
+    def __init__(self, rule: str, patience: int, initial: float | None = None) -> None:
+        self.rule = check_choice("early_stopping", rule, EARLY_STOPPING)
+        self.patience = int(patience)
+        self.best, self.best_epoch, self.count = float("inf"), -1, 0
+        self.prev = float("inf")
+        if rule == "patience" and initial is not None and math.isfinite(initial):
+            self.best, self.best_epoch = initial, 0
+
+    def update(self, epoch: int, v: float) -> tuple[bool, bool]:
+        """Record epoch ``epoch``'s MSE ``v``: (new best, stop now)."""
+        better = v < self.best  # False for NaN
+        if better:
+            self.best, self.best_epoch = v, epoch
+        if self.rule == "patience":
+            self.count = 0 if better else self.count + 1
+        else:
+            self.count = self.count + 1 if v > self.prev else 0
+            self.prev = v
+        return better, self.patience > 0 and self.count >= self.patience
 
 
 def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val: RunBlock | None,
-               opt: FitOptions, progress: bool = False, desc: str = "fit") -> dict[str, Any]:
-    """Teacher-forced MSE fitting (targets from `RunBlock.transitions`) with AdamW (decoupled weight decay as the L2 term), linear
-    warmup then constant lr, early stopping on the validation rollout MSE (best weights kept).
+               opt: FitOptions, progress: bool = False, desc: str = "fit",
+               penalty: Callable[[], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Teacher-forced MSE fitting (targets from `RunBlock.transitions`) with ``opt.optimizer``
+    (AdamW, decoupled weight decay as the L2 term, or Adam with coupled weight decay), the
+    ``opt.lr_schedule`` (linear warmup, then constant or linear decay to 0 at the last epoch),
+    early stopping on the validation rollout MSE by ``opt.early_stopping`` (best weights kept).
 
-    ``factor_fn()`` must return ``F [n+1, N, M]`` computed from ``module``'s parameters.
-    Returns a history dict (per-epoch train loss and validation MSE in normalised units).
+    ``factor_fn()`` must return ``F [n+1, N, M]`` computed from ``module``'s parameters;
+    ``penalty()``, when given, is added to every minibatch loss (Simfluence's unsquared L2 term).
+    Returns a history dict (per-epoch train loss, penalty included, and validation MSE in
+    normalised units).
     """
     if opt.objective not in OBJECTIVES:
         raise InputError(f"objective must be one of {OBJECTIVES}, got {opt.objective!r}")
+    check_choice("history_padding", opt.history_padding, HISTORY_PADDINGS)
+    zh = opt.history_padding == "zeros"
     torch.manual_seed(opt.seed)
     gen = torch.Generator(device="cpu").manual_seed(opt.seed)
     tr_all = fit.transitions(opt.order, opt.bridge_gaps)
@@ -268,20 +357,21 @@ def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val:
             bs = min(bs, max(64, math.ceil(K / opt.min_steps_per_epoch)))
         steps_per_epoch = math.ceil(K / bs)
     params = [p for p in module.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
-    warm = max(0, opt.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    optim = make_optimizer(opt.optimizer, params, opt.lr, opt.weight_decay)
+    total_steps = max(1, opt.epochs) * steps_per_epoch
+    schedule, warm = opt.lr_schedule, opt.warmup_steps
+    lr_factor(schedule, 0, warm, total_steps)  # checks the schedule's name before any work
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(schedule, s, warm, total_steps))
 
     history: dict[str, Any] = {"train_loss": [], "val_mse": [], "transitions": K, "batch_size": bs,
                                "steps_per_epoch": steps_per_epoch}
     best_state = copy.deepcopy(module.state_dict())
-    best_val, best_epoch, bad = float("inf"), -1, 0
+    v0 = None
     if val is not None:
         with torch.no_grad():
-            v0 = rollout_mse(pad_factors(factor_fn()), val, opt.residual)
+            v0 = rollout_mse(pad_factors(factor_fn()), val, opt.residual, zh)
         history["val_mse_init"] = v0
-        if math.isfinite(v0):
-            best_val, best_epoch = v0, 0
+    stopper = EarlyStopping(opt.early_stopping, opt.patience, v0)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -295,12 +385,14 @@ def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val:
         for s in range(steps_per_epoch):
             idx = perm[s * bs:(s + 1) * bs]
             if rollout:
-                loss = rollout_loss(pad_factors(factor_fn()), fit, opt.residual, runs=idx)
+                loss = rollout_loss(pad_factors(factor_fn()), fit, opt.residual, runs=idx, zero_history=zh)
                 if not torch.isfinite(loss):
                     continue
             else:
-                pred, target = fit.predict(pad_factors(factor_fn()), tr_all[idx], opt.order, opt.residual)
+                pred, target = fit.predict(pad_factors(factor_fn()), tr_all[idx], opt.order, opt.residual, zh)
                 loss = torch.mean((pred - target) ** 2)
+            if penalty is not None:
+                loss = loss + penalty()
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
@@ -309,23 +401,23 @@ def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val:
             count += idx.shape[0]
         history["train_loss"].append(total / max(count, 1))
         module.eval()
+        stop = False
         if val is not None:
             with torch.no_grad():
-                v = rollout_mse(pad_factors(factor_fn()), val, opt.residual)
+                v = rollout_mse(pad_factors(factor_fn()), val, opt.residual, zh)
             history["val_mse"].append(v)
-            if math.isfinite(v) and v < best_val:
-                best_val, best_epoch, bad = v, epoch, 0
+            better, stop = stopper.update(epoch, v)
+            if better:
                 best_state = copy.deepcopy(module.state_dict())
-            else:
-                bad += 1
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{history['train_loss'][-1]:.4g}",
                             **({"val": f"{history['val_mse'][-1]:.4g}"} if history["val_mse"] else {}))
-        if val is not None and opt.patience > 0 and bad >= opt.patience:
+        if stop:
             break
     if bar is not None:
         bar.close()
+    best_val, best_epoch = stopper.best, stopper.best_epoch
     if val is not None and best_epoch >= 0:
         module.load_state_dict(best_state)
     history.update(epochs_run=len(history["train_loss"]), best_epoch=best_epoch if val is not None else len(history["train_loss"]),

@@ -1,10 +1,13 @@
-"""A per-step Python-loop implementation of the same model, with the research code's structure.
+"""Reference implementations of the same model, with the research code's structure.
 
-One trajectory (run, test example) at a time, one step at a time; at each step the factor MLPs
-are called on that step's batch (batch-1 over trajectories) and the test example, and the
-recurrence is applied to scalars. Teacher forcing likewise calls the MLPs once per transition.
-It exists to check the matrix-form engine (tests: equal rollouts and equal loss gradients) and
-to measure what the matrix form buys (`benchmarks/simulators.py`). Never use it for real work.
+`loop_rollout`: one trajectory (run, test example) at a time, one step at a time; at each step
+the factor MLPs are called on that step's batch and the test example, and the recurrence is
+applied to scalars (the authors' validation rollouts work so). `loop_teacher_forced_loss`: one
+model call per transition (a check, slower than the authors' training). `batched_transition_pred`:
+teacher forcing as the authors' training loop does it, the MLPs once per batch of transitions on
+all its (transition, example) rows. They exist to check the matrix-form engine (tests: equal
+rollouts, predictions and loss gradients) and to measure what the matrix form buys
+(`benchmarks/simulators.py`). Never use them for real work.
 """
 
 from __future__ import annotations
@@ -102,3 +105,27 @@ def loop_teacher_forced_loss(pair_fn: PairFn, order: int, values: torch.Tensor, 
                 total = total + (hist[0] - target) ** 2
                 count += 1
     return total / max(count, 1)
+
+
+def batched_transition_pred(module: torch.nn.Module, h_train: torch.Tensor, h_test: torch.Tensor, rows: torch.Tensor,
+                            cols: torch.Tensor, prev: torch.Tensor, residual: bool = False) -> torch.Tensor:
+    """Teacher-forced predictions for K transitions with the structure of the authors' training
+    loop: the factor MLPs run once per *batch of transitions*, on every (transition, batch
+    example) row and on every transition's test example (K x b + K rows per factor), and the
+    products are summed per transition. ``module``: a `FeaturizedFactors` without similarity
+    term; ``rows [K, b]`` (training rows, -1 = padding), ``cols [K]``, ``prev [n, K]`` (true
+    phi_{t-1}..phi_{t-n}) -> ``[K]``. The matrix-form engine instead computes every factor of the
+    pool once per optimizer step (N + M rows) and gathers; `benchmarks/simulators.py` times both.
+    """
+    x_src = h_train[rows.clamp(min=0)] - module.center  # [K, b, H]
+    x_tgt = h_test[cols] - module.center  # [K, H]
+    sums = []
+    for k in range(module.order + 1):
+        a = (module.f[k](x_src) * module._g(k)(x_tgt)[:, None, :]).sum(-1)  # [K, b]
+        if module.bias is not None:
+            a = a + module.bias[k]
+        sums.append(torch.where(rows >= 0, a, torch.zeros_like(a)).sum(1))
+    out = torch.stack(sums)[module.order] + (prev[0] if residual else 0.0)
+    for j in range(module.order):
+        out = out + sums[j] * prev[j]
+    return out

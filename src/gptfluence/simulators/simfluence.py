@@ -4,9 +4,13 @@
 
 A [N, M] (dimensionless) and B [N, M] (normalised metric units) are free parameters for every
 training id seen in the fit runs' curricula x every test id recorded in the fit runs, initialised
-to 0 (so the first rollouts are constant; the authors' N(0, 1) init diverged) and L2-regularised
-through AdamW's weight decay. The identity offset on alpha is the same reparametrisation as in
-GPTfluence (the original alpha = sum A with A^orig = A + 1/b for full batches of size b).
+to 0 (``init="zeros"``, default: the first rollouts are constant; the authors' N(0, 1) init,
+``init="normal"``, diverges) and L2-regularised through the optimizer's weight decay. The identity
+offset on alpha (``residual=True``, default) is the same reparametrisation as in GPTfluence (the
+original alpha = sum A with A^orig = A + 1/b for full batches of size b); ``residual=False`` is the
+original alpha = sum A. ``l2_penalty`` = lambda adds lambda * (||A||_2 + ||B||_2) to every
+minibatch loss: the *unsquared* Euclidean norms of all of A and of all of B, as the authors' code
+computes its L2 term (their run script sets lambda = 0).
 
 Unseen ids: Simfluence has no parameters for them. ``unseen="error"`` (default) raises InputError
 naming the id; ``unseen="zero"`` lets an unseen training example contribute nothing (alpha += 0,
@@ -27,8 +31,10 @@ from torch import nn
 from gptfluence.config import arg
 from gptfluence.dynamics.store import Dynamics
 from gptfluence.errors import InputError
-from gptfluence.simulators.common import (UNSEEN_POLICIES, FitConfig, RecurrenceSimulator, config_from, stored_config,
-                                         write_artifact)
+from gptfluence.simulators.common import (UNSEEN_POLICIES, FitConfig, RecurrenceSimulator, check_fit_config,
+                                         config_from, stored_config, write_artifact)
+
+INITS = ("zeros", "normal")
 
 
 @dataclasses.dataclass
@@ -36,14 +42,17 @@ class SimfluenceConfig(FitConfig):
     """Hyper-parameters of Simfluence-Linear."""
 
     unseen: str = arg("error", "what simulate() does with ids not seen in fitting: 'error' or 'zero' (contribute nothing)")
+    residual: bool = arg(True, "alpha = 1 + sum A (stable start); false = the original alpha = sum A")
+    init: str = arg("zeros", "initial A, B: zeros or normal (N(0, 1), the authors' code)")
+    l2_penalty: float = arg(0.0, "lambda of the term lambda * (||A||_2 + ||B||_2) (unsquared norms over all pairs, the authors' code) added to every minibatch loss; 0 = none")
 
 
 class FreeFactors(nn.Module):
     """F [2, N, M] = (A, B) as free parameters over (train row, test column)."""
 
-    def __init__(self, n_train: int, n_test: int) -> None:
+    def __init__(self, n_train: int, n_test: int, init: str = "zeros") -> None:
         super().__init__()
-        self.F = nn.Parameter(torch.zeros(2, n_train, n_test))
+        self.F = nn.Parameter(torch.zeros(2, n_train, n_test) if init == "zeros" else torch.randn(2, n_train, n_test))
 
     def forward(self) -> torch.Tensor:
         return self.F
@@ -66,8 +75,13 @@ class SimfluenceSimulator(RecurrenceSimulator):
         self.config: SimfluenceConfig = config_from(SimfluenceConfig, config, overrides, "simfluence config")
         if self.config.unseen not in UNSEEN_POLICIES:
             raise InputError(f"simfluence: unseen must be one of {UNSEEN_POLICIES}, got {self.config.unseen!r}")
+        check_fit_config(self.config, "simfluence")
+        if self.config.init not in INITS:
+            raise InputError(f"simfluence: init must be one of {INITS}, got {self.config.init!r}")
+        if self.config.l2_penalty < 0:
+            raise InputError(f"simfluence: l2_penalty must be >= 0, got {self.config.l2_penalty}")
         self.order = 1
-        self.residual = True
+        self.residual = self.config.residual
         self.train_ids = np.zeros(0, np.int64)  # sorted ids with parameters
         self.test_ids = np.zeros(0, np.int64)
         self.module: FreeFactors | None = None
@@ -76,7 +90,17 @@ class SimfluenceSimulator(RecurrenceSimulator):
                      fit_train_ids: np.ndarray, fit_runs: Sequence[str]) -> None:
         self.train_ids = np.asarray(fit_train_ids, dtype=np.int64)
         self.test_ids = np.asarray(test_ids, dtype=np.int64)
-        self.module = FreeFactors(self.train_ids.size, self.test_ids.size)
+        torch.manual_seed(self.config.seed)
+        self.module = FreeFactors(self.train_ids.size, self.test_ids.size, self.config.init)
+
+    def _penalty(self) -> Callable[[], torch.Tensor] | None:
+        """``l2_penalty * (||A||_2 + ||B||_2)`` over all fitted pairs (None when 0)."""
+        lam = float(self.config.l2_penalty)
+        if lam == 0:
+            return None
+        module = self.module
+        assert module is not None
+        return lambda: lam * (module.F[0].norm() + module.F[1].norm())
 
     def _factor_fn(self, train_ids: np.ndarray, test_ids: np.ndarray, unseen: str) -> Callable[[], torch.Tensor]:
         assert self.module is not None
