@@ -50,16 +50,6 @@ class FitConfig:
     lr_schedule: str = arg("warmup_constant", "warmup_constant (linear warmup, then constant) or warmup_linear_decay (linear warmup from 0, then linear decay to 0 at the last epoch; the authors' code)")
     early_stopping: str = arg("patience", "patience (stop after `patience` epochs without a new best; the untrained start is a candidate) or consecutive_increases (the authors' code: stop after `patience` epochs in a row each worse than the epoch before; only trained epochs are candidates); the best epoch's weights are kept")
 
-
-def check_fit_config(config: FitConfig, method: str) -> None:
-    """InputError naming the field for an unknown choice in a `FitConfig` (at construction, not
-    after minutes of feature extraction)."""
-    for name, allowed in (("optimizer", engine.OPTIMIZERS), ("lr_schedule", engine.LR_SCHEDULES),
-                          ("early_stopping", engine.EARLY_STOPPING), ("objective", engine.OBJECTIVES),
-                          ("history_padding", engine.HISTORY_PADDINGS)):
-        if hasattr(config, name):
-            engine.check_choice(f"{method}: {name}", getattr(config, name), allowed)
-
     def validate(self) -> None:
         """Raise `InputError` naming the first invalid field (as its flag)."""
         import math
@@ -71,15 +61,23 @@ def check_fit_config(config: FitConfig, method: str) -> None:
             raise bad("lr", "a number > 0")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise bad("weight_decay", ">= 0")
-        if self.epochs < 1:
-            raise bad("epochs", ">= 1")
-        for name in ("batch_size", "min_steps_per_epoch", "warmup_steps", "patience", "rollout_runs"):
+        for name in ("epochs", "batch_size", "min_steps_per_epoch", "warmup_steps", "patience", "rollout_runs"):
             if getattr(self, name) < 0:
                 raise bad(name, ">= 0")
         from gptfluence.simulators.engine import OBJECTIVES
 
         if self.objective not in OBJECTIVES:
             raise bad("objective", f"one of {', '.join(OBJECTIVES)}")
+
+
+def check_fit_config(config: FitConfig, method: str) -> None:
+    """InputError naming the field for an unknown choice in a `FitConfig` (at construction, not
+    after minutes of feature extraction)."""
+    for name, allowed in (("optimizer", engine.OPTIMIZERS), ("lr_schedule", engine.LR_SCHEDULES),
+                          ("early_stopping", engine.EARLY_STOPPING), ("objective", engine.OBJECTIVES),
+                          ("history_padding", engine.HISTORY_PADDINGS)):
+        if hasattr(config, name):
+            engine.check_choice(f"{method}: {name}", getattr(config, name), allowed)
 
 
 # ---------------------------------------------------------------------------------------------
