@@ -34,6 +34,14 @@ def test_per_example_spearman_hand_computed():
     assert s["lds_ci_low"] <= s["lds_mean"] <= s["lds_ci_high"]
 
 
+def test_paired_difference_uses_common_test_examples():
+    from gptfluence.analysis.lds import paired_difference
+
+    d = paired_difference(np.array([0.5, 0.2, np.nan, 0.9]), np.array([0.1, 0.4, 0.3, np.nan]), n_boot=500)
+    assert d["n_paired"] == 2 and d["diff_mean"] == pytest.approx((0.4 - 0.2) / 2)
+    assert d["diff_ci_low"] == pytest.approx(-0.2) and d["diff_ci_high"] == pytest.approx(0.4)
+
+
 def test_bootstrap_ci_percentiles():
     assert bootstrap_ci(np.full(7, 0.3)) == pytest.approx((0.3, 0.3))
     assert all(math.isnan(x) for x in bootstrap_ci(np.array([np.nan, np.nan])))
@@ -167,6 +175,10 @@ def test_measure_lds_synthetic():
     true = np.stack([held.run(r).values["loss"][-1] for r in ids])
     want = np.nanmean(per_example_spearman(true, pred))
     assert recs[("similarity_sum", "membership")]["lds_mean"] == pytest.approx(want)
+    d = recs[("mean_curve", "membership")]["vs_similarity_sum"]
+    assert d["n_paired"] == min(recs[("mean_curve", "membership")]["n_test_examples"],
+                                recs[("similarity_sum", "membership")]["n_test_examples"])
+    assert "vs_similarity_sum" not in recs[("similarity_sum", "both")]
     md = format_lds_markdown(res)
     assert "| synthetic | loss | similarity_sum |" in md and "LDS membership" in md
 
