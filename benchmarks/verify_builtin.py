@@ -44,6 +44,7 @@ def main() -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--noise-seeds", type=int, default=2)
     p.add_argument("--reorders", type=int, default=2)
+    p.add_argument("--fill", default="pad", choices=("pad", "pool"), help="see VerifyConfig.fill")
     p.add_argument("--work", default="runs/verify", help="folder for simulators and re-trainings")
     p.add_argument("--out", required=True)
     a = p.parse_args()
@@ -69,8 +70,8 @@ def main() -> int:
                 sim.fit(store, sp["fit"], sp["val"])
                 sim.save(sim_dir)
             fit_s = time.time() - t0
-            cfg = VerifyConfig(k=a.k, noise_seeds=a.noise_seeds, reorders=a.reorders)
-            out = work / "verify"
+            cfg = VerifyConfig(k=a.k, noise_seeds=a.noise_seeds, reorders=a.reorders, fill=a.fill)
+            out = work / ("verify" if a.fill == "pad" else f"verify-{a.fill}")
             out.mkdir(parents=True, exist_ok=True)
             save_json({"format": CONFIG_FORMAT, **to_dict(cfg), "simulator": str(sim_dir), "dynamics": str(path),
                        "run": a.run, "test_ids": None}, out / "verify_config.json")
@@ -92,10 +93,12 @@ def main() -> int:
                   flush=True)
     doc = {"benchmark": "verification by re-training: remove top-k helpful / harmful / k random training examples "
                         "(influence summed over the test set), simulated vs actual change of the final metric",
-           "config": {"methods": a.methods, "metric": a.metric, "run": a.run, "k": a.k, "noise_seeds": a.noise_seeds,
+           "config": {"methods": a.methods, "metric": a.metric, "run": a.run, "k": a.k, "fill": a.fill, "noise_seeds": a.noise_seeds,
                       "reorders": a.reorders, "stores": a.stores},
            "change": "final metric with the changed curriculum minus with the full one (loss: negative = lower loss)",
-           "removal": "removed occurrences become padding (batches shrink, steps kept)",
+           "removal": "removed occurrences become padding (batches shrink, steps kept); *_minus_random compares a "
+                      "group with removing k random examples" if a.fill == "pad" else
+                      "each removed example replaced by a pool example the curriculum did not hold (batch sizes kept)",
            "results": results, "noise": noise, "reports": reports}
     write_text_atomic(a.out, json.dumps(_sanitize(doc), indent=1) + "\n")
     print(f"-> {a.out}")

@@ -140,8 +140,11 @@ def test_verify_cli_end_to_end(fit_store, tmp_path, capsys):
         assert np.allclose(g["actual_change"], actual, atol=1e-6)
         assert g["actual_change_mean"] == pytest.approx(float(actual.mean()), abs=1e-6)
         assert -1.0 <= g["sign_agreement"] <= 1.0
-    helpful, harmful = rep["groups"][0], rep["groups"][1]
+    helpful, harmful, rnd = rep["groups"]
     assert min(helpful["removed_scores"]) >= max(harmful["removed_scores"])
+    for g in (helpful, harmful):
+        assert g["actual_minus_random_mean"] == pytest.approx(g["actual_change_mean"] - rnd["actual_change_mean"])
+    assert "actual_minus_random_mean" not in rnd
     res = {r["group"]: r for r in rep["results"]}
     assert set(res["helpful"]) >= {"method", "task", "group", "k", "simulated_change_mean", "actual_change_mean",
                                    "pearson", "sign_agreement"}
@@ -151,3 +154,18 @@ def test_verify_cli_end_to_end(fit_store, tmp_path, capsys):
     # bad input: one line, exit 2
     assert main(argv[:6] + ["--run", "nope", "--out", str(tmp_path / "v2")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_fill_from_pool_keeps_batches():
+    from gptfluence.analysis.verify import remove_ids, replace_ids
+
+    c = np.array([[0, 1], [1, 2], [3, -1]])
+    out = replace_ids(c, [1, 3], pool=range(8), rng=np.random.default_rng(0))
+    assert out.shape == c.shape and (out < 0).sum() == 1
+    new = set(out[c == 1].tolist())
+    assert len(new) == 1 and new.isdisjoint({0, 1, 2, 3}) and out[2, 0] not in {0, 1, 2, 3} | new
+    assert remove_ids(c, [1]).tolist() == [[0, -1], [2, -1], [3, -1]]
+    with pytest.raises(InputError, match="empty batch"):
+        remove_ids(c, [3])
+    with pytest.raises(InputError, match="--fill pool"):
+        replace_ids(c, [0, 1, 2], pool=range(5), rng=np.random.default_rng(0))

@@ -5,8 +5,10 @@ For one recorded run (its curriculum, seed and start values) and a test set:
 1. influence: the simulator's leave-one-out scores of every training example of the curriculum
    on each test example (`run_loo_influence`, > 0 = helpful), summed over the test set;
 2. three changed curricula: every occurrence of the top-k HELPFUL, the top-k HARMFUL or k RANDOM
-   (seeded) training examples removed. Removed occurrences become padding: the batches of those
-   steps shrink, the number of steps stays (nothing is filled in from the pool);
+   (seeded) training examples removed. ``fill="pad"`` (default): removed occurrences become
+   padding, the batches of those steps shrink, the number of steps stays; ``fill="pool"``: each
+   removed example is replaced, at every occurrence, by a pool example the curriculum did not
+   hold (batch sizes kept);
 3. simulated change per test example = simulated final(changed) - simulated final(full curriculum);
 4. actual change = final metric after really fine-tuning on the changed curriculum - final after
    re-training the full curriculum, both from the same base model with the run's seed and the
@@ -20,7 +22,11 @@ Per group: the changes per test example, their means, the Pearson correlation ac
 of simulated vs actual change, and the sign agreement (fraction of test examples whose simulated
 and actual change have the same sign). Changes are in the metric's unit; for loss a negative
 change means the loss went down. Removing harmful examples should lower the loss (raise a
-higher-is-better metric) on average, or the ranking is wrong.
+higher-is-better metric) on average, or the ranking is wrong. With padding every removal also
+means fewer examples trained on, and with a detrended simulator "harmful" means "less helpful than
+an average example", so each group is also compared with the random group
+(``*_minus_random``: removing harmful examples should lower the loss relative to removing random
+ones, removing helpful ones raise it).
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ class VerifyConfig:
     k: int = arg(5, "training examples removed per group (top-k helpful, top-k harmful, k random)")
     noise_seeds: int = arg(2, "extra re-trainings of the full curriculum with other seeds (noise floor)")
     reorders: int = arg(2, "re-trainings of the full curriculum's examples in other random orders (noise floor)")
-    seed: int = arg(0, "seed of the random group and of the re-orderings")
+    seed: int = arg(0, "seed of the random group, the re-orderings and the pool fill")
+    fill: str = arg("pad", "what takes a removed example's batch slots: 'pad' (padding: batches shrink, fewer examples are trained on) or 'pool' (each removed example is replaced, at every occurrence, by a training-pool example the curriculum does not hold, drawn at random: batch sizes kept)")
     workers: int = arg(0, "collection worker processes (0 = one per core)")
 
 
@@ -84,6 +91,22 @@ def remove_ids(curriculum: np.ndarray, ids: Sequence[int]) -> np.ndarray:
     if empty.size:
         raise InputError(f"removing {len(ids)} examples leaves step {int(empty[0]) + 1} with an empty batch; use a smaller --k")
     return c
+
+
+def replace_ids(curriculum: np.ndarray, ids: Sequence[int], pool: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """``curriculum [T, b]`` with each of ``ids`` replaced, at every occurrence, by its own
+    example of ``pool`` that the curriculum does not hold (drawn with ``rng``); shapes kept."""
+    c = np.asarray(curriculum, dtype=np.int64).copy()
+    ids = np.asarray(list(ids), dtype=np.int64)
+    fresh = np.setdiff1d(np.asarray(list(pool), dtype=np.int64), c[c >= 0])
+    if fresh.size < ids.size:
+        raise InputError(f"--fill pool needs {ids.size} training-pool examples outside the curriculum, there are "
+                         f"{fresh.size}; use --fill pad")
+    new = rng.choice(fresh, size=ids.size, replace=False)
+    out = c.copy()
+    for old, nw in zip(ids, new):
+        out[c == old] = nw
+    return out
 
 
 def reorder(curriculum: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -135,7 +158,13 @@ def verify(simulator: Any, store: Any, run_id: str, out: str | Path, test_ids: S
     tids = infl.test_ids
     total = infl.scores.sum(axis=1)  # [N]: summed over the test set
     groups = choose_groups(total, infl.train_ids, cfg.k, cfg.seed)
-    changed = {g: remove_ids(run.curriculum, ids) for g, ids in groups.items()}
+    if cfg.fill == "pad":
+        changed = {g: remove_ids(run.curriculum, ids) for g, ids in groups.items()}
+    elif cfg.fill == "pool":
+        frng = np.random.default_rng([cfg.seed, 0xF111])
+        changed = {g: replace_ids(run.curriculum, ids, store.train_ids, frng) for g, ids in groups.items()}
+    else:
+        raise InputError(f"--fill must be 'pad' or 'pool' (got {cfg.fill!r})")
 
     # simulated changes, from the run's recorded start values (as the influence was computed)
     steps = np.asarray(run.steps)
@@ -201,6 +230,20 @@ def verify(simulator: Any, store: Any, run_id: str, out: str | Path, test_ids: S
                         "sign_agreement": rec["sign_agreement"], "n_test_examples": int(tids.size),
                         "removed_occurrences": occ})
 
+    rnd = next(r for r in report_groups if r["group"] == "random")
+    for rec, res in zip(report_groups, results):
+        if rec["group"] == "random":
+            continue
+        sim_rel = np.asarray(rec["simulated_change"]) - np.asarray(rnd["simulated_change"])
+        act_rel = np.asarray(rec["actual_change"]) - np.asarray(rnd["actual_change"])
+        rel = {"simulated_minus_random_mean": float(np.nanmean(sim_rel)),
+               "actual_minus_random_mean": float(np.nanmean(act_rel)),
+               "pearson_minus_random": pearson(sim_rel, act_rel), "sign_agreement_minus_random": sign_agreement(sim_rel, act_rel)}
+        want_up = (rec["group"] == "helpful") == lower  # loss: removing helpful raises it more than random does
+        rel["expected_vs_random_ok"] = bool(rel["actual_minus_random_mean"] > 0) if want_up \
+            else bool(rel["actual_minus_random_mean"] < 0)
+        rec.update(rel)
+        res.update(rel)
     seed_runs = [base] + [final(f"full-seed{s + 1}") for s in range(cfg.noise_seeds)]
     order_runs = [base] + [final(f"reorder-{s + 1}") for s in range(cfg.reorders)]
 
@@ -227,8 +270,12 @@ def verify(simulator: Any, store: Any, run_id: str, out: str | Path, test_ids: S
                        "k random (seeded)",
               "change": f"final {metric} with the changed curriculum minus final {metric} with the full curriculum "
                         f"(simulated: both simulated; actual: both re-trained with the run's seed)",
-              "removal": "every occurrence of a removed example becomes padding: those batches shrink, the number of "
-                         "steps is kept (nothing is filled in from the pool)",
+              "removal": ("every occurrence of a removed example becomes padding: those batches shrink, the number of "
+                          "steps is kept (nothing is filled in from the pool), so any removal also means fewer "
+                          "examples trained on; compare a group with the random group (*_minus_random)")
+              if cfg.fill == "pad" else
+              ("every occurrence of a removed example is replaced by one training-pool example the curriculum "
+               "did not hold (drawn at random): batch sizes and steps kept"),
               "simulated_final_full": infl.final_full.tolist(), "actual_final_full": base.tolist(),
               "groups": report_groups, "noise": noise, "results": results}
     save_json(report, out / "verify.json")

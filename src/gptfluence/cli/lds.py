@@ -167,10 +167,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"\n{rep['method']} ({rep['metric']}), run {rep['run_id']}, {len(rep['test_ids'])} test examples, k = {rep['k']}")
     print(f"sign: {rep['sign']}")
     print(f"removal: {rep['removal']}")
-    print(f"{'group':<8} {'occurrences':>11} {'simulated change':>17} {'actual change':>14} {'Pearson':>8} {'sign agree':>10}")
+    print(f"{'group':<8} {'occurrences':>11} {'simulated change':>17} {'actual change':>14} {'Pearson':>8} "
+          f"{'sign agree':>10} {'sim - random':>13} {'actual - random':>16}")
     for g in rep["groups"]:
+        rel = (f"{g['simulated_minus_random_mean']:>13.4g} {g['actual_minus_random_mean']:>16.4g}"
+               if "actual_minus_random_mean" in g else "")
         print(f"{g['group']:<8} {g['removed_occurrences']:>11} {g['simulated_change_mean']:>17.4g} "
-              f"{g['actual_change_mean']:>14.4g} {_f(g['pearson']):>8} {_f(g['sign_agreement']):>10}")
+              f"{g['actual_change_mean']:>14.4g} {_f(g['pearson']):>8} {_f(g['sign_agreement']):>10} {rel}")
     n = rep["noise"]
     det = n["deterministic"]
     print(f"noise: other seeds: test-mean std {_f(n['seeds']['test_mean_std'])}"
@@ -178,6 +181,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
           + f"; other orders: test-mean std {_f(n['order']['test_mean_std'])}")
     harmful = next(g for g in rep["groups"] if g["group"] == "harmful")
     print(f"removing harmful examples: {harmful['expected_direction']}: "
-          f"{'yes' if harmful['expected_direction_ok'] else 'NO'}")
+          f"{'yes' if harmful['expected_direction_ok'] else 'NO'}; below removing random ones: "
+          f"{'yes' if harmful['expected_vs_random_ok'] else 'NO'}")
     print(f"-> {out / 'verify.json'}")
     return 0
