@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gptfluence.errors import InputError
+from gptfluence.errors import GptfluenceError, InputError
 
 LOWER_IS_BETTER = {"loss"}
 VARIATIONS = ("both", "membership", "order")
@@ -281,6 +281,7 @@ def measure_lds(fit: Any, heldout: Any, methods: Sequence[str] | None = None, me
     all_ids = list(heldout.run_ids)
     results: list[dict[str, Any]] = []
     per_example: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
     ref_preds: dict[str, Any] = {}
     train_ids = np.asarray(heldout.train_ids)
     if references:
@@ -295,10 +296,15 @@ def measure_lds(fit: Any, heldout: Any, methods: Sequence[str] | None = None, me
             say(f"{task_name} / {metric}: fitting {method} on {len(fit_runs)} runs")
             sim = make_simulator(method, metric, encoder=enc_for(method), config=full_cfg.get(method))
             t0 = time.perf_counter()
-            sim.fit(fit, fit_runs, val_runs, progress=progress)
-            fit_s = time.perf_counter() - t0
-            sim.prepare(heldout, np.unique(cur[cur >= 0]), tids)
-            out = np.asarray(sim.simulate(cur, tids, start, first_step=f0))
+            try:
+                sim.fit(fit, fit_runs, val_runs, progress=progress)
+                fit_s = time.perf_counter() - t0
+                sim.prepare(heldout, np.unique(cur[cur >= 0]), tids)
+                out = np.asarray(sim.simulate(cur, tids, start, first_step=f0))
+            except GptfluenceError as e:  # e.g. a metric a method cannot fit: reported, the others go on
+                skipped.append({"method": method, "task": task_name, "metric": metric, "reason": str(e)})
+                say(f"{task_name} / {metric}: {method} skipped: {e}")
+                continue
             preds[method] = ("simulator", out[:, -1].astype(np.float64), fit_s)
         if references:
             rows = np.asarray([heldout.test_row[int(t)] for t in tids])
@@ -330,7 +336,7 @@ def measure_lds(fit: Any, heldout: Any, methods: Sequence[str] | None = None, me
                        "fit_store": str(fit.root) if fit.root else None,
                        "heldout_store": str(heldout.root) if heldout.root else None,
                        "fit_runs": fit_runs, "val_runs": val_runs,
-                       "variations": {g: len(v) for g, v in groups.items()},
+                       "variations": {g: len(v) for g, v in groups.items()}, "skipped": skipped,
                        "definition": "LDS = mean over test examples of the Spearman across held-out curricula of "
                                      "true vs predicted final metric; CI: percentile bootstrap over test examples; "
                                      "n_nan test examples (constant column) are counted and left out of the mean"},

@@ -138,6 +138,8 @@ def cmd_lds(args: argparse.Namespace) -> int:
         ci = f"[{_f(r['lds_ci_low'])}, {_f(r['lds_ci_high'])}]"
         print(f"{r['metric']:<9} {r['method']:<16} {r['variation']:<11} {_f(r['lds_mean']):>7} {ci:>24} "
               f"{r['n_curricula']:>4} {r['n_test_examples']:>6} {r['n_nan']:>4}")
+    for sk in res["config"]["skipped"]:
+        print(f"skipped {sk['method']} / {sk['metric']}: {sk['reason']}", file=sys.stderr)
     print(f"results -> {out}" + (f", table -> {md}" if md else ""))
     return 0
 
