@@ -10,9 +10,10 @@ over the test set), simulate and really re-train, compare. Methods with an ``uns
     python benchmarks/verify_builtin.py runs/builtin/sentiment ... --out benchmarks/results/verify_builtin.json
 
 Output: ``results`` (method, task, metric, group, k, simulated_change_mean, actual_change_mean,
-pearson, sign_agreement, n_test_examples, removed_occurrences) and ``noise`` (one record per task
-and method: the spread of the final metric over re-trainings of the unchanged curriculum with
-other seeds and in other orders). Each verification's folder (verify.json, the re-trained store)
+pearson, sign_agreement, n_test_examples, removed_occurrences, and for helpful / harmful the same
+relative to the random group: *_minus_random) and ``noise`` ({task: record}: the spread of the
+final metric over re-trainings of the unchanged curriculum with other seeds and in other orders;
+the same runs for every method). Each verification's folder (verify.json, the re-trained store)
 is kept under ``--work``; rerunning resumes.
 """
 
@@ -48,7 +49,8 @@ def main() -> int:
     p.add_argument("--work", default="runs/verify", help="folder for simulators and re-trainings")
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    results, noise, reports = [], [], []
+    results, reports = [], []
+    noise: dict = {}
     for path in a.stores:
         store = Dynamics.open(path)
         sp = split_runs(store.run_ids, 0)
@@ -81,8 +83,8 @@ def main() -> int:
                 r["fit_seconds"] = fit_s
                 r["verify_seconds"] = time.time() - t0
             results += rep["results"]
-            noise.append({"task": store.task.name, "method": method, "metric": rep["metric"], "run_id": a.run,
-                          **rep["noise"]})
+            # the noise runs (unchanged curriculum, other seeds / orders) are the same for every method
+            noise.setdefault(store.task.name, {"metric": rep["metric"], "run_id": a.run, **rep["noise"]})
             reports.append(str(out / "verify.json"))
             for g in rep["groups"]:
                 print(f"{store.task.name:<12} {method:<11} {g['group']:<8} sim {g['simulated_change_mean']:+.4g} "
