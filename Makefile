@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper
+.PHONY: setup demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper lds-builtin verify-builtin
 
 setup: $(VENV)/.installed
 
@@ -67,3 +67,36 @@ evaluate-ablations: setup
 evaluate-paper: setup
 	$(EVAL_LOSS) --methods gptfluence_paper simfluence_paper mean_curve --device auto \
 		--out $(R)/evaluate_paper_presets.json --markdown $(R)/evaluate_paper_presets.md
+
+# LDS on the built-in tasks (benchmarks/results/lds_builtin.{json,md}; README, "Checking attribution"):
+# the 32-run fit stores of evaluate-builtin, and per task LDS_N held-out curricula per design (both,
+# membership, order) collected with --record-steps ends (metrics at steps 0 and T only).
+# Smaller: make lds-builtin BUILTIN_TASKS=data2text LDS_FIT_RUNS=16 BUILTIN_DIR=runs/lds16 LDS_OUT=lds_data2text_16fit
+LDS_N ?= 48
+LDS_FIT_RUNS ?= 32
+LDS_DIR ?= runs/lds-builtin
+LDS_OUT ?= lds_builtin
+lds-builtin: setup
+	for t in $(BUILTIN_TASKS); do \
+		$(BIN)/gptfluence collect --quiet --task $$t --runs $(LDS_FIT_RUNS) --out $(BUILTIN_DIR)/$$t || exit 1; \
+		$(BIN)/gptfluence curricula --dynamics $(BUILTIN_DIR)/$$t --design both membership order --n $(LDS_N) \
+			--out $(LDS_DIR)/$$t-heldout.jsonl || exit 1; \
+		$(BIN)/gptfluence collect --quiet --config $(BUILTIN_DIR)/$$t/collect_config.json \
+			--curriculum-file $(LDS_DIR)/$$t-heldout.jsonl --record-steps ends --out $(LDS_DIR)/$$t-heldout || exit 1; \
+		$(BIN)/gptfluence lds $(BUILTIN_DIR)/$$t $(LDS_DIR)/$$t-heldout --no-progress --out $(LDS_DIR)/$$t-lds.json || exit 1; \
+	done
+	$(BIN)/python benchmarks/merge_lds.py $(foreach t,$(BUILTIN_TASKS),$(LDS_DIR)/$(t)-lds.json) \
+		--out $(R)/$(LDS_OUT).json --markdown $(R)/$(LDS_OUT).md
+
+# Verification by re-training on the built-in tasks (benchmarks/results/verify_builtin.json): per task
+# and method, remove the top-k helpful / harmful / k random examples of held-out run run-0002 for the
+# whole test set, simulate and re-train (plus the noise floor: other seeds, other orders); removed
+# slots padded (verify_builtin.json) or filled with unseen pool examples (verify_builtin_pool.json).
+VERIFY_METHODS ?= gptfluence simfluence
+VERIFY_K ?= 10
+verify-builtin: setup
+	for t in $(BUILTIN_TASKS); do $(BIN)/gptfluence collect --quiet --task $$t --runs 32 --out $(BUILTIN_DIR)/$$t || exit 1; done
+	$(BIN)/python benchmarks/verify_builtin.py $(STORES) --methods $(VERIFY_METHODS) --k $(VERIFY_K) \
+		--work runs/verify-builtin --out $(R)/verify_builtin.json
+	$(BIN)/python benchmarks/verify_builtin.py $(STORES) --methods $(VERIFY_METHODS) --k $(VERIFY_K) --fill pool \
+		--work runs/verify-builtin --out $(R)/verify_builtin_pool.json

@@ -84,7 +84,20 @@ def test_loo_scores_exact_and_signed(metric):
     assert (s > 0) if metric == "loss" else (s < 0)
     assert s == pytest.approx(1.5 if metric == "loss" else -1.5)
     assert "positive = helpful" in inf.sign and metric in inf.sign
-    assert sign_description(metric) == inf.sign
+    assert inf.sign == f"{sign_description(metric)}; {inf.relative_to}" and inf.relative_to
+
+
+def test_relative_description_follows_detrending():
+    from types import SimpleNamespace
+
+    from gptfluence.analysis.influence import relative_description
+
+    assert "more than an average example" in relative_description(SimpleNamespace(config=SimpleNamespace(detrend=True)))
+    assert "not training on it" in relative_description(SimpleNamespace(config=SimpleNamespace(detrend=False)))
+    sim = AdditiveSim(W, TEST_IDS)
+    sim.config = SimpleNamespace(detrend=True)
+    inf = loo_influence(sim, CUR, TEST_IDS, np.zeros(2))
+    assert "average training example" in inf.sign and Influence.from_dict(inf.to_dict()).relative_to == inf.relative_to
 
 
 @pytest.mark.parametrize("chunk, calls", [(256, 1), (6, 1), (5, 2), (4, 2), (2, 3), (1, 6)])

@@ -15,6 +15,14 @@ for the test example, i.e. training on it improves the test metric.
   ``score = final(with all) - final(without i)`` (removing a helpful example lowers the metric).
 
 Scores are in the metric's own unit (nats for loss, BLEU points 0-100, ROUGE-L 0-1).
+
+WHAT A SCORE IS RELATIVE TO: the difference of two simulated final values, with and without the
+example's occurrences (its batch slots become padding). For a detrended simulator (``detrend``,
+the default of gptfluence and simfluence) every step still gets the fit runs' mean change (the
+trend), which holds the effect of an average training example; the learned factors model only
+deviations from it. So "helpful" there means "helps more than an average training example at that
+step would", and "harmful" "helps less than average (or hurts)", not "better / worse than not
+training at all". `relative_description` states it per simulator; it is part of `Influence.sign`.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ __all__ = [
     "run_loo_influence",
     "influence_report",
     "sign_description",
+    "relative_description",
 ]
 
 
@@ -46,6 +55,20 @@ def sign_description(metric: str) -> str:
                 f"score = {metric}(without) - {metric}(with all))")
     return (f"positive = helpful (removing the training example lowers the simulated final {metric}; "
             f"score = {metric}(with all) - {metric}(without))")
+
+
+def relative_description(simulator: Any) -> str:
+    """What a LOO score of ``simulator`` is relative to (see the module docstring), one sentence."""
+    detrend = getattr(getattr(simulator, "config", None), "detrend", None)
+    if detrend:
+        return ("relative to an average training example at that step: the simulator is detrended (the fit runs' "
+                "mean change per step stays when an example is removed), so helpful = helps more than an average "
+                "example at that step, harmful = helps less (or hurts)")
+    if detrend is False:
+        return ("relative to leaving the example's batch slots empty (no detrending: the simulator models the raw "
+                "values, so a score compares training on the example with not training on it)")
+    return ("relative to the simulator's prediction with the example's occurrences left out (padding); for a "
+            "simulator with a trend term, relative to an average example at that step")
 
 
 def _num(x: Any) -> float | None:
@@ -71,6 +94,7 @@ class Influence:
     method: str
     final_full: np.ndarray
     kind: str = "loo"
+    relative_to: str = ""  # `relative_description` of the simulator (empty when unknown)
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float64)
@@ -86,7 +110,9 @@ class Influence:
 
     @property
     def sign(self) -> str:
-        return sign_description(self.metric)
+        """The sign convention and, when known, what the scores are relative to."""
+        base = sign_description(self.metric)
+        return f"{base}; {self.relative_to}" if self.relative_to else base
 
     def column(self, test_id: int) -> np.ndarray:
         """Scores [N] of every training example for ``test_id``."""
@@ -116,6 +142,7 @@ class Influence:
             "method": self.method,
             "metric": self.metric,
             "sign": self.sign,
+            "relative_to": self.relative_to,
             "train_ids": self.train_ids.tolist(),
             "test_ids": self.test_ids.tolist(),
             "final_full": [_num(v) for v in self.final_full],
@@ -133,7 +160,8 @@ class Influence:
 
         return cls(scores=arr(d["scores"]).reshape(len(d["train_ids"]), len(d["test_ids"])),
                    train_ids=d["train_ids"], test_ids=d["test_ids"], metric=d["metric"],
-                   method=d["method"], final_full=arr(d["final_full"]), kind=d.get("kind", "loo"))
+                   method=d["method"], final_full=arr(d["final_full"]), kind=d.get("kind", "loo"),
+                   relative_to=str(d.get("relative_to") or ""))
 
 
 def _compact(curricula: np.ndarray) -> np.ndarray:
@@ -199,7 +227,7 @@ def loo_influence(simulator: Any, curriculum: np.ndarray, test_ids: Sequence[int
     without = finals[1:]
     scores = (without - full[None]) if metric in LOWER_IS_BETTER else (full[None] - without)
     return Influence(scores=scores, train_ids=ids, test_ids=tids, metric=metric, method=method,
-                     final_full=full, kind="loo")
+                     final_full=full, kind="loo", relative_to=relative_description(simulator))
 
 
 def run_loo_influence(simulator: Any, run: Any, test_ids: Sequence[int] | None = None,
@@ -243,7 +271,7 @@ def influence_report(influence: Influence, dynamics: Any, test_ids: Sequence[int
 
     Example texts come from ``dynamics.test_example`` / ``dynamics.train_example``. Shape::
 
-        {"method", "metric", "kind", "sign",
+        {"method", "metric", "kind", "sign" (convention + what scores are relative to), "relative_to",
          "test_examples": [{"test_id", "prompt", "target", "final_simulated",
                             "helpful": [{"train_id", "score", "prompt", "target"}, ...],
                             "harmful": [...]}]}
@@ -273,5 +301,6 @@ def influence_report(influence: Influence, dynamics: Any, test_ids: Sequence[int
         "metric": influence.metric,
         "kind": influence.kind,
         "sign": influence.sign,
+        "relative_to": influence.relative_to,
         "test_examples": items,
     }

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "gptfluence.cli.gptdynamics",
     "gptfluence.cli.simulators",
     "gptfluence.cli.influence",
+    "gptfluence.cli.lds",
     "gptfluence.cli.report",
     "gptfluence.cli.demo",
 )

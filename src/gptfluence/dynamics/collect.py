@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from gptfluence.config import arg, sha256_file, to_dict
-from gptfluence.dynamics.curriculum import read_curricula, sample_curriculum
+from gptfluence.dynamics.curriculum import read_curricula, read_curriculum_file, sample_curriculum
 from gptfluence.dynamics.store import Dynamics, Run, create_store
 from gptfluence.devices import resolve_device
 from gptfluence.errors import GptfluenceError, InputError
@@ -70,6 +70,7 @@ class CollectConfig:
     run_seed: int = arg(0, "run r uses seed run_seed + r for its curriculum and its training randomness")
     curriculum_file: str = arg("", "explicit curricula (JSON lines, see dynamics.curriculum.read_curricula) instead of sampled ones")
     gen_every: int = arg(1, "record generation metrics every k steps (plus steps 0 and T); 0 = never")
+    record_steps: str = arg("all", "steps at which test metrics are evaluated and recorded: 'all' (0..T), 'ends' (0 and T only: cheap held-out runs for LDS, training still runs every step) or a comma list of steps (0 and T always added; steps beyond a run's T are skipped)")
     gen_max_new_tokens: int = arg(24, "max new tokens of greedy decoding for generation tasks (label tasks use 3)")
     eval_batch_size: int = arg(128, "test examples per forward pass")
     capture_every: int = arg(0, "save a weights checkpoint into the run's captures/ every k steps (0 = off; for TracIn-CP)")
@@ -91,12 +92,31 @@ class CollectConfig:
             raise InputError(f"--lr-schedule must be 'constant' or 'linear' (got {self.lr_schedule!r})")
         if not 0.0 <= self.flip_fraction <= 1.0:
             raise InputError(f"--flip-fraction must be in [0, 1] (got {self.flip_fraction})")
+        recorded_steps(self.record_steps, 1)  # names a malformed --record-steps before anything runs
         if not self.curriculum_file and self.examples_per_run > self.n_train:
             raise InputError(f"--examples-per-run {self.examples_per_run} exceeds the pool size --n-train {self.n_train}")
 
     def task_fields(self) -> dict[str, Any]:
         return {"name": self.task, "n_train": self.n_train, "n_test": self.n_test, "seed": self.task_seed,
                 "flip_fraction": self.flip_fraction, "data_dir": self.data_dir}
+
+
+def recorded_steps(spec: str, T: int) -> np.ndarray:
+    """The sorted steps recorded for a run of ``T`` optimizer steps under ``record_steps`` = ``spec``:
+    "all" -> 0..T; "ends" -> [0, T]; "a,b,c" -> those steps that are <= T, plus 0 and T.
+    Raises `InputError` naming ``--record-steps`` for anything else."""
+    s = str(spec).strip().lower()
+    if s == "all":
+        return np.arange(T + 1)
+    if s == "ends":
+        return np.array(sorted({0, T}))
+    try:
+        steps = {int(x) for x in s.split(",") if x.strip()}
+    except ValueError:
+        raise InputError(f"--record-steps must be 'all', 'ends' or a comma list of steps, got {spec!r}") from None
+    if not steps or min(steps) < 0:
+        raise InputError(f"--record-steps must be 'all', 'ends' or a comma list of steps >= 0, got {spec!r}")
+    return np.array(sorted({0, T} | {x for x in steps if x <= T}))
 
 
 def load_task_for(cfg: CollectConfig) -> Task:
@@ -240,30 +260,40 @@ class RunCollector:
             yield t, lr
 
     def run(self, run_id: str, seed: int, curriculum: np.ndarray, store: Dynamics,
-            hooks: Sequence[StepHook] = (), on_step: Callable[[int], None] | None = None) -> Run:
+            hooks: Sequence[StepHook] = (), on_step: Callable[[int], None] | None = None,
+            group: str | None = None) -> Run:
+        """Train ``curriculum`` and commit the run; metrics are evaluated at the steps of
+        ``record_steps`` only (training runs every step). ``group``: a curriculum file's group
+        label, kept as ``run.info["group"]``."""
         cfg = self.cfg
         t0 = time.time()
         T = int(curriculum.shape[0])
         M = len(self.task.test)
-        values = {m: np.full((T + 1, M), np.nan, dtype=np.float32) for m in self.metrics}
+        steps = recorded_steps(cfg.record_steps, T)
+        row = {int(s): k for k, s in enumerate(steps)}
+        values = {m: np.full((steps.size, M), np.nan, dtype=np.float32) for m in self.metrics}
         lrs = np.zeros(T, dtype=np.float64)
         with store.stage_run(run_id) as staging:
             for t, lr in self.train(run_id, seed, curriculum):
                 if t:
                     lrs[t - 1] = lr
-                with self.autocast():
-                    scores = self._evaluate(t, T)
-                for m, v in scores.items():
-                    values[m][t] = v
+                if t in row:
+                    with self.autocast():
+                        scores = self._evaluate(t, T)
+                    for m, v in scores.items():
+                        values[m][row[t]] = v
                 for h in hooks:
                     h(t, self.model, lr, lambda: staging.captures_dir)
                 if on_step and t:
                     on_step(1)
-            run = Run(run_id=run_id, curriculum=curriculum, steps=np.arange(T + 1), test_ids=[e.id for e in self.task.test],
+            info: dict[str, Any] = {"wall_seconds": round(time.time() - t0, 3), "device": self.device}
+            if group is not None:
+                info["group"] = group
+            run = Run(run_id=run_id, curriculum=curriculum, steps=steps, test_ids=[e.id for e in self.task.test],
                       values=values, lr=lrs, seed=seed,
                       config={"lr": cfg.lr, "batch_size": int(curriculum.shape[1]), "epochs": cfg.epochs,
                               "weight_decay": cfg.weight_decay, "warmup_steps": cfg.warmup_steps, "model": cfg.model},
-                      info={"wall_seconds": round(time.time() - t0, 3), "device": self.device})
+                      info=info)
             staging.commit(run)
         return run
 
@@ -374,7 +404,7 @@ def _worker_init(cfg_dict: dict[str, Any], store_path: str, device: str, progres
         _WORKER["init_error"] = e
 
 
-def _worker_run(run_id: str, seed: int, curriculum: np.ndarray) -> str:
+def _worker_run(run_id: str, seed: int, curriculum: np.ndarray, group: str | None = None) -> str:
     err = _WORKER.get("init_error")
     if err is not None:
         if isinstance(err, GptfluenceError):
@@ -382,7 +412,7 @@ def _worker_run(run_id: str, seed: int, curriculum: np.ndarray) -> str:
         raise GptfluenceError(f"worker could not start: {type(err).__name__}: {err}")
     q = _WORKER["q"]
     _WORKER["collector"].run(run_id, seed, curriculum, _WORKER["store"], hooks=_WORKER["hooks"],
-                             on_step=(lambda n: q.put(n)) if q is not None else None)
+                             on_step=(lambda n: q.put(n)) if q is not None else None, group=group)
     return run_id
 
 
@@ -392,12 +422,20 @@ def _worker_run(run_id: str, seed: int, curriculum: np.ndarray) -> str:
 NON_IDENTITY_FIELDS = ("device",)
 
 
+def curriculum_groups(cfg: CollectConfig) -> dict[str, str]:
+    """{run_id: group label} of the curriculum file's lines that carry one (none without a file)."""
+    if not cfg.curriculum_file:
+        return {}
+    return read_curriculum_file(cfg.curriculum_file).groups
+
+
 def plan_runs(cfg: CollectConfig, task: Task, runs: int) -> list[tuple[str, int, np.ndarray]]:
-    """(run_id, seed, curriculum) for every run of the collection, deterministic from the config."""
+    """(run_id, seed, curriculum) for every run of the collection, deterministic from the config
+    (a curriculum file line's ``seed`` wins over ``run_seed`` + its index)."""
     pool = [e.id for e in task.train]
     if cfg.curriculum_file:
-        curricula = read_curricula(cfg.curriculum_file, pool)
-        return [(rid, cfg.run_seed + r, c) for r, (rid, c) in enumerate(curricula.items())]
+        cf = read_curriculum_file(cfg.curriculum_file, pool)
+        return [(rid, cf.seeds.get(rid, cfg.run_seed + r), c) for r, (rid, c) in enumerate(cf.curricula.items())]
     if runs < 1:
         raise InputError(f"--runs must be >= 1 (got {runs})")
     out = []
@@ -429,7 +467,10 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, runs: int = 8, workers: 
     device = resolve_device(cfg.device)
     task = load_task_for(cfg)
     plan = plan_runs(cfg, task, runs)  # bad curricula fail here, before the store is created
+    groups = curriculum_groups(cfg)
     identity = {k: v for k, v in to_dict(cfg).items() if k not in NON_IDENTITY_FIELDS}
+    if identity.get("record_steps") == "all":
+        del identity["record_steps"]  # the default: stores collected before the field existed still resume
     # make sure the base model exists before workers start (they would race to build it)
     name, base = model_spec(cfg)
     if name == "default":
@@ -467,13 +508,13 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, runs: int = 8, workers: 
                 collector = RunCollector(cfg, task, device, threads=None if device.startswith("cuda") else 1)
                 hooks = [CheckpointCapture(cfg.capture_every)] if cfg.capture_every > 0 else []
                 for rid, seed, c in todo:
-                    collector.run(rid, seed, c, store, hooks=hooks, on_step=bar.update)
+                    collector.run(rid, seed, c, store, hooks=hooks, on_step=bar.update, group=groups.get(rid))
                     if runs_bar:
                         runs_bar.update(1)
             finally:
                 torch.set_num_threads(threads)  # one thread per run for determinism; the caller's setting back
         else:
-            _collect_parallel(cfg, str(out), device, todo, workers, bar, runs_bar)
+            _collect_parallel(cfg, str(out), device, todo, workers, bar, runs_bar, groups)
     finally:
         bar.close()
         if runs_bar:
@@ -482,7 +523,7 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, runs: int = 8, workers: 
 
 
 def _collect_parallel(cfg: CollectConfig, out: str, device: str, todo: list, workers: int, bar: Any,
-                      runs_bar: Any) -> None:
+                      runs_bar: Any, groups: dict[str, str] | None = None) -> None:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
@@ -504,7 +545,7 @@ def _collect_parallel(cfg: CollectConfig, out: str, device: str, todo: list, wor
     ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                              initargs=(to_dict(cfg), out, device, q, os.getpid()))
     try:
-        pending = {ex.submit(_worker_run, rid, seed, c) for rid, seed, c in todo}
+        pending = {ex.submit(_worker_run, rid, seed, c, (groups or {}).get(rid)) for rid, seed, c in todo}
         while pending:
             finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             for f in finished:

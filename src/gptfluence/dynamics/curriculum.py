@@ -8,7 +8,7 @@ order per epoch) or read from a file.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterable, Sequence
 
@@ -52,6 +52,104 @@ def sample_curriculum(pool_ids: Sequence[int], examples_per_run: int, batch_size
     if not rows:
         raise InputError(f"examples_per_run={n} < batch_size={batch_size} with drop_last leaves no steps")
     return np.stack(rows).astype(np.int64)
+
+
+def _epochs_to_rows(orders: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+    """Cut each epoch's order into batches of ``batch_size`` (a short last batch padded with -1)."""
+    rows = []
+    for order in orders:
+        for start in range(0, order.size, batch_size):
+            chunk = order[start:start + batch_size]
+            if chunk.size < batch_size:
+                chunk = np.concatenate([chunk, np.full(batch_size - chunk.size, PAD, dtype=np.int64)])
+            rows.append(chunk)
+    return np.stack(rows).astype(np.int64)
+
+
+LDS_DESIGNS = ("both", "membership", "order")
+
+
+def design_curricula(pool_ids: Sequence[int], examples_per_run: int, batch_size: int, epochs: int,
+                     design: str, n: int, seed: int, reshuffle_each_epoch: bool = True,
+                     exclude: Sequence[np.ndarray] = ()) -> list[tuple[str, np.ndarray]]:
+    """``n`` held-out curricula ``[(run_id, [T, b])]`` for measuring LDS, all of the shape that
+    `sample_curriculum` gives for these sizes, run ids ``<design>-0000`` ...
+
+    * ``"both"``: random subset and random order (exactly as `sample_curriculum` samples);
+    * ``"membership"``: random subsets, ordered by one fixed rule: fixed permutations pi_1..pi_E of
+      the whole pool (drawn once from ``seed``; pi_1 every epoch unless ``reshuffle_each_epoch``),
+      and epoch e visits the subset in pi_e's order. Curricula then differ only in which examples
+      they hold;
+    * ``"order"``: one fixed subset (drawn once from ``seed``), random orders per curriculum.
+
+    A curriculum equal to one of ``exclude`` (e.g. the fit runs') or to an earlier one is drawn
+    again, so held-out curricula are never fit curricula.
+    """
+    if design not in LDS_DESIGNS:
+        raise InputError(f"--design must be one of {', '.join(LDS_DESIGNS)} (got {design!r})")
+    if n < 1:
+        raise InputError(f"--n must be >= 1 (got {n})")
+    pool = np.asarray(list(pool_ids), dtype=np.int64)
+    if pool.size == 0:
+        raise InputError("cannot design curricula from an empty training pool")
+    size = pool.size if examples_per_run <= 0 or examples_per_run >= pool.size else examples_per_run
+    if design == "order" and size < 2:
+        raise InputError("order-only curricula need at least 2 examples per run")
+    if design == "membership" and size == pool.size:
+        raise InputError("membership-only curricula need examples_per_run below the pool size "
+                         f"({pool.size}): with the whole pool every curriculum is the same")
+    rng = np.random.default_rng([int(seed), LDS_DESIGNS.index(design), 0x1D5])
+    rank = [rng.permutation(pool.size) for _ in range(epochs if reshuffle_each_epoch else 1)]
+    position = []
+    for r in rank:  # position[e][i] = where pool[i] comes in epoch e's fixed order
+        pos = np.empty(pool.size, dtype=np.int64)
+        pos[r] = np.arange(pool.size)
+        position.append(pos)
+    fixed_rows = rng.choice(pool.size, size=size, replace=False)
+    seen = {np.asarray(c, dtype=np.int64).tobytes() for c in exclude}
+    out: list[tuple[str, np.ndarray]] = []
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 100 * n:
+            raise InputError(f"could not draw {n} distinct {design!r} curricula (pool too small?)")
+        if design == "both":
+            c = sample_curriculum(pool, size, batch_size, epochs, int(rng.integers(2**31)),
+                                  reshuffle_each_epoch=reshuffle_each_epoch)
+        elif design == "membership":
+            rows = rng.choice(pool.size, size=size, replace=False)
+            orders = [pool[rows[np.argsort(position[e % len(position)][rows])]] for e in range(epochs)]
+            c = _epochs_to_rows(orders, batch_size)
+        else:
+            first = rng.permutation(pool[fixed_rows])
+            orders = [first if e == 0 or not reshuffle_each_epoch else rng.permutation(pool[fixed_rows])
+                      for e in range(epochs)]
+            c = _epochs_to_rows(orders, batch_size)
+        key = c.tobytes()
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append((f"{design}-{len(out):04d}", c))
+    return out
+
+
+def write_curriculum_lines(path: str | os.PathLike, runs: Iterable[tuple[str, np.ndarray, str | None, int | None]]
+                           ) -> Path:
+    """Write run-per-line JSON (``{"run_id", "curriculum", "group"?, "seed"?}``) atomically;
+    the file `read_curriculum_file` and ``collect --curriculum-file`` read."""
+    import json
+
+    from gptfluence.config import write_text_atomic
+
+    lines = []
+    for rid, cur, group, seed in runs:
+        obj: dict[str, Any] = {"run_id": rid, "curriculum": np.asarray(cur, dtype=np.int64).tolist()}
+        if group is not None:
+            obj["group"] = group
+        if seed is not None:
+            obj["seed"] = int(seed)
+        lines.append(json.dumps(obj, separators=(",", ":")))
+    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def check_curriculum(curriculum: np.ndarray, train_ids: Collection[int] | None, source: str,
@@ -160,17 +258,20 @@ def read_samples_id(path: str | os.PathLike, train_ids: Collection[int] | None =
     return steps.curriculum()
 
 
-CURRICULUM_LINE_FIELDS = ("run_id", "curriculum", "group")
+CURRICULUM_LINE_FIELDS = ("run_id", "curriculum", "group", "seed")
 
 
 @dataclass
 class CurriculumFile:
     """Curricula read from one file: ``curricula`` {run_id: [T, b] int64} in file order and
-    ``groups`` {run_id: group label} for lines that carry one (e.g. the LDS designs' "membership")."""
+    ``groups`` {run_id: group label} for lines that carry one (e.g. the LDS designs' "membership");
+    ``seeds`` {run_id: training seed} for lines that carry one (collect otherwise uses
+    ``run_seed`` + the line's index; `gptfluence verify` re-trains changed curricula with one seed)."""
 
     path: Path
     curricula: dict[str, np.ndarray]
     groups: dict[str, str]
+    seeds: dict[str, int] = field(default_factory=dict)
 
 
 def read_curriculum_file(path: str | os.PathLike, train_ids: Collection[int] | None = None,
@@ -180,7 +281,8 @@ def read_curriculum_file(path: str | os.PathLike, train_ids: Collection[int] | N
     Formats (errors name the file, line, field, step and id):
 
     * JSON lines, one run per line: ``{"run_id": "a", "curriculum": [[3, 1], [0, 2], ...],
-      "group": "membership"}`` (``group`` optional; run ids must be safe file names);
+      "group": "membership", "seed": 7}`` (``group`` and ``seed`` optional; run ids must be safe
+      file names);
     * JSON lines in the published GPTDynamics style (``train_samples_id.json``):
       ``{"step": 1, "samples_id": [3, 1]}``, steps 1..T without gaps (see `StepBatches`); one run,
       named after the file's stem;
@@ -224,6 +326,7 @@ def read_curriculum_file(path: str | os.PathLike, train_ids: Collection[int] | N
         return CurriculumFile(path, {stem: checked(pad_rows(data), str(path))}, {})
     runs: dict[str, np.ndarray] = {}
     groups: dict[str, str] = {}
+    seeds: dict[str, int] = {}
     steps = StepBatches(path, ids)
     for lineno, obj in iter_json_lines(path):
         if "curriculum" in obj:
@@ -247,6 +350,8 @@ def read_curriculum_file(path: str | os.PathLike, train_ids: Collection[int] | N
                 if not isinstance(obj["group"], str) or not obj["group"]:
                     raise InputError(f"{path} line {lineno}, field 'group': expected a non-empty string")
                 groups[rid] = obj["group"]
+            if "seed" in obj:
+                seeds[rid] = as_int(obj["seed"], path, lineno, "seed")
         elif "samples_id" in obj:
             steps.add(lineno, obj)
         else:
@@ -258,7 +363,7 @@ def read_curriculum_file(path: str | os.PathLike, train_ids: Collection[int] | N
         runs[stem] = checked(steps.curriculum(), str(path))
     if not runs:
         raise InputError(f"{path}: no curricula found")
-    return CurriculumFile(path, runs, groups)
+    return CurriculumFile(path, runs, groups, seeds)
 
 
 def read_curricula(path: str | os.PathLike, train_ids: Collection[int] | None = None,

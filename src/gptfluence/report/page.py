@@ -245,7 +245,10 @@ def _influence_section(reports: Sequence[dict[str, Any]], files: _Files) -> str:
              'example is removed from the curriculum and the run is simulated again. '
              '<b>Positive score = helpful</b> (training on the example improves the test metric: for loss, '
              'removing it raises the simulated final loss; for BLEU / ROUGE-L / accuracy, removing it lowers '
-             'the simulated final value). Scores are in the metric\'s unit.</p>']
+             'the simulated final value). Scores are in the metric\'s unit. A score is relative to the '
+             'simulator\'s baseline: for a detrended simulator (the default) every step keeps the fit runs\' '
+             'mean change, so helpful means <i>more helpful than an average training example at that step</i>, '
+             'not better than not training.</p>']
     for i, rep in enumerate(reports):
         title = " · ".join(x for x in (rep["task"], method_label(rep["method"]), metric_label(rep["metric"])) if x)
         parts.append(f'<h3 id="influence-{i}">{e(title)}</h3>')
