@@ -8,7 +8,8 @@ method name is recorded in every artifact and result, so a preset is never confu
 class it runs on.
 
 Methods: ``gptfluence`` (featurized, n-th order; this library's variant), ``simfluence``
-(free per-pair factors), ``constant`` and ``mean_curve`` (trivial references).
+(free per-pair factors), ``tracin_cp`` and ``grad_dot`` (gradient baselines, `simulators.tracin`),
+``constant`` and ``mean_curve`` (trivial references).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from gptfluence.simulators.base import Simulator
 from gptfluence.simulators.common import FitConfig, check_against, config_from, read_artifact
 from gptfluence.simulators.gptfluence import GPTfluenceConfig, GPTfluenceSimulator
 from gptfluence.simulators.simfluence import SimfluenceConfig, SimfluenceSimulator
+from gptfluence.simulators.tracin import TracInConfig, TracInSimulator
 from gptfluence.simulators.trivial import ConstantSimulator, MeanCurveSimulator
 
 
@@ -66,6 +68,11 @@ register_method(MethodSpec("simfluence", SimfluenceSimulator, SimfluenceConfig,
 register_method(MethodSpec("constant", ConstantSimulator, description="reference: the start value at every step"))
 register_method(MethodSpec("mean_curve", MeanCurveSimulator,
                            description="reference: start + the fit runs' mean change per step (ignores the curriculum)"))
+register_method(MethodSpec("tracin_cp", TracInSimulator, TracInConfig,
+                           description="TracIn-CP rollout: phi_t = phi_{t-1} - s eta_t sum_{i in batch} <g_i, g_m> at the "
+                                       "checkpoint every k steps (default k = 1, a replayed reference run; one fitted scale)"))
+register_method(MethodSpec("grad_dot", TracInSimulator, TracInConfig, preset={"checkpoint_every": 0},
+                           description="Grad-Dot rollout: like tracin_cp with the base model's gradients only"))
 
 
 def method_names() -> tuple[str, ...]:
@@ -145,6 +152,6 @@ def load_simulator(path: str | os.PathLike, dynamics: Dynamics | None = None, en
 __all__ = [
     "Simulator", "MethodSpec", "METHODS", "register_method", "method_names", "method_spec", "method_config",
     "make_simulator", "load_simulator", "GPTfluenceSimulator", "GPTfluenceConfig", "SimfluenceSimulator",
-    "SimfluenceConfig", "ConstantSimulator", "MeanCurveSimulator", "FitConfig", "Encoder", "HashingBowEncoder",
+    "SimfluenceConfig", "TracInSimulator", "TracInConfig", "ConstantSimulator", "MeanCurveSimulator", "FitConfig", "Encoder", "HashingBowEncoder",
     "resolve_encoder",
 ]
