@@ -25,7 +25,7 @@ from gptfluence.simulators.base import Simulator
 from gptfluence.simulators.common import FitConfig, check_against, config_from, read_artifact
 from gptfluence.simulators.gptfluence import GPTfluenceConfig, GPTfluenceSimulator
 from gptfluence.simulators.simfluence import SimfluenceConfig, SimfluenceSimulator
-from gptfluence.simulators.tracin import TracInConfig, TracInSimulator
+from gptfluence.simulators.tracin import GradDotSimulator, TracInConfig, TracInSimulator
 from gptfluence.simulators.trivial import ConstantSimulator, MeanCurveSimulator
 
 
@@ -71,8 +71,9 @@ register_method(MethodSpec("mean_curve", MeanCurveSimulator,
 register_method(MethodSpec("tracin_cp", TracInSimulator, TracInConfig,
                            description="TracIn-CP rollout: phi_t = phi_{t-1} - s eta_t sum_{i in batch} <g_i, g_m> at the "
                                        "checkpoint every k steps (default k = 1, a replayed reference run; one fitted scale)"))
-register_method(MethodSpec("grad_dot", TracInSimulator, TracInConfig, preset={"checkpoint_every": 0},
-                           description="Grad-Dot rollout: like tracin_cp with the base model's gradients only"))
+register_method(MethodSpec("grad_dot", GradDotSimulator, TracInConfig, preset={"checkpoint_every": 0},
+                           description="Grad-Dot rollout: like tracin_cp with the base model's gradients only "
+                                       "(ignores checkpoint_every and gradient_source)"))
 
 
 def method_names() -> tuple[str, ...]:

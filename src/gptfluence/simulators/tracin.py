@@ -476,6 +476,18 @@ class TracInSimulator(SimulatorBase):
         return sim
 
 
+class GradDotSimulator(TracInSimulator):
+    """Grad-Dot (``grad_dot``): `TracInSimulator` with one checkpoint, the base model, whatever
+    ``checkpoint_every`` and ``gradient_source`` say (so flags meant for ``tracin_cp`` in a joint
+    evaluation never turn it into TracIn-CP)."""
+
+    method = "grad_dot"
+
+    @property
+    def k(self) -> int:
+        return 0
+
+
 def self_influence(dynamics: Dynamics, run_id: str, checkpoint_every: int = 1, config: TracInConfig | None = None,
                    train_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """TracIn self-influence along run ``run_id`` (re-trained): per training example i,
