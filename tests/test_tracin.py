@@ -28,6 +28,7 @@ def store(tmp_path_factory):
         mp.setenv("GPTFLUENCE_CACHE", str(root))
         dyn = collect(CollectConfig(**TINY), tmp_path_factory.mktemp("tracin") / "store", runs=3, workers=1,
                       progress=False, log=lambda s: None)
+        torch.set_num_threads(1)  # tiny tensors: one thread is as fast, and robust on a busy machine
         yield dyn
     torch.set_num_threads(threads)
 
@@ -48,6 +49,18 @@ def _loop_gradients(model, tok, examples, append_eos):
     return torch.stack(out)
 
 
+@pytest.fixture(scope="module")
+def hand(store):
+    """Reference gradients of the first run's replay at every step 0..T-1 (the checkpoints any k
+    uses), one autograd pass per example: ``{step: (train [N, P], test [M, P])}`` float64."""
+    run = store.run(store.run_ids[0])
+    out = {}
+    for step, model, tok in replay_run(store, run.run_id, list(range(run.num_steps))):
+        out[step] = (_loop_gradients(model, tok, store.task.train, append_eos=True),
+                     _loop_gradients(model, tok, store.task.test, append_eos=False))
+    return out
+
+
 def _base(store):
     (step, model, tok), = list(replay_run(store, store.run_ids[0], [0]))
     assert step == 0
@@ -58,16 +71,16 @@ def _base(store):
     return m, tok
 
 
-def test_vmap_gradients_equal_the_per_example_loop(store):
+def test_vmap_gradients_equal_the_per_example_loop(store, hand):
     model, tok = _base(store)
     ex = store.task.train[:10]
     got = per_example_gradients(model, *tokenized_rows(tok, ex, TINY["max_length"], True), chunk=4).double()
-    want = _loop_gradients(model, tok, ex, append_eos=True)
+    want = hand[0][0][:10]
     assert got.shape == want.shape == (10, num_parameters(model))
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
     # test-side gradients: the loss metric's tokens (no eos)
     got = per_example_gradients(model, *tokenized_rows(tok, store.task.test, TINY["max_length"], False)).double()
-    want = _loop_gradients(model, tok, store.task.test, False)
+    want = hand[0][1]
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
 
 
@@ -103,40 +116,36 @@ def test_checkpoint_rule_and_scale_fit_by_hand():
     assert fit_scale(start[:, None], cum, true) == pytest.approx(0.37)
 
 
-@pytest.mark.parametrize("k", [0, 1, 2])
-def test_rollout_equals_a_hand_written_loop(store, k):
-    """tracin_cp (k >= 1) / grad_dot (k = 0) with the reference run's checkpoints == a loop over
-    steps that re-trains the reference run and takes per-example autograd gradients."""
-    method = "grad_dot" if k == 0 else "tracin_cp"
+def test_rollout_equals_a_hand_written_loop(store, hand):
+    """tracin_cp (k = 1, 2) / grad_dot (k = 0) with the reference run's checkpoints == a loop over
+    steps with the re-trained reference run's per-example autograd gradients."""
     fit, other = store.run_ids[:2], store.run_ids[2]
-    sim = make_simulator(method, "loss", checkpoint_every=k, dots_cache=False) if k else \
-        make_simulator(method, "loss", dots_cache=False)
-    hist = sim.fit(store, fit)
-    s = hist["scale"]
-    assert np.isfinite(s) and hist["record"]["gradient_source"] in ("base model", "reference run run-0000")
-    ref = store.run(fit[0])
     run = store.run(other)
     T = run.num_steps
-    ck = [0] * T if k == 0 else [k * ((t - 1) // k) for t in range(1, T + 1)]
-    grads = {}
-    for step, model, tok in replay_run(store, ref.run_id, sorted(set(ck))):
-        gtr = _loop_gradients(model, tok, store.task.train, append_eos=True)
-        gte = _loop_gradients(model, tok, store.task.test, append_eos=False)
-        grads[step] = (gtr @ gte.T).numpy()
-    phi = store.run(other).values["loss"][0].astype(np.float64)
-    want = [phi.copy()]
-    for t in range(1, T + 1):
-        rows = [store.train_row[int(i)] for i in run.curriculum[t - 1] if i >= 0]
-        phi = phi - s * run.lr[t - 1] * grads[ck[t - 1]][rows].sum(0)
-        want.append(phi.copy())
-    got = sim.simulate(run.curriculum[None], run.test_ids, run.values["loss"][:1].astype(np.float64))
-    assert got.shape == (1, T + 1, 6)
-    assert np.allclose(got[0], np.stack(want), rtol=1e-4, atol=1e-5)
-    # the rollout is curriculum-dependent and moves
-    assert not np.allclose(got[0, -1], got[0, 0])
-    # from a later first step: the same increments
-    later = sim.simulate(run.curriculum[None], run.test_ids, got[:, 2].astype(np.float64), first_step=2)
-    assert np.allclose(later[0], got[0, 2:], rtol=1e-4, atol=1e-5)
+    for k in (0, 1, 2):
+        sim = make_simulator("tracin_cp", "loss", checkpoint_every=k, dots_cache=False) if k else \
+            make_simulator("grad_dot", "loss", dots_cache=False)
+        hist = sim.fit(store, fit)
+        s = hist["scale"]
+        assert np.isfinite(s) and hist["record"]["checkpoint_every"] == k
+        assert hist["record"]["gradient_source"] == ("base model" if k == 0 else "reference run run-0000")
+        ck = [0] * T if k == 0 else [k * ((t - 1) // k) for t in range(1, T + 1)]
+        phi = run.values["loss"][0].astype(np.float64)
+        want = [phi.copy()]
+        for t in range(1, T + 1):
+            rows = [store.train_row[int(i)] for i in run.curriculum[t - 1] if i >= 0]
+            gtr, gte = hand[ck[t - 1]]
+            phi = phi - s * run.lr[t - 1] * (gtr[rows] @ gte.T).sum(0).numpy()
+            want.append(phi.copy())
+        got = sim.simulate(run.curriculum[None], run.test_ids, run.values["loss"][:1].astype(np.float64))
+        assert got.shape == (1, T + 1, 6)
+        assert np.allclose(got[0], np.stack(want), rtol=1e-4, atol=1e-5), k
+        assert not np.allclose(got[0, -1], got[0, 0])  # the rollout moves
+        # from a later first step: the same increments
+        later = sim.simulate(run.curriculum[None], run.test_ids, got[:, 2].astype(np.float64), first_step=2)
+        assert np.allclose(later[0], got[0, 2:], rtol=1e-4, atol=1e-5)
+    # grad_dot is the base model whatever checkpoint_every says
+    assert make_simulator("grad_dot", "loss", checkpoint_every=3).k == 0
 
 
 def test_own_checkpoints_reproduce_the_reference_replay_and_save_load(store, tmp_path):
@@ -223,16 +232,15 @@ def test_store_without_model_is_skipped_with_a_reason():
     assert ok["status"] == "ok" and np.isfinite(ok["mse_mean"])
 
 
-def test_self_influence_against_a_direct_computation(store):
+def test_self_influence_against_a_direct_computation(store, hand):
     rid = store.run_ids[0]
     ids, got = self_influence(store, rid, checkpoint_every=2, config=None)
     run = store.run(rid)
     T = run.num_steps
     want = np.zeros(len(store.task.train))
-    for step, model, tok in replay_run(store, rid, [0, 2]):
-        g = _loop_gradients(model, tok, store.task.train, append_eos=True)
-        lr = sum(run.lr[t - 1] for t in range(1, T + 1) if 2 * ((t - 1) // 2) == step)
-        want += lr * (g * g).sum(1).numpy()
+    for t in range(1, T + 1):
+        g = hand[2 * ((t - 1) // 2)][0]
+        want += run.lr[t - 1] * (g * g).sum(1).numpy()
     order = np.argsort(store.train_ids)
     assert np.array_equal(ids, store.train_ids[order])
     assert np.allclose(got, want[order], rtol=1e-4)
