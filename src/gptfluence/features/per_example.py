@@ -127,13 +127,19 @@ def gradient_dots(model: Any, train_rows: tuple[Any, Any], test_rows: tuple[Any,
     """``D [N, M]`` float64, ``D[i, m] = <g(train_i), g(test_m)>`` at ``model``'s current weights
     (``train_rows`` / ``test_rows``: ``(input_ids, labels)``, see `tokenized_rows`). Exact for
     ``project_dim = 0``, else through a CountSketch of that dim (seed ``seed``). With
-    ``self_dots``: also ``[N]`` float64 ``<g(train_i), g(train_i)>`` (returns ``(D, self)``)."""
+    ``self_dots``: also ``[N]`` float64 ``<g(train_i), g(train_i)>`` (returns ``(D, self)``).
+    Only the test gradients and one chunk of training gradients are held at a time."""
     proj = CountSketch(num_parameters(model), project_dim, seed) if project_dim > 0 else None
-    ga = per_example_gradients(model, *train_rows, chunk=chunk, project=proj) if train_rows[0].shape[0] else None
-    gb = per_example_gradients(model, *test_rows, chunk=chunk, project=proj) if test_rows[0].shape[0] else None
     N, M = int(train_rows[0].shape[0]), int(test_rows[0].shape[0])
-    D = dot_matrix(ga, gb) if ga is not None and gb is not None else np.zeros((N, M))
-    if not self_dots:
-        return D
-    own = (ga.double() ** 2).sum(1).numpy() if ga is not None else np.zeros(N)
-    return D, own
+    D = np.zeros((N, M), dtype=np.float64)
+    own = np.zeros(N, dtype=np.float64)
+    gb = per_example_gradients(model, *test_rows, chunk=chunk, project=proj) if M else None
+    step = max(1, int(chunk))
+    for s in range(0, N if (M or self_dots) else 0, step):
+        ga = per_example_gradients(model, train_rows[0][s:s + step], train_rows[1][s:s + step], chunk=step,
+                                   project=proj)
+        if gb is not None:
+            D[s:s + step] = dot_matrix(ga, gb)
+        if self_dots:
+            own[s:s + step] = (ga.double() ** 2).sum(1).numpy()
+    return (D, own) if self_dots else D
