@@ -182,7 +182,7 @@ def test_own_checkpoints_reproduce_the_reference_replay_and_save_load(store, tmp
                        own.simulate(run.curriculum[None], run.test_ids, start))
 
 
-def test_generation_metric_uses_loss_gradient_scores(store):
+def test_generation_metric_uses_loss_gradient_scores(store, tmp_path):
     sim = make_simulator("grad_dot", "bleu", dots_cache=False)
     hist = sim.fit(store, store.run_ids[:2])
     assert hist["record"]["scores"] == "loss-gradient" and np.isfinite(hist["scale"])
@@ -190,6 +190,10 @@ def test_generation_metric_uses_loss_gradient_scores(store):
     start = run.values["bleu"][:1].astype(np.float64)
     out = sim.simulate(run.curriculum[None], run.test_ids, start)
     assert out.shape == (1, run.num_steps + 1, 6) and np.isfinite(out).all()
+    sim.save(tmp_path / "gd")
+    back = load_simulator(tmp_path / "gd", store)
+    assert back.method == "grad_dot" and back.k == 0 and back.metric == "bleu"
+    np.testing.assert_array_equal(back.simulate(run.curriculum[None], run.test_ids, start), out)
 
 
 def test_evaluate_records_and_dots_cache(store, monkeypatch):
