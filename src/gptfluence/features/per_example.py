@@ -10,8 +10,8 @@ pad token and the positions are the unpadded ones: the result equals the per-exa
 without an attention mask under vmap: it is used as loaded (eager or sdpa without mask both work
 for the default GPT-NeoX; sdpa *with* a mask does not).
 
-Dot products ``D [N, M] float64 = <g(train_i), g(test_m)>`` are exact (accumulated in float64
-over parameter blocks) unless a projection is asked for: ``project_dim > 0`` maps every gradient
+Dot products ``D [N, M] float64 = <g(train_i), g(test_m)>`` are exact up to float32 rounding
+(float32 block products accumulated in float64, see `dot_matrix`) unless a projection is asked for: ``project_dim > 0`` maps every gradient
 with a seeded CountSketch (a hash to one of ``project_dim`` buckets and a random sign per
 parameter; unbiased, ``E <Sa, Sb> = <a, b>``, relative error about ``sqrt(2 / project_dim)``), so no
 ``[N, params]`` matrix needs to be kept for large models. At the default base model's size (231k
@@ -112,13 +112,15 @@ def tokenized_rows(tokenizer: Any, examples: Sequence[Any], max_length: int, app
     return tok.input_ids, tok.labels
 
 
-def dot_matrix(a: Any, b: Any, block: int = 1 << 16) -> np.ndarray:
-    """``a [N, P] @ b [M, P].T`` accumulated in float64 over blocks of P columns -> ``[N, M]`` float64."""
+def dot_matrix(a: Any, b: Any, block: int = 1 << 14) -> np.ndarray:
+    """``a [N, P] @ b [M, P].T`` -> ``[N, M]`` float64: float32 products over blocks of ``block``
+    columns, accumulated in float64 (relative error ~1e-7 of the largest entry, the precision of
+    the float32 gradients themselves; 4x faster than float64 products on a CPU)."""
     import torch
 
     out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64)
     for s in range(0, a.shape[1], block):
-        out += a[:, s:s + block].double() @ b[:, s:s + block].double().T
+        out += (a[:, s:s + block].float() @ b[:, s:s + block].float().T).double()
     return out.numpy()
 
 
