@@ -236,7 +236,8 @@ def test_protocol_and_shapes(synth, fitted):
         out = sim.simulate(cur, tids[:5], V[:, 3, :5], first_step=3)
         assert out.shape == (2, 41 - 3, 5)
         np.testing.assert_allclose(out[:, 0], V[:, 3, :5], rtol=1e-6)
-    assert set(method_names()) == set(fitted)
+    # the gradient methods need a store with a model (synthetic stores have none): tests/test_tracin.py
+    assert set(method_names()) - {"tracin_cp", "grad_dot"} == set(fitted)
 
 
 def test_predictions_come_out_in_metric_units(synth):
@@ -327,7 +328,7 @@ def load_simulator_roundtrip(sim, tmp=None):
 # artifacts
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", [m for m in method_names() if m not in ("tracin_cp", "grad_dot")])  # test_tracin.py
 def test_save_load_same_predictions(tmp_path, synth, fitted, method):
     dyn, enc, fit, val, test = synth
     sim = fitted[method]

@@ -135,6 +135,13 @@ def terminal_table(result: dict[str, Any]) -> str:
         for r in rs:
             star = "*" if best is not None and r["mse_mean"] == best else " "
             name = r["method"] + (" (untrained)" if r.get("best_epoch") == 0 else "")
+            if r.get("status") == "skipped":
+                body.append([task, metric, name, f"skipped: {r.get('reason', '')}", "", "", ""])
+                continue
+            if r.get("n_nonfinite"):  # never a number computed on the surviving trajectories
+                n = r.get("n_trajectories") or r.get("n_runs", 0) * r.get("n_test_examples", 0)
+                body.append([task, metric, name, f"diverged: {r['n_nonfinite']} of {n}", "n/a", "n/a", "n/a"])
+                continue
             body.append([task, metric, name, f"{_fmt(r['mse_mean'])}{star}", _fmt(r["mae_mean"]),
                          f"{_fmt(r['spearman_final_mean'], 3)} ± {_fmt(r['spearman_final_std'], 2)}",
                          _fmt(r["curriculum_spearman_mean"], 3)])

@@ -28,3 +28,8 @@ def where(path: object, line: int | None = None, field: str | None = None) -> st
     if field is not None:
         out += f", field {field!r}"
     return out
+
+
+class MethodUnavailable(GptfluenceError):
+    """A method cannot run on this input at all (e.g. gradient methods on a store without a model);
+    the message is the reason. Evaluation reports the method as skipped with that reason."""

@@ -17,6 +17,11 @@ Metrics (pure functions, tested against hand-computed values):
   true and the simulated final values; mean and std over test examples. A constant vector gives
   NaN for that run / test example, which is left out of the mean (NaN if all are).
 * ``mse_by_step``: the mean squared error over trajectories at each grid step (error growth).
+
+Divergence is never dropped: ``n_nonfinite`` counts the trajectories whose prediction is NaN or
+infinite at a recorded step (index >= 1, where ``true`` is finite). When it is above 0, MSE and
+MAE are infinite (their std NaN) and both Spearman correlations NaN, never numbers computed on
+the surviving trajectories; tables show "diverged: k of N".
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import numpy as np
 
 from gptfluence.config import write_text_atomic
 from gptfluence.dynamics.store import Dynamics
-from gptfluence.errors import InputError
+from gptfluence.errors import InputError, MethodUnavailable
 
 # ---------------------------------------------------------------------------------------------
 # pure metric functions
@@ -68,12 +73,28 @@ def trajectory_errors(true: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, n
     return mse, mae
 
 
+def nonfinite_trajectories(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """``[R, M]`` bool: the prediction is NaN or infinite at some recorded step (index >= 1 where
+    ``true`` is finite)."""
+    t, p = _check(true, pred)
+    return (np.isfinite(t[:, 1:]) & ~np.isfinite(p[:, 1:])).any(1)
+
+
 def all_steps_errors(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """``{"mse_mean", "mse_std", "mae_mean", "mae_std", "n_trajectories"}`` (see module doc)."""
+    """``{"mse_mean", "mse_std", "mae_mean", "mae_std", "n_trajectories", "n_nonfinite"}`` (see
+    module doc): with any diverged trajectory (``n_nonfinite`` > 0), the means are infinite and
+    the stds NaN, not statistics of the survivors."""
     mse, mae = trajectory_errors(true, pred)
+    bad = int(nonfinite_trajectories(true, pred).sum())
+    if bad:
+        inf, nan = float("inf"), float("nan")
+        n = int(np.isfinite(np.asarray(true, dtype=np.float64)[:, 1:]).any(1).sum())
+        return {"mse_mean": inf, "mse_std": nan, "mae_mean": inf, "mae_std": nan, "n_trajectories": n,
+                "n_nonfinite": bad}
+    n = int(np.isfinite(mse).sum())
     a, b = _mean_std(mse)
     c, d = _mean_std(mae)
-    return {"mse_mean": a, "mse_std": b, "mae_mean": c, "mae_std": d, "n_trajectories": int(np.isfinite(mse).sum())}
+    return {"mse_mean": a, "mse_std": b, "mae_mean": c, "mae_std": d, "n_trajectories": n, "n_nonfinite": 0}
 
 
 def final_values(true: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -125,13 +146,17 @@ def curriculum_spearman(true: np.ndarray, pred: np.ndarray) -> tuple[float, floa
 
 
 def mse_by_step(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """[S]: mean over trajectories of the squared error at each grid step (NaN-skipping)."""
+    """[S]: mean over trajectories of the squared error at each grid step (skipping unrecorded
+    ``true``); infinite at a step where a prediction of a recorded value is not finite."""
     t, p = _check(true, pred)
-    d = (p - t) ** 2
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = (p - t) ** 2
     ok = np.isfinite(d)
     n = ok.sum((0, 2))
+    diverged = (np.isfinite(t) & ~np.isfinite(p)).any((0, 2))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, np.where(ok, d, 0.0).sum((0, 2)) / np.maximum(n, 1), np.nan)
+        out = np.where(n > 0, np.where(ok, d, 0.0).sum((0, 2)) / np.maximum(n, 1), np.nan)
+    return np.where(diverged, np.inf, out)
 
 
 def score(true: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
@@ -139,9 +164,23 @@ def score(true: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
     out: dict[str, Any] = dict(all_steps_errors(true, pred))
     a, b, _ = final_step_spearman(true, pred)
     c, d, _ = curriculum_spearman(true, pred)
+    if out["n_nonfinite"]:  # not correlations of the surviving trajectories
+        a = b = c = d = float("nan")
     out.update(spearman_final_mean=a, spearman_final_std=b, curriculum_spearman_mean=c, curriculum_spearman_std=d,
                mse_by_step=mse_by_step(true, pred).tolist())
     return out
+
+
+def skipped_record(method: str, task: str, metric: str, reason: str, n_runs: int, n_tests: int) -> dict[str, Any]:
+    """The result record of a method that cannot run on a store (``status: "skipped"``, ``reason``);
+    every score NaN, so readers of the other records' fields keep working."""
+    nan = float("nan")
+    rec: dict[str, Any] = {"method": method, "task": task, "metric": metric, "status": "skipped", "reason": reason}
+    rec.update({k: nan for k in ("mse_mean", "mse_std", "mae_mean", "mae_std", "spearman_final_mean",
+                                 "spearman_final_std", "curriculum_spearman_mean", "curriculum_spearman_std")})
+    rec.update(n_trajectories=0, n_nonfinite=0, mse_by_step=[], steps=[], n_runs=n_runs, n_test_examples=n_tests,
+               fit_seconds=0.0, simulate_seconds=0.0, first_step=None, epochs_run=None, best_epoch=None)
+    return rec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +277,11 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
             for method in methods:
                 sim = make_simulator(method, metric, encoder=_encoder_for(method), config=full_cfg.get(method))
                 t0 = time.perf_counter()
-                hist = sim.fit(store, sp["fit"], sp["val"], progress=progress)
+                try:
+                    hist = sim.fit(store, sp["fit"], sp["val"], progress=progress)
+                except MethodUnavailable as e:  # e.g. gradient methods on a store without a model
+                    results.append(skipped_record(method, task, metric, str(e), len(sp["test"]), int(tids.size)))
+                    continue
                 fit_s = time.perf_counter() - t0
                 if save_simulators is not None:
                     sim.save(Path(save_simulators) / slug(task) / f"{method}-{slug(metric)}")
@@ -246,8 +289,9 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
                 sim.prepare(store, np.unique(cur[cur >= 0]), tids)
                 pred = sim.simulate(cur, tids, true[:, 0], first_step=f0)
                 sim_s = time.perf_counter() - t0
-                rec: dict[str, Any] = {"method": method, "task": task, "metric": metric}
+                rec: dict[str, Any] = {"method": method, "task": task, "metric": metric, "status": "ok"}
                 rec.update(score(true, pred))
+                rec.update(hist.get("record") or {})  # method-specific fields (e.g. scores: "loss-gradient")
                 rec.update(n_runs=len(sp["test"]), n_test_examples=int(tids.size), fit_seconds=fit_s,
                            simulate_seconds=sim_s, steps=steps[f0:].tolist(), first_step=f0,
                            epochs_run=hist.get("epochs_run"), best_epoch=hist.get("best_epoch"))
@@ -312,10 +356,23 @@ def format_markdown(result: dict[str, Any]) -> str:
     lines = ["| task | metric | method | MSE | MSE ÷ mean curve | MAE | final-step Spearman | "
              "curriculum Spearman (LDS-style) | runs | tests | fit s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    untrained = False
+    untrained = grad_scores = False
     for r in result["results"]:
+        if r.get("status") == "skipped":
+            reason = str(r.get("reason", "")).replace("|", "/")
+            lines.append(f"| {r['task']} | {r['metric']} | {r['method']} | skipped: {reason} | n/a | n/a | n/a | n/a | "
+                         f"{r.get('n_runs', '')} | {r.get('n_test_examples', '')} | n/a |")
+            continue
         mark = " †" if r.get("best_epoch") == 0 else ""
         untrained = untrained or bool(mark)
+        if r.get("scores") == "loss-gradient" and r["metric"] != "loss":
+            mark += " ‡"
+            grad_scores = True
+        if r.get("n_nonfinite"):
+            n = r.get("n_trajectories") or (r.get("n_runs", 0) * r.get("n_test_examples", 0))
+            lines.append(f"| {r['task']} | {r['metric']} | {r['method']}{mark} | diverged: {r['n_nonfinite']} of {n} | "
+                         f"n/a | n/a | n/a | n/a | {r['n_runs']} | {r['n_test_examples']} | {r['fit_seconds']:.1f} |")
+            continue
         base = ref.get((r["task"], r["metric"]))
         ok = base is not None and r["mse_mean"] is not None and base > 0 and math.isfinite(base) \
             and math.isfinite(r["mse_mean"])
@@ -327,6 +384,9 @@ def format_markdown(result: dict[str, Any]) -> str:
                      f"{r['n_test_examples']} | {r['fit_seconds']:.1f} |")
     if untrained:
         lines += ["", "† early stopping kept the initial (untrained) weights: no fitted epoch beat them on the validation runs."]
+    if grad_scores:
+        lines += ["", "‡ loss-gradient scores: this metric is simulated with the dot products of loss gradients and a "
+                      "separately fitted scale (no gradient of the metric itself)."]
     return "\n".join(lines) + "\n"
 
 
@@ -334,10 +394,12 @@ def write_results(result: dict[str, Any], out: str | os.PathLike, markdown: str 
     """Write the evaluation JSON (NaN -> null) and optionally the Markdown table.
 
     Format: ``{"config": {...}, "split": {"fit", "val", "test"}, "splits": {task: split},
-    "results": [{method, task, metric, mse_mean, mse_std, mae_mean, mae_std, spearman_final_mean,
-    spearman_final_std, curriculum_spearman_mean, curriculum_spearman_std, n_runs,
-    n_test_examples, n_trajectories, fit_seconds, simulate_seconds, mse_by_step [S], steps [S],
-    first_step, epochs_run, best_epoch}], "trajectories": [{method, task, metric, run_id, steps,
+    "results": [{method, task, metric, status ("ok" | "skipped", with reason), mse_mean, mse_std,
+    mae_mean, mae_std, spearman_final_mean, spearman_final_std, curriculum_spearman_mean,
+    curriculum_spearman_std, n_runs, n_test_examples, n_trajectories, n_nonfinite (diverged
+    trajectories; > 0: mse_mean / mae_mean null = infinite), fit_seconds, simulate_seconds,
+    mse_by_step [S], steps [S], first_step, epochs_run, best_epoch, + method fields such as
+    scores ("loss-gradient"), gradient_source, checkpoint_every, scale}], "trajectories": [{method, task, metric, run_id, steps,
     test_ids, true [S][M], predicted [S][M]}]}``.
     """
     clean = _sanitize(result)

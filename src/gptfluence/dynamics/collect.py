@@ -328,14 +328,27 @@ def replay_run(dynamics: Dynamics, run_id: str, steps: Sequence[int], device: st
     base model, before any update), in increasing order. The model is the collector's own and is
     trained on after each yield: read it, do not keep it. Used for gradient features at
     fine-tuning checkpoints (TracIn-CP); it needs no captured weights in the store."""
-    cfg = store_collect_config(dynamics)
     run = dynamics.run(run_id)
-    T = int(run.curriculum.shape[0])
-    want = sorted({int(s) for s in steps})
-    if not want or want[0] < 0 or want[-1] > T:
-        raise InputError(f"replay of run {run_id!r}: steps must lie in 0..{T}, got {list(steps)}")
     if run.seed is None:
         raise InputError(f"run {run_id!r} records no seed; its fine-tuning cannot be replayed")
+    return train_curriculum(dynamics, run.curriculum, int(run.seed), steps, device, label=f"run {run_id!r}")
+
+
+def train_curriculum(dynamics: Dynamics, curriculum: np.ndarray, seed: int, steps: Sequence[int],
+                     device: str = "cpu", label: str = "curriculum") -> Iterator[tuple[int, Any, Any]]:
+    """Fine-tune the store's base model on any ``curriculum [T, b]`` (training ids of the store,
+    -1 = padding) with the store's collection settings and training seed ``seed``, no evaluation,
+    and yield ``(step, model, tokenizer)`` at each of ``steps`` (0..T, increasing; 0 = the base
+    model). A store run's own curriculum and seed reproduce that run (`replay_run`). The model is
+    trained on after each yield: read it, do not keep it. ``label`` names the curriculum in errors."""
+    cfg = store_collect_config(dynamics)
+    cur = np.asarray(curriculum, dtype=np.int64)
+    if cur.ndim != 2:
+        raise InputError(f"{label}: a curriculum must be [steps, batch], got shape {cur.shape}")
+    T = int(cur.shape[0])
+    want = sorted({int(s) for s in steps})
+    if not want or want[0] < 0 or want[-1] > T:
+        raise InputError(f"replay of {label}: steps must lie in 0..{T}, got {list(steps)}")
     if cfg.model == "default":  # exactly the base model the store was collected with, never a rebuilt one
         recorded = (dynamics.manifest.get("config") or {}).get("base_model")
         if not recorded:
@@ -343,13 +356,34 @@ def replay_run(dynamics: Dynamics, run_id: str, steps: Sequence[int], device: st
                              f"cannot be replayed")
         cfg = dataclasses.replace(cfg, model=str(cached_base_model(str(recorded))))
     collector = RunCollector(cfg, dynamics.task, device, threads=None, evaluate=False)
-    for t, _ in collector.train(run_id, int(run.seed), run.curriculum):
+    for t, _ in collector.train(label, int(seed), cur):
         if t in want:
             collector.model.eval()
             yield t, collector.model, collector.tokenizer
             collector.model.train()
         if t >= want[-1]:
             return
+
+
+def curriculum_lrs(dynamics: Dynamics, num_steps: int) -> np.ndarray:
+    """``[num_steps]`` float64: the learning rate of each step 1..T of a fine-tuning of that many
+    steps with the store's collection settings (its schedule; what `RunCollector.train` uses)."""
+    import torch
+
+    from gptfluence.lm import make_optimizer
+
+    cfg = store_collect_config(dynamics)
+    if num_steps < 1:
+        return np.zeros(0, dtype=np.float64)
+    dummy = torch.nn.Linear(1, 1)
+    opt, sched = make_optimizer(dummy, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                                total_steps=int(num_steps), schedule=cfg.lr_schedule)
+    out = np.zeros(int(num_steps), dtype=np.float64)
+    for t in range(int(num_steps)):
+        out[t] = float(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

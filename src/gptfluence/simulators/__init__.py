@@ -9,7 +9,8 @@ class it runs on.
 
 Methods: ``gptfluence`` (featurized, n-th order; this library's variant), ``simfluence``
 (free per-pair factors), ``gptfluence_paper`` and ``simfluence_paper`` (the authors' exact
-configurations, `PAPER_PRESETS`), ``constant`` and ``mean_curve`` (trivial references).
+configurations, `PAPER_PRESETS`), ``tracin_cp`` and ``grad_dot`` (gradient baselines,
+`simulators.tracin`), ``constant`` and ``mean_curve`` (trivial references).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from gptfluence.simulators.base import Simulator
 from gptfluence.simulators.common import FitConfig, check_against, config_from, read_artifact
 from gptfluence.simulators.gptfluence import GPTfluenceConfig, GPTfluenceSimulator
 from gptfluence.simulators.simfluence import SimfluenceConfig, SimfluenceSimulator
+from gptfluence.simulators.tracin import GradDotSimulator, TracInConfig, TracInSimulator
 from gptfluence.simulators.trivial import ConstantSimulator, MeanCurveSimulator
 
 
@@ -45,6 +47,7 @@ class MethodSpec:
     preset: dict[str, Any] = field(default_factory=dict)
     takes_encoder: bool = False
     description: str = ""
+    run_by_default: bool = True  # evaluate / lds run it when no methods are named (the costly paper presets do not)
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -67,6 +70,12 @@ register_method(MethodSpec("simfluence", SimfluenceSimulator, SimfluenceConfig,
 register_method(MethodSpec("constant", ConstantSimulator, description="reference: the start value at every step"))
 register_method(MethodSpec("mean_curve", MeanCurveSimulator,
                            description="reference: start + the fit runs' mean change per step (ignores the curriculum)"))
+register_method(MethodSpec("tracin_cp", TracInSimulator, TracInConfig,
+                           description="TracIn-CP rollout: phi_t = phi_{t-1} - s eta_t sum_{i in batch} <g_i, g_m> at the "
+                                       "checkpoint every k steps (default k = 1, a replayed reference run; one fitted scale)"))
+register_method(MethodSpec("grad_dot", GradDotSimulator, TracInConfig, preset={"checkpoint_every": 0},
+                           description="Grad-Dot rollout: like tracin_cp with the base model's gradients only "
+                                       "(ignores checkpoint_every and gradient_source)"))
 
 # The authors' configurations (ernie-research/gptfluence: train.py, model/EncSimulator.py,
 # model/NOrder_EncSimulator.py, dataset/simfluence_dataset.py, utils/eval.py, run_enc_sim.sh,
@@ -75,10 +84,11 @@ from gptfluence.simulators.presets import PAPER_PRESETS  # noqa: E402
 
 register_method(MethodSpec(
     "gptfluence_paper", GPTfluenceSimulator, GPTfluenceConfig, preset=PAPER_PRESETS["gptfluence"], takes_encoder=True,
+    run_by_default=False,
     description="GPTfluence as in the authors' code (MiniLM CLS features, one 384-384-384 MLP per factor for both "
                 "sides, alpha = sum A, raw values, Adam + L2, lr 1e-4, batch 128, warmup 200 + linear decay)"))
 register_method(MethodSpec(
-    "simfluence_paper", SimfluenceSimulator, SimfluenceConfig, preset=PAPER_PRESETS["simfluence"],
+    "simfluence_paper", SimfluenceSimulator, SimfluenceConfig, preset=PAPER_PRESETS["simfluence"], run_by_default=False,
     description="Simfluence-Linear as in the authors' code (N(0,1) init, alpha = sum A, raw values, Adam + L2, "
                 "lr 1e-3, batch 128, warmup 200 + linear decay)"))
 
@@ -90,8 +100,8 @@ def method_names() -> tuple[str, ...]:
 
 def default_method_names() -> tuple[str, ...]:
     """The methods `evaluate` runs when none are named: every registered method except presets
-    (a preset such as ``gptfluence_paper`` runs only when asked for by name)."""
-    return tuple(m for m, spec in METHODS.items() if not spec.preset)
+    marked ``run_by_default=False`` (the paper presets, hours on a CPU, run only when named)."""
+    return tuple(m for m, spec in METHODS.items() if spec.run_by_default)
 
 
 def method_spec(method: str) -> MethodSpec:
@@ -166,6 +176,6 @@ def load_simulator(path: str | os.PathLike, dynamics: Dynamics | None = None, en
 __all__ = [
     "Simulator", "MethodSpec", "METHODS", "register_method", "method_names", "default_method_names", "method_spec", "method_config",
     "make_simulator", "load_simulator", "GPTfluenceSimulator", "GPTfluenceConfig", "SimfluenceSimulator",
-    "SimfluenceConfig", "ConstantSimulator", "MeanCurveSimulator", "FitConfig", "Encoder", "HashingBowEncoder",
+    "SimfluenceConfig", "TracInSimulator", "TracInConfig", "ConstantSimulator", "MeanCurveSimulator", "FitConfig", "Encoder", "HashingBowEncoder",
     "resolve_encoder",
 ]
