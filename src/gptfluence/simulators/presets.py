@@ -76,7 +76,10 @@ Simfluence-Linear (``simfluence_paper``), item: value (source):
 
 Not reproduced (no effect on a configuration's behaviour, or not expressible here): their seed
 (42) and data-loader order; their per-task hard-coded run lists (we use the seeded split); the
-NaN check that aborts their validation (a NaN validation MSE here is never the best epoch).
+NaN check that aborts their validation (a NaN validation MSE here is never the best epoch);
+Simfluence's table covers every (training id, test id) pair of the task, so a training example no
+fit run used keeps its untrained N(0, 1) factors at test time, while ours has no parameters for
+it (``unseen``: an error, or ``"zero"`` as `evaluate` sets: it contributes nothing).
 """
 
 from __future__ import annotations
