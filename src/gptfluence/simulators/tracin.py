@@ -38,10 +38,14 @@ separately fitted scale of free sign (results say ``scores: "loss-gradient"``).
 
 A store without a model (imported GPTDynamics) has no gradients: `fit` raises `MethodUnavailable`.
 
-Cost (default 2-layer base model, 231k parameters, 200 + 100 examples, 2 CPU cores): about 1-2 s
-of gradients per checkpoint; a reference run with k = 1 and 48 steps is ~1-2 min once, cached
-on disk (``dots_cache``) and shared by every metric; ``own`` pays this per curriculum but only for
-the examples of the batches each checkpoint serves.
+Cost (default 2-layer base model, 231k parameters, 200-example pool, 100 test examples, 48
+steps, one CPU thread; CPU seconds from ``benchmarks/tracin_cost.py`` ->
+``benchmarks/results/tracin_cost.json``): the reference source with k = 1 takes 45 s (0.9 s per
+checkpoint: one replayed step, 300 per-example gradients, 20,000 dot products), k = 10 5 s,
+Grad-Dot 1 s; computed once per store and reference run and cached on disk (``dots_cache``),
+so every metric and later simulation reuses them. ``own`` re-trains each curriculum: 14 s per
+curriculum at k = 1 (only each step's batch and the test set), i.e. a held-out evaluation with 2
+scale-fit runs and 5 test runs costs ~100 s.
 """
 
 from __future__ import annotations
