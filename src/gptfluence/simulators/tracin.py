@@ -275,18 +275,13 @@ class TracInSimulator(SimulatorBase):
         return curriculum_lrs(self.dynamics, T)
 
     def _matching_run(self, curriculum: np.ndarray) -> Run | None:
+        """The store run whose curriculum equals ``curriculum`` (up to extra padding columns), else None."""
         assert self.dynamics is not None
-        if not hasattr(self, "_by_curriculum") or self._by_curriculum[0] is not self.dynamics:
-            table = {}
-            for rid in self.dynamics.run_ids:
-                r = self.dynamics.run(rid)
-                table[(r.curriculum.shape, r.curriculum.tobytes())] = r
-            self._by_curriculum = (self.dynamics, table)
         c = np.asarray(curriculum, dtype=np.int64)
-        w = c.shape[1]
-        for (shape, raw), r in self._by_curriculum[1].items():
-            if shape[0] == c.shape[0] and shape[1] <= w and np.array_equal(r.curriculum, c[:, :shape[1]]) \
-                    and np.all(c[:, shape[1]:] < 0):
+        for rid in self.dynamics.run_ids:
+            r = self.dynamics.run(rid)
+            T, b = r.curriculum.shape
+            if T == c.shape[0] and b <= c.shape[1] and np.array_equal(r.curriculum, c[:, :b]) and np.all(c[:, b:] < 0):
                 return r
         return None
 
@@ -369,15 +364,9 @@ class TracInSimulator(SimulatorBase):
     def _prepare_reference(self, dynamics: Dynamics, fit_runs: Sequence[str]) -> None:
         self.train_ids = np.sort(dynamics.train_ids)
         self.test_ids = np.sort(dynamics.test_ids)
-        if self.k == 0:
-            rid = self.config.reference_run or list(fit_runs)[0]
-            run = dynamics.run(rid)
-            steps = [0]
-        else:
-            rid = self.config.reference_run or list(fit_runs)[0]
-            run = dynamics.run(rid)
-            T = run.num_steps
-            steps = sorted(set(checkpoint_of_step(np.arange(1, T + 1), self.k).tolist())) or [0]
+        rid = self.config.reference_run or list(fit_runs)[0]  # Grad-Dot: only its base model is used
+        run = dynamics.run(rid)
+        steps = sorted(set(checkpoint_of_step(np.arange(1, run.num_steps + 1), self.k).tolist())) or [0]
         if run.seed is None:
             raise InputError(f"run {rid!r} records no seed; its fine-tuning cannot be replayed")
         dots = CheckpointDots(dynamics, self.config).compute(run.curriculum, int(run.seed), steps,
