@@ -38,10 +38,14 @@ separately fitted scale of free sign (results say ``scores: "loss-gradient"``).
 
 A store without a model (imported GPTDynamics) has no gradients: `fit` raises `MethodUnavailable`.
 
-Cost (default 2-layer base model, 231k parameters, 200 + 100 examples, 2 CPU cores): about 1-2 s
-of gradients per checkpoint; a reference run with k = 1 and 48 steps is ~1-2 min once, cached
-on disk (``dots_cache``) and shared by every metric; ``own`` pays this per curriculum but only for
-the examples of the batches each checkpoint serves.
+Cost (default 2-layer base model, 231k parameters, 200-example pool, 100 test examples, 48
+steps, one CPU thread; CPU seconds from ``benchmarks/tracin_cost.py`` ->
+``benchmarks/results/tracin_cost.json``): the reference source with k = 1 takes 45 s (0.9 s per
+checkpoint: one replayed step, 300 per-example gradients, 20,000 dot products), k = 10 5 s,
+Grad-Dot 1 s; computed once per store and reference run and cached on disk (``dots_cache``),
+so every metric and later simulation reuses them. ``own`` re-trains each curriculum: 14 s per
+curriculum at k = 1 (only each step's batch and the test set), i.e. a held-out evaluation with 2
+scale-fit runs and 5 test runs costs ~100 s.
 """
 
 from __future__ import annotations
@@ -271,18 +275,13 @@ class TracInSimulator(SimulatorBase):
         return curriculum_lrs(self.dynamics, T)
 
     def _matching_run(self, curriculum: np.ndarray) -> Run | None:
+        """The store run whose curriculum equals ``curriculum`` (up to extra padding columns), else None."""
         assert self.dynamics is not None
-        if not hasattr(self, "_by_curriculum") or self._by_curriculum[0] is not self.dynamics:
-            table = {}
-            for rid in self.dynamics.run_ids:
-                r = self.dynamics.run(rid)
-                table[(r.curriculum.shape, r.curriculum.tobytes())] = r
-            self._by_curriculum = (self.dynamics, table)
         c = np.asarray(curriculum, dtype=np.int64)
-        w = c.shape[1]
-        for (shape, raw), r in self._by_curriculum[1].items():
-            if shape[0] == c.shape[0] and shape[1] <= w and np.array_equal(r.curriculum, c[:, :shape[1]]) \
-                    and np.all(c[:, shape[1]:] < 0):
+        for rid in self.dynamics.run_ids:
+            r = self.dynamics.run(rid)
+            T, b = r.curriculum.shape
+            if T == c.shape[0] and b <= c.shape[1] and np.array_equal(r.curriculum, c[:, :b]) and np.all(c[:, b:] < 0):
                 return r
         return None
 
@@ -365,15 +364,9 @@ class TracInSimulator(SimulatorBase):
     def _prepare_reference(self, dynamics: Dynamics, fit_runs: Sequence[str]) -> None:
         self.train_ids = np.sort(dynamics.train_ids)
         self.test_ids = np.sort(dynamics.test_ids)
-        if self.k == 0:
-            rid = self.config.reference_run or list(fit_runs)[0]
-            run = dynamics.run(rid)
-            steps = [0]
-        else:
-            rid = self.config.reference_run or list(fit_runs)[0]
-            run = dynamics.run(rid)
-            T = run.num_steps
-            steps = sorted(set(checkpoint_of_step(np.arange(1, T + 1), self.k).tolist())) or [0]
+        rid = self.config.reference_run or list(fit_runs)[0]  # Grad-Dot: only its base model is used
+        run = dynamics.run(rid)
+        steps = sorted(set(checkpoint_of_step(np.arange(1, run.num_steps + 1), self.k).tolist())) or [0]
         if run.seed is None:
             raise InputError(f"run {rid!r} records no seed; its fine-tuning cannot be replayed")
         dots = CheckpointDots(dynamics, self.config).compute(run.curriculum, int(run.seed), steps,
