@@ -276,3 +276,45 @@ def test_ray_collection_with_a_killed_worker_equals_the_sequential_one(ray_insta
     for rid in ref.run_ids:
         for m in ref.metrics:
             assert ref.run(rid).values[m].tobytes() == again.run(rid).values[m].tobytes(), (rid, m)
+
+
+# ---------------------------------------------------------------------------------------------
+# simulators on large dynamics: transitions decoded by index arithmetic, streamed rollouts
+
+
+@pytest.mark.parametrize("bridge", [False, True])
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("missing", [0.0, 0.3])
+def test_transition_index_equals_transitions(bridge, order, missing):
+    import torch
+
+    from gptfluence.simulators.engine import RunBlock
+
+    g = torch.Generator().manual_seed(order * 10 + int(bridge) + int(missing * 10))
+    V = torch.randn(3, 9, 5, generator=g)
+    if missing:
+        V[torch.rand(V.shape, generator=g) < missing] = float("nan")
+    block = RunBlock(V, torch.zeros(3, 8, 2, dtype=torch.long), torch.arange(5), 0)
+    full = block.transitions(order, bridge)
+    index = block.transition_index(order, bridge)
+    assert index.shape == tuple(full.shape) and len(index) == full.shape[0] > 0
+    assert (index.flat is None) == (missing == 0.0)  # nothing stored per transition when all are usable
+    assert torch.equal(index[torch.arange(len(index))], full)
+    perm = torch.randperm(len(index), generator=g)[:17]
+    assert torch.equal(index[perm], full[perm])
+
+
+def test_streamed_rollout_equals_one_gather(monkeypatch):
+    import torch
+
+    from gptfluence.simulators import engine
+
+    g = torch.Generator().manual_seed(0)
+    Fp = engine.pad_factors(0.01 * torch.randn(3, 7, 4, generator=g))  # order 2, N = 7, M = 4
+    rows = torch.randint(0, 8, (5, 6, 3), generator=g)  # 8 = padding row
+    start = torch.randn(5, 4, generator=g)
+    a = engine.rollout_tensor(Fp, rows, start, residual=True)
+    monkeypatch.setattr(engine, "ROLLOUT_SUMS_MAX_ELEMS", 0)
+    b = engine.rollout_tensor(Fp, rows, start, residual=True)
+    assert a.shape == (5, 7, 4) and torch.allclose(a, b, atol=1e-7, rtol=0)
+    assert not torch.equal(a[:, -1], a[:, 0])

@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from gptfluence.errors import InputError
+from gptfluence.errors import GptfluenceError, InputError
 
 IGNORE_INDEX = -100
 MAX_AUTO_RUNS = {"cpu": 8, "cuda": 64}  # caps of the automatic choice (CPU gains little beyond a few)
@@ -282,8 +282,14 @@ class BatchedTrainer:
         for t in range(1, T + 1):
             input_ids, labels = self.stacked_batch(run_ids, [cur[t - 1] for cur in curricula], t)
             lr = float(sched.get_last_lr()[0])
-            with self.c.autocast():
-                grads, losses = step_fn(params, input_ids, labels)
+            try:
+                with self.c.autocast():
+                    grads, losses = step_fn(params, input_ids, labels)
+            except RuntimeError as e:  # a model whose forward torch.func cannot vectorise
+                if t > 1:
+                    raise
+                raise GptfluenceError(f"model {cfg.model!r} cannot be trained under torch.func.vmap "
+                                      f"({str(e).splitlines()[0][:200]}); use --backend local") from None
             bad = ~torch.isfinite(losses.detach())
             if bool(bad.any()):
                 r = int(bad.nonzero()[0, 0])
