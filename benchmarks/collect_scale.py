@@ -10,8 +10,10 @@ training, evaluation, atomic commits; the base model is built beforehand):
   (on CPU one torch thread, the local backend's setting);
 * ``batched``: ``--runs-per-batch`` runs trained together in one process (`backends.batched`);
   on CPU with the same one torch thread, so the ratio is the vectorisation's alone;
-* ``ray``: one Ray task per run on a local Ray instance with ``--ray-workers`` CPUs (the
-  instance's start is included in the wall time).
+* ``ray``: one Ray task per run on a local Ray instance with ``--ray-workers`` CPUs. Its
+  ``runs_per_hour`` is the steady rate (tasks after each worker's first, which also imports
+  torch and loads the model in a fresh process); ``paper_task_minutes`` adds the measured
+  start-up (instance, workers, model loading: the wall time beyond steady execution).
 
 ``runs_per_hour`` = runs / wall seconds x 3600; ``paper_task_minutes`` = the wall time of 32 such
 runs at that rate (32 runs x 96 steps x loss of 200 test examples, the measurements.md task);
@@ -73,6 +75,7 @@ def pythia_folder(name: str, root: Path) -> str:
     from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
     from gptfluence.lm import ensure_default_model
+    from gptfluence.lm.model import quiet_transformers
 
     path = root / name
     if (path / "config.json").exists():
@@ -87,8 +90,9 @@ def pythia_folder(name: str, root: Path) -> str:
                         pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(cfg)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    with quiet_transformers():
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
     return str(path)
 
 
@@ -117,6 +121,57 @@ def timed_collect(cfg, out: Path, runs: int, **kw) -> float:
     return wall
 
 
+def timed_ray_collect(cfg, out: Path, runs: int, workers: int) -> tuple[float, list[dict]]:
+    """Wall seconds of a Ray collection and its tasks' records (``collect_ray``'s return value)."""
+    from gptfluence.dynamics.backends import ray_backend
+
+    seen: list[dict] = []
+    orig = ray_backend.collect_ray
+
+    def keep(*a, **k):
+        res = orig(*a, **k)
+        seen.extend(res)
+        return res
+
+    ray_backend.collect_ray = keep
+    try:
+        wall = timed_collect(cfg, out, runs, backend="ray", workers=workers)
+    finally:
+        ray_backend.collect_ray = orig
+    return wall, seen
+
+
+def ray_record(model: str, device: str, runs: int, workers: int, wall: float, tasks: list[dict],
+               seq_rph: float) -> dict:
+    """Steady rate from the tasks that were not their worker's first (the first one also imports
+    torch and loads the model in a fresh process); start-up = wall time beyond steady execution."""
+    import math
+
+    import numpy as np
+
+    first: dict[int, float] = {}
+    later = []
+    for t in tasks:  # completion order; a worker's first task ends first
+        if t["pid"] in first:
+            later.append(t["seconds"])
+        else:
+            first[t["pid"]] = t["seconds"]
+    per_run = float(np.median(later)) if later else wall / math.ceil(runs / workers)
+    startup = max(0.0, wall - math.ceil(runs / workers) * per_run)
+    rph = workers * 3600.0 / per_run
+    paper = (startup + math.ceil(PAPER_RUNS / workers) * per_run) / 60.0
+    rec = {"model": model, "device": device, "mode": "ray", "runs": runs, "steps_per_run": PAPER_STEPS,
+           "test_examples": PAPER_TEST, "wall_seconds": round(wall, 2), "runs_per_hour": round(rph, 1),
+           "speedup": round(rph / seq_rph, 3), "paper_task_minutes": round(paper, 2), "workers": workers, "threads": 1,
+           "seconds_per_run_steady": round(per_run, 2),
+           "first_task_seconds": [round(v, 1) for v in first.values()], "startup_seconds": round(startup, 1),
+           "end_to_end_runs_per_hour": round(runs / wall * 3600.0, 1),
+           "note": "runs_per_hour = steady rate (tasks after each worker's first); paper_task_minutes adds the "
+                   "measured start-up (local Ray instance, worker processes importing torch, model loading)"}
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
 def record(model: str, device: str, mode: str, runs: int, wall: float, seq_rph: float | None, **extra) -> dict:
     rph = runs / wall * 3600.0
     rec = {"model": model, "device": device, "mode": mode, "runs": runs, "steps_per_run": PAPER_STEPS,
@@ -137,8 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ray-runs", type=int, default=4)
     ap.add_argument("--ray-workers", type=int, default=2)
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray mode")
+    ap.add_argument("--modes", nargs="*", default=["sequential", "batched", "ray"],
+                    help="modes to measure (without sequential, the output file's sequential record is the reference)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    data = json.loads(out.read_text()) if out.exists() else {}
+    old_results = data.get("results", [])
 
     import torch
 
@@ -158,41 +218,45 @@ def main(argv: list[str] | None = None) -> int:
 
                 ensure_default_model(base, progress=False)
             threads = torch.get_num_threads()
-            wall = timed_collect(cfg, tmp / "seq", args.seq_runs, workers=1)
-            seq = record(model, device, "sequential", args.seq_runs, wall, None, workers=1,
-                         threads=1 if cpu else threads)
-            results.append(seq)
-            if cpu:
-                torch.set_num_threads(1)  # the same single core as the sequential mode
-            try:
-                wall = timed_collect(cfg, tmp / "bat", args.batched_runs, backend="batched",
-                                     runs_per_batch=args.runs_per_batch)
-            finally:
-                torch.set_num_threads(threads)
-            results.append(record(model, device, "batched", args.batched_runs, wall, seq["runs_per_hour"],
-                                  runs_per_batch=args.runs_per_batch or "auto", workers=1,
-                                  threads=1 if cpu else threads))
-            if not args.no_ray:
+            if "sequential" in args.modes:
+                wall = timed_collect(cfg, tmp / "seq", args.seq_runs, workers=1)
+                seq = record(model, device, "sequential", args.seq_runs, wall, None, workers=1,
+                             threads=1 if cpu else threads)
+                results.append(seq)
+            else:  # the committed sequential record of this model and device
+                seq = next(r for r in old_results if r["model"] == model and r["device"] == device
+                           and r["mode"] == "sequential")
+            seq_rph = seq["runs_per_hour"]
+            if "batched" in args.modes:
+                if cpu:
+                    torch.set_num_threads(1)  # the same single core as the sequential mode
+                try:
+                    wall = timed_collect(cfg, tmp / "bat", args.batched_runs, backend="batched",
+                                         runs_per_batch=args.runs_per_batch)
+                finally:
+                    torch.set_num_threads(threads)
+                results.append(record(model, device, "batched", args.batched_runs, wall, seq_rph,
+                                      runs_per_batch=args.runs_per_batch or "auto", workers=1,
+                                      threads=1 if cpu else threads))
+            if "ray" in args.modes and not args.no_ray:
                 try:
                     import ray  # noqa: F401
                 except ImportError:
                     print("ray not installed: no ray record", file=sys.stderr)
                 else:
-                    wall = timed_collect(cfg, tmp / "ray", args.ray_runs, backend="ray", workers=args.ray_workers)
-                    results.append(record(model, device, "ray", args.ray_runs, wall, seq["runs_per_hour"],
-                                          workers=args.ray_workers, threads=1,
-                                          note="local Ray instance started and stopped inside the wall time"))
+                    wall, tasks = timed_ray_collect(cfg, tmp / "ray", args.ray_runs, args.ray_workers)
+                    results.append(ray_record(model, device, args.ray_runs, args.ray_workers, wall, tasks,
+                                              seq_rph))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    out = Path(args.out)
-    data = json.loads(out.read_text()) if out.exists() else {}
     data["machine"] = machine(device)
     data["collect_task"] = (f"data2text, {PAPER_STEPS} steps per run (128 examples x 3 epochs, batch 4, 64 tokens), "
                             f"loss of {PAPER_TEST} test examples before training and after every step, no generation; "
                             f"paper_task_minutes = {PAPER_RUNS} runs at the measured rate")
-    data["collect_command"] = "python benchmarks/collect_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    data["results"] = [r for r in data.get("results", []) if r["device"] != device or r["model"] not in args.models] \
-        + results
+    cmd = "python benchmarks/collect_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    data["collect_commands"] = [c for c in data.get("collect_commands", []) if c != cmd] + [cmd]
+    new = {(r["model"], r["device"], r["mode"]) for r in results}
+    data["results"] = [r for r in old_results if (r["model"], r["device"], r["mode"]) not in new] + results
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {out}")

@@ -196,7 +196,11 @@ def test_bad_backend_settings_are_one_line_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Ray: a real local instance (2 CPUs), a worker killed mid-run
 
-ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[test]' installs it)")
+try:
+    import ray
+except ImportError:  # only the Ray test is skipped; the test extra installs ray, so CI runs it
+    ray = None
+needs_ray = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install -e '.[test]' installs it)")
 
 # slow enough per run (generation of 24 test examples every step) that a run can be caught mid-way
 RAY_CFG = dataclasses.replace(D2T, n_test=24, examples_per_run=16, epochs=2, gen_max_new_tokens=12)
@@ -221,13 +225,14 @@ def kill_first_writer(runs_dir, stop: threading.Event, killed: list) -> None:
         if runs_dir.exists():
             for p in runs_dir.glob(STAGING_PREFIX + "*"):
                 pid = int(p.name[len(STAGING_PREFIX):].rsplit("-", 2)[1])
-                if pid != os.getpid():
+                if pid != os.getpid() and p.exists():  # still being written
                     os.kill(pid, signal.SIGKILL)
                     killed.append((pid, p.name))
                     return
         time.sleep(0.002)
 
 
+@needs_ray
 @pytest.mark.filterwarnings("ignore:Tip. In future versions of Ray")
 def test_ray_collection_with_a_killed_worker_equals_the_sequential_one(ray_instance, tmp_path, monkeypatch):
     from gptfluence.dynamics.backends import ray_backend
