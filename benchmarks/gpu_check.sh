@@ -3,7 +3,10 @@
 #   1. the GPU test tier (pytest -m gpu),
 #   2. benchmarks/gpu_engine.py (simulator fit and rollout, CPU vs CUDA),
 #   3. collection of 4 data2text runs at the default scale on CUDA and on the CPU (wall time), and
-#      how far the CUDA (bf16 autocast) losses are from the CPU (fp32) ones.
+#      how far the CUDA (bf16 autocast) losses are from the CPU (fp32) ones,
+#   4. benchmarks/collect_scale.py on CUDA: sequential vs batched (torch.func) collection of a
+#      paper-shaped task with Pythia-14M/70M/160M/410M configurations (random weights), runs per
+#      hour and the projected minutes of 32 runs x 96 steps ($OUT/collect_scale.json).
 # Logs and JSON go to $OUT (default /tmp/gpu-check). Extra packages can come via EXTRA_PYTHONPATH.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
@@ -29,3 +32,5 @@ for m in ("loss", "bleu"):
     print(f"{m}: cuda(bf16 autocast) vs cpu(fp32): mean |diff| {np.nanmean(d):.4g}, max {np.nanmax(d):.4g}, "
           f"final-step mean cuda {np.nanmean(va[:, -1]):.4g} cpu {np.nanmean(vb[:, -1]):.4g}")
 PY
+timeout 600 python3 benchmarks/collect_scale.py --device cuda --models pythia-14m pythia-70m pythia-160m pythia-410m \
+  --seq-runs 2 --batched-runs 8 --runs-per-batch 0 --no-ray --out "$OUT/collect_scale.json" 2>&1 | tee "$OUT/collect_scale.log"

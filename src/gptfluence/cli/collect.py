@@ -16,6 +16,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=False, default=None, help="store folder (default: dynamics/<task>)")
     p.add_argument("--runs", type=int, default=8, help="number of runs (curricula) to collect (default: 8)")
     p.add_argument("--workers", type=int, default=0, help="worker processes (0 = one per core on CPU)")
+    p.add_argument("--backend", default="local",
+                   help="local (worker processes, default), batched (several runs per process through torch.func) "
+                        "or ray (one Ray task per run; pip install 'gptfluence[ray]')")
+    p.add_argument("--runs-per-batch", type=int, default=0,
+                   help="batched backend: runs trained together (0 = as many as fit in half the free memory)")
+    p.add_argument("--address", default=None,
+                   help="ray backend: address of an existing Ray cluster ('auto', 'ray://head:10001'); "
+                        "default: start a local instance with --workers CPUs")
+    p.add_argument("--gpus-per-run", type=float, default=0.0,
+                   help="ray backend: GPUs per run (0.25 = four runs per GPU; 0 = 1 where the cluster has GPUs)")
     p.add_argument("--config", default=None, help="JSON file with collection settings (flags override it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_arguments(p, CollectConfig)
@@ -26,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     base = load_config(CollectConfig, args.config) if args.config else CollectConfig()
     cfg = from_namespace(CollectConfig, args, base)
     out = Path(args.out or Path("dynamics") / cfg.task.replace("/", "_"))
-    store = collect(cfg, out, runs=args.runs, workers=args.workers, progress=not args.quiet)
+    store = collect(cfg, out, runs=args.runs, workers=args.workers, progress=not args.quiet, backend=args.backend,
+                    address=args.address, runs_per_batch=args.runs_per_batch, gpus_per_run=args.gpus_per_run)
     save_json(cfg, out / "collect_config.json")
     print(f"\n{len(store)} runs of task {store.task.name!r} in {out} "
           f"({len(store.task.train)} training / {len(store.task.test)} test examples)")

@@ -482,17 +482,28 @@ def plan_runs(cfg: CollectConfig, task: Task, runs: int) -> list[tuple[str, int,
 
 
 def collect(cfg: CollectConfig, out: str | os.PathLike, runs: int = 8, workers: int = 0,
-            progress: bool = True, log: Callable[[str], None] = print) -> Dynamics:
+            progress: bool = True, log: Callable[[str], None] = print, backend: str = "local",
+            address: str | None = None, runs_per_batch: int = 0, gpus_per_run: float = 0.0) -> Dynamics:
     """Collect ``runs`` fine-tuning runs into the store at ``out`` (resuming if it exists).
 
-    ``workers`` = number of processes (0 = min(runs left, CPU cores) on CPU, 1 on CUDA).
-    Returns the opened store.
+    ``workers`` = number of processes (0 = min(runs left, CPU cores) on CPU, 1 on CUDA; for
+    ``backend="ray"`` on a local instance: its CPUs). ``backend`` (see `gptfluence.dynamics.backends`):
+    ``local``, ``batched`` (``runs_per_batch`` runs per process step, 0 = from free memory) or
+    ``ray`` (``address`` of an existing cluster, else a local instance; ``gpus_per_run`` GPUs per
+    task, 0 = 1 where the cluster has GPUs and the device is not cpu). None of these settings
+    changes the collected store's identity. Returns the opened store.
     """
     from tqdm.auto import tqdm
 
     from gptfluence.dynamics.store import FORMAT as STORE_FORMAT
     from gptfluence.outputs import has_json_format, prepare_output_dir
 
+    from gptfluence.dynamics.backends import BACKENDS
+
+    if backend not in BACKENDS:
+        raise InputError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    if runs_per_batch < 0:
+        raise InputError(f"--runs-per-batch must be >= 0 (got {runs_per_batch})")
     cfg.validate()
     if workers < 0:
         raise InputError(f"--workers must be >= 0 (0 = one per core), got {workers}")
@@ -527,14 +538,24 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, runs: int = 8, workers: 
     if not todo:
         return Dynamics.open(out)
     total_steps = sum(int(c.shape[0]) for _, _, c in todo)
-    if workers <= 0:
+    if workers <= 0 and backend == "local":
         workers = 1 if device.startswith("cuda") else max(1, min(len(todo), os.cpu_count() or 1))
     bar = tqdm(total=total_steps, desc=f"collect {task.name}", unit="step", disable=not progress,
                dynamic_ncols=True)
     runs_bar = tqdm(total=len(plan), initial=done, desc="runs", unit="run", disable=not progress,
                     dynamic_ncols=True, position=1, leave=False) if progress else None
     try:
-        if workers == 1:
+        if backend == "batched":
+            from gptfluence.dynamics.backends.batched import collect_batched
+
+            collect_batched(cfg, task, device, store, todo, runs_per_batch, on_step=bar.update,
+                            on_run=runs_bar.update if runs_bar else None, log=log)
+        elif backend == "ray":
+            from gptfluence.dynamics.backends.ray_backend import collect_ray
+
+            collect_ray(cfg, str(out), device, todo, address=address, workers=workers, gpus_per_run=gpus_per_run,
+                        on_step=bar.update, on_run=runs_bar.update if runs_bar else None, log=log)
+        elif workers == 1:
             import torch
 
             threads = torch.get_num_threads()

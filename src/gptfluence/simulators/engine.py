@@ -85,6 +85,9 @@ def step_update(sums: torch.Tensor, hist: list[torch.Tensor], residual: bool) ->
     return out
 
 
+ROLLOUT_SUMS_MAX_ELEMS = 1 << 27  # 512 MB of float32 batch sums; beyond, rollouts gather per step
+
+
 def rollout_tensor(Fp: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, residual: bool,
                    zero_history: bool = False) -> torch.Tensor:
     """Autoregressive rollout. ``Fp [n+1, N+1, M]`` (already restricted to the M test columns),
@@ -95,11 +98,14 @@ def rollout_tensor(Fp: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, re
     R, T, _ = rows.shape
     if T == 0:
         return start[:, None].clone()
-    sums = batch_sums(Fp, rows)  # [n+1, R, T, M]
+    # all batch sums at once [n+1, R, T, M], or step by step when that would exceed
+    # ROLLOUT_SUMS_MAX_ELEMS (many long runs: LDS on paper-size dynamics); same values
+    stream = (n + 1) * R * T * Fp.shape[2] > ROLLOUT_SUMS_MAX_ELEMS
+    sums = None if stream else batch_sums(Fp, rows)
     hist = [start] + [torch.zeros_like(start) if zero_history else start] * (n - 1)
     outs = [start]
     for t in range(T):
-        new = step_update(sums[:, :, t], hist, residual)
+        new = step_update(Fp[:, rows[:, t]].sum(-2) if stream else sums[:, :, t], hist, residual)
         outs.append(new)
         hist = [new] + hist[:-1]
     return torch.stack(outs, dim=1)  # differentiable (objective="rollout" backpropagates through it)
@@ -175,6 +181,14 @@ class RunBlock:
         k0 = prev[tr[:, 0], tr[:, 1], tr[:, 2]]
         return torch.stack([tr[:, 0], k0, tr[:, 1], tr[:, 2]], dim=1)
 
+    def transition_index(self, order: int, bridge_gaps: bool = False) -> "TransitionIndex":
+        """The targets of `transitions`, in the same order, without the ``[K, 4]`` tensor:
+        ``index[idx]`` (``idx`` LongTensor of positions in 0..K-1) returns ``transitions(...)[idx]``.
+        Memory: nothing per transition when every target is usable (the decode is index
+        arithmetic), else one int64 flat position per target (and, with ``bridge_gaps``, one
+        int32 previous-recorded index per grid value)."""
+        return TransitionIndex(self.values, order, bridge_gaps)
+
     def gather(self, tr: torch.Tensor, order: int, zero_history: bool = False) -> tuple[torch.Tensor, ...]:
         """For targets ``tr [K, 4]`` (see `transitions`): (run [K], k0 [K], gap [K] = k1 - k0,
         cols [K], history [n, K] = phi_k0, phi_k0-1, ... (missing -> newer value; before grid
@@ -194,6 +208,66 @@ class RunBlock:
         per step of the longest gap in the minibatch (1 when every step is recorded)."""
         r, k0, gap, cols, hist, target = self.gather(tr, order, zero_history)
         return segment_pred(Fp, self.rows, r, k0, gap, cols, hist, residual), target
+
+
+class TransitionIndex:
+    """Teacher-forcing targets of a ``values [R, S, M]`` grid (see `RunBlock.transitions`),
+    decoded on demand: ``self[idx]`` -> ``[len(idx), 4]`` (run, k0, k1, test position), equal to
+    ``RunBlock.transitions(order, bridge_gaps)[idx]`` (same order: run-major, then step, then
+    test position). ``shape`` = ``(K, 4)`` and ``device`` mimic the tensor it replaces.
+
+    Paper-size dynamics (25 runs x 288 steps x 1055 test examples = 7.6 M transitions) need no
+    memory per transition when every value is recorded, instead of 243 MB for the ``[K, 4]``
+    int64 tensor (plus its ~0.5 GB of intermediates)."""
+
+    def __init__(self, values: torch.Tensor, order: int, bridge_gaps: bool) -> None:
+        R, S, M = values.shape
+        self.R, self.S, self.M = R, S, M
+        self.device = values.device
+        self.prev: torch.Tensor | None = None  # [R, S, M] int32: last recorded index < k (bridge_gaps)
+        self.flat: torch.Tensor | None = None  # [K] int64 flat (r, k1, m) positions; None = all
+        ok = torch.isfinite(values)
+        if not bridge_gaps or bool(ok.all()):  # (every value recorded: bridging changes nothing)
+            valid = ok[:, 1:].clone()
+            for j in range(1, order + 1):
+                idx = torch.clamp(torch.arange(1, S, device=values.device) - j, min=0)
+                valid &= ok[:, idx]
+            self.grid = (R, S - 1, M)  # target k1 = j + 1 of column j
+            self.offset = 1
+        else:
+            prev = torch.empty((R, S, M), dtype=torch.int32, device=values.device)
+            ar = torch.arange(S, dtype=torch.int32, device=values.device).view(S, 1).expand(S, M)
+            for r in range(R):  # one run at a time bounds the int64 intermediates to [S, M]
+                last = torch.where(ok[r], ar, torch.full_like(ar, -1)).cummax(dim=0).values
+                prev[r, 0] = -1
+                prev[r, 1:] = last[:-1]
+            valid = ok & (prev >= 0)
+            self.prev = prev
+            self.grid = (R, S, M)
+            self.offset = 0
+        if bool(valid.all()):
+            self.K = int(valid.numel())
+        else:
+            self.flat = valid.reshape(-1).nonzero().squeeze(1)
+            self.K = int(self.flat.numel())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.K, 4)
+
+    def __len__(self) -> int:
+        return self.K
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        q = idx if self.flat is None else self.flat[idx]
+        _, G, M = self.grid
+        r = torch.div(q, G * M, rounding_mode="floor")
+        rest = q - r * (G * M)
+        j = torch.div(rest, M, rounding_mode="floor")
+        m = rest - j * M
+        k1 = j + self.offset
+        k0 = k1 - 1 if self.prev is None else self.prev[r, k1, m].long()
+        return torch.stack([r, k0, k1, m], dim=1)
 
 
 def segment_pred(Fp: torch.Tensor, rows_grid: torch.Tensor, r: torch.Tensor, k0: torch.Tensor, gap: torch.Tensor,
@@ -340,7 +414,7 @@ def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val:
     zh = opt.history_padding == "zeros"
     torch.manual_seed(opt.seed)
     gen = torch.Generator(device="cpu").manual_seed(opt.seed)
-    tr_all = fit.transitions(opt.order, opt.bridge_gaps)
+    tr_all = fit.transition_index(opt.order, opt.bridge_gaps)  # tr_all[idx] == fit.transitions(...)[idx]
     K = int(tr_all.shape[0])
     if K == 0:
         raise InputError("no usable transitions: no recorded value follows another recorded value"
