@@ -391,7 +391,11 @@ Units: loss in nats, BLEU 0-100, ROUGE-L F 0-1; MSE in the squared unit.</p>
 {chr(10).join(body)}
 <footer class="small muted">Made by <code>gptfluence report</code>. Sign convention for influence:
 positive = helpful. References (<i>constant</i>, <i>mean curve</i>) are trivial simulators that
-use no model of the training data.</footer>
+use no model of the training data. <i>GPTfluence (gptfluence variant)</i> is this library's improved
+configuration of the method (separate linear projections of centred MiniLM features, gradient-similarity
+terms at fine-tuning checkpoints, fitted on deviations from the mean trajectory); <i>(authors' config)</i>
+rows are the published code's exact configuration (methods <code>gptfluence_paper</code>,
+<code>simfluence_paper</code>).</footer>
 </main>
 </body>
 </html>

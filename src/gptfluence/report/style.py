@@ -21,7 +21,7 @@ METHOD_ORDER = ("gptfluence", "simfluence", "tracin_cp", "grad_dot")
 # Trivial references: a simulator has to beat these to be worth anything.
 REFERENCE_METHODS = ("constant", "mean_curve")
 METHOD_LABELS = {
-    "gptfluence": "GPTfluence", "simfluence": "Simfluence", "tracin_cp": "TracIn-CP",
+    "gptfluence": "GPTfluence (gptfluence variant)", "simfluence": "Simfluence (gptfluence variant)", "tracin_cp": "TracIn-CP",
     "grad_dot": "Grad-Dot", "constant": "constant (ref.)", "mean_curve": "mean curve (ref.)",
     "gptfluence_paper": "GPTfluence (authors' config)", "simfluence_paper": "Simfluence (authors' config)",
 }
