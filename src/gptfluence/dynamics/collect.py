@@ -12,7 +12,8 @@ optimizer step t = 1..T it records, for every test example:
 Each finished run is committed to the store with one atomic rename (see `dynamics.store`), so an
 interrupted collection keeps every finished run and the same command resumes where it stopped.
 Runs are spread over worker processes (one torch thread each, which also makes results
-independent of the number of workers).
+independent of the number of workers), or with ``collect(backend=...)`` trained several at once
+in one process (``batched``) or as Ray tasks (``ray``); see `gptfluence.dynamics.backends`.
 
 Hooks: a `StepHook` sees the model after every step and may write into the run's ``captures/``
 folder (`CheckpointCapture` saves weights every k steps for the TracIn-CP / Grad-Dot baselines),
