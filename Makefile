@@ -71,7 +71,7 @@ evaluate-paper: setup
 # LDS on the built-in tasks (benchmarks/results/lds_builtin.{json,md}; README, "Checking attribution"):
 # the 32-run fit stores of evaluate-builtin, and per task LDS_N held-out curricula per design (both,
 # membership, order) collected with --record-steps ends (metrics at steps 0 and T only).
-# Smaller: make lds-builtin BUILTIN_TASKS=data2text LDS_FIT_RUNS=16 BUILTIN_DIR=runs/lds16 LDS_OUT=lds_data2text_16fit
+# Smaller: make lds-builtin BUILTIN_TASKS=data2text LDS_FIT_RUNS=16 BUILTIN_DIR=runs/lds16 LDS_OUT=lds_data2text_16fit (one task)
 LDS_N ?= 48
 LDS_FIT_RUNS ?= 32
 LDS_DIR ?= runs/lds-builtin

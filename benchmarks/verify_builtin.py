@@ -80,7 +80,7 @@ def main() -> int:
             t0 = time.time()
             rep = verify(sim, store, a.run, out, config=cfg, progress=False, log=lambda s: print(s, flush=True))
             for r in rep["results"]:
-                r["fit_seconds"] = fit_s
+                r["fit_or_load_seconds"] = fit_s  # loading when the simulator folder exists (resumed)
                 r["verify_seconds"] = time.time() - t0
             results += rep["results"]
             # the noise runs (unchanged curriculum, other seeds / orders) are the same for every method

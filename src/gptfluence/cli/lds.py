@@ -61,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check influence by re-training without the top-k helpful / harmful / k random",
                        description="For a run and a test set: rank the run's training examples by the simulator's "
                                    "influence summed over the test set, remove the top-k helpful, top-k harmful and k "
-                                   "random examples (their batch slots become padding, steps are kept), simulate and "
+                                   "random examples (their batch slots become padding, or other pool examples with --fill pool; steps "
+                                   "are kept), compare each group with the random one, simulate and "
                                    "really re-train each from the same base model with the run's seed, and compare "
                                    "simulated with actual change (Pearson, sign agreement), beside the noise floor "
                                    "(other seeds, other orders). Resumable: rerun the same command.")

@@ -9,6 +9,10 @@ optimizer step t = 1..T it records, for every test example:
   ``bleu`` (sacrebleu, 0-100) and ``rougeL`` (rouge-score F, 0-1) for generation tasks,
   ``accuracy`` (0/1) for classification tasks. Unscheduled steps hold NaN.
 
+``record_steps`` (``--record-steps``) limits the evaluation to chosen steps ("ends" = 0 and T: held-out
+curricula for LDS cost a fraction of a full run, since evaluation dominates); training still runs
+every step and the run's ``steps`` array lists the recorded ones.
+
 Each finished run is committed to the store with one atomic rename (see `dynamics.store`), so an
 interrupted collection keeps every finished run and the same command resumes where it stopped.
 Runs are spread over worker processes (one torch thread each, which also makes results
