@@ -187,7 +187,7 @@ def _start_and_signal(out: Path, sig: int, cwd: Path, workers: int = 1) -> tuple
     p = subprocess.Popen(cmd, cwd=cwd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                          start_new_session=workers > 1)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 240  # generous: a loaded 2-core machine starts Python + torch slowly
     try:
         while True:
             done, staging = _names(out / "runs")
@@ -200,7 +200,7 @@ def _start_and_signal(out: Path, sig: int, cwd: Path, workers: int = 1) -> tuple
             if p.poll() is not None:
                 pytest.fail(f"collect ended (rc {p.returncode}) before it could be interrupted:\n{p.stderr.read()}")
             if time.monotonic() > deadline:
-                pytest.fail("collect did not commit a run within 60 s")
+                pytest.fail("collect did not commit a run within 240 s")
             time.sleep(0.005)
     except BaseException:
         if p.poll() is None:
@@ -211,7 +211,7 @@ def _start_and_signal(out: Path, sig: int, cwd: Path, workers: int = 1) -> tuple
 def test_resume_after_sigkill_equals_uninterrupted_collection(ref, tmp_path):
     out = tmp_path / "store"
     p, _ = _start_and_signal(out, signal.SIGKILL, tmp_path)
-    _, err = p.communicate(timeout=30)
+    _, err = p.communicate(timeout=120)
     assert p.returncode == -signal.SIGKILL
     done, staging = _names(out / "runs")
     assert 1 <= len(done) < KILL_RUNS
@@ -221,7 +221,7 @@ def test_resume_after_sigkill_equals_uninterrupted_collection(ref, tmp_path):
     assert_same_runs(ref, partial)
     assert not any(rid.startswith(".") for rid in partial.run_ids)
 
-    res = subprocess.run(_cli(out), cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    res = subprocess.run(_cli(out), cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert f"resuming: {len(done)} of {KILL_RUNS} runs already in" in res.stdout
     if staging:
@@ -233,14 +233,14 @@ def test_resume_after_sigkill_equals_uninterrupted_collection(ref, tmp_path):
     assert_same_runs(ref, final)
     assert final.manifest["config"] == ref.manifest["config"]
     # a third call has nothing to do
-    res = subprocess.run(_cli(out), cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    res = subprocess.run(_cli(out), cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and f"resuming: {KILL_RUNS} of {KILL_RUNS} runs" in res.stdout
 
 
 def test_ctrl_c_exits_130_cleanly_and_keeps_finished_runs(ref, tmp_path):
     out = tmp_path / "store"
     p, done_before = _start_and_signal(out, signal.SIGINT, tmp_path)
-    _, err = p.communicate(timeout=30)
+    _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
     assert "Traceback" not in err
     assert "gptfluence collect: interrupted; finished work is saved" in err
@@ -256,7 +256,7 @@ def test_ctrl_c_with_worker_processes_exits_130_cleanly(ref, tmp_path):
     out = tmp_path / "store"
     p, done_before = _start_and_signal(out, signal.SIGINT, tmp_path, workers=2)
     try:
-        _, err = p.communicate(timeout=30)
+        _, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
