@@ -244,11 +244,11 @@ def measure_lds(fit: Any, heldout: Any, methods: Sequence[str] | None = None, me
     from gptfluence.analysis.splits import split_runs
     from gptfluence.config import to_dict
     from gptfluence.features import embed_examples, resolve_encoder
-    from gptfluence.simulators import make_simulator, method_config, method_names, method_spec
+    from gptfluence.simulators import default_method_names, make_simulator, method_config, method_spec
 
     check_same_collection(fit, heldout)
     say = log or (lambda s: None)
-    methods = list(methods or method_names())
+    methods = list(methods or default_method_names())
     for m in methods:
         method_spec(m)
     configs = {k: dict(v) for k, v in (configs or {}).items()}

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from gptfluence.analysis.verify import VerifyConfig
     from gptfluence.cli.simulators import _add_config_flags
     from gptfluence.dynamics.curriculum import LDS_DESIGNS
-    from gptfluence.simulators import method_names
+    from gptfluence.simulators import default_method_names, method_names
 
     p = sub.add_parser("curricula", help="write held-out curricula for measuring LDS (JSON lines)",
                        description="Draw held-out curricula of the fit store's sizes (examples per run, batch size, "
@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "the similarity_sum (and label_count) references.")
     p.add_argument("fit_store", help="store of fit runs (e.g. collected with --runs 32)")
     p.add_argument("heldout_store", help="store of held-out curricula (same examples and settings)")
-    p.add_argument("--methods", nargs="+", default=list(method_names()), choices=method_names())
+    p.add_argument("--methods", nargs="+", default=list(default_method_names()), choices=method_names(),
+                   help="methods (default: every method run by default; the paper presets only when named)")
     p.add_argument("--metrics", nargs="+", default=None, help="metrics (default: every metric of both stores)")
     p.add_argument("--reference-encoder", default="minilm", help="encoder spec of the similarity_sum reference (default minilm)")
     p.add_argument("--no-references", action="store_true", help="leave out similarity_sum / label_count")
