@@ -442,7 +442,7 @@ def test_gptfluence_options_paper_literal_and_unshared(synth):
     dyn, enc, fit, val, test = synth
     for kw in (dict(share_projection=True), dict(residual=False), dict(hidden=0, center_features=False)):
         # on the raw values (detrend=False) the normalised units are those of the values themselves
-        sim = make_simulator("gptfluence", "loss", encoder=enc, **{**FAST, "epochs": 3, "detrend": False, **kw})
+        sim = make_simulator("gptfluence", "loss", encoder=enc, **{**FAST, "epochs": 3, "detrend": False, "order": 1, **kw})
         h = sim.fit(dyn, fit, val)
         # rollouts start stable: the initial validation MSE is about that of a constant prediction
         assert np.isfinite(h["val_mse_init"]) and h["val_mse_init"] < 10

@@ -82,7 +82,7 @@ INITS = ("scaled", "pytorch_default")
 class GPTfluenceConfig(FitConfig):
     """Hyper-parameters of the featurized simulator (see module doc)."""
 
-    order: int = arg(1, "Markov order n (the paper's main tables: 1)")
+    order: int = arg(3, "Markov order n (3: against n = 1 it lowers the held-out loss MSE on all five built-in tasks and raises the mean LDS over them, 0.315 -> 0.384, README \"Checking attribution\"; the paper's main tables use 1)")
     hidden: int = arg(0, "hidden width of each factor projection; 0 = a linear projection (authors' code: an MLP with 384)")
     proj_dim: int = arg(32, "output width d of each factor projection (authors' code: 384)")
     share_projection: bool = arg(False, "one projection per factor for both the train and the test side (authors' code); its factor is a PSD kernel, so similar examples can only raise each other's factor")
