@@ -51,33 +51,30 @@ class FitConfig:
     early_stopping: str = arg("patience", "patience (stop after `patience` epochs without a new best; the untrained start is a candidate) or consecutive_increases (the authors' code: stop after `patience` epochs in a row each worse than the epoch before; only trained epochs are candidates); the best epoch's weights are kept")
 
     def validate(self) -> None:
-        """Raise `InputError` naming the first invalid field (as its flag)."""
+        """Raise `InputError` naming the first invalid field (as its flag). Subclasses extend it;
+        `config_from` calls it whenever a simulator config is made."""
         import math
 
-        def bad(name: str, rule: str) -> InputError:
-            return InputError(f"--{name.replace('_', '-')} ({name}) must be {rule}, got {getattr(self, name)!r}")
-
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise bad("lr", "a number > 0")
+            raise config_error(self, "lr", "a number > 0")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise bad("weight_decay", ">= 0")
+            raise config_error(self, "weight_decay", ">= 0")
         for name in ("epochs", "batch_size", "min_steps_per_epoch", "warmup_steps", "patience", "rollout_runs"):
             if getattr(self, name) < 0:
-                raise bad(name, ">= 0")
-        from gptfluence.simulators.engine import OBJECTIVES
+                raise config_error(self, name, ">= 0")
+        for name, allowed in (("objective", engine.OBJECTIVES), ("optimizer", engine.OPTIMIZERS),
+                              ("lr_schedule", engine.LR_SCHEDULES), ("early_stopping", engine.EARLY_STOPPING)):
+            engine.check_choice(flag_name(name), getattr(self, name), allowed)
 
-        if self.objective not in OBJECTIVES:
-            raise bad("objective", f"one of {', '.join(OBJECTIVES)}")
+
+def flag_name(field: str) -> str:
+    """How errors name a config field: its flag and the field, ``--init-std (init_std)``."""
+    return f"--{field.replace('_', '-')} ({field})"
 
 
-def check_fit_config(config: FitConfig, method: str) -> None:
-    """InputError naming the field for an unknown choice in a `FitConfig` (at construction, not
-    after minutes of feature extraction)."""
-    for name, allowed in (("optimizer", engine.OPTIMIZERS), ("lr_schedule", engine.LR_SCHEDULES),
-                          ("early_stopping", engine.EARLY_STOPPING), ("objective", engine.OBJECTIVES),
-                          ("history_padding", engine.HISTORY_PADDINGS)):
-        if hasattr(config, name):
-            engine.check_choice(f"{method}: {name}", getattr(config, name), allowed)
+def config_error(config: Any, field: str, rule: str) -> InputError:
+    """`InputError` for ``config.field`` breaking ``rule`` (e.g. ">= 0"), named as its flag."""
+    return InputError(f"{flag_name(field)} must be {rule}, got {getattr(config, field)!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,8 +67,9 @@ from torch import nn
 from gptfluence.config import arg
 from gptfluence.dynamics.store import Dynamics
 from gptfluence.errors import ArtifactMismatchError, InputError
-from gptfluence.simulators.common import (FitConfig, RecurrenceSimulator, check_fit_config, config_from, stored_config,
-                                         write_artifact)
+from gptfluence.simulators import engine
+from gptfluence.simulators.common import (FitConfig, RecurrenceSimulator, config_error, config_from, flag_name,
+                                         stored_config, write_artifact)
 from gptfluence.features.cache import embed_examples
 from gptfluence.features.encoders import Encoder, resolve_encoder
 from gptfluence.types import Example
@@ -101,20 +102,16 @@ class GPTfluenceConfig(FitConfig):
     history_padding: str = arg("start", "order n > 1: the values before the first one of a trajectory (teacher forcing and rollouts): start (= the first value) or zeros (the authors' code)")
     encoder: str = arg("minilm", "text encoder spec for features ('minilm', a model path, or 'bow[:DIM]')")
 
-
-def _validate_gptfluence(cfg: "GPTfluenceConfig") -> None:
-    FitConfig.validate(cfg)
-    rules = {"order": 1, "proj_dim": 1, "similarity_dim": 1, "similarity_checkpoints": 1, "hidden": 0}
-    for name, low in rules.items():
-        if getattr(cfg, name) < low:
-            raise InputError(f"--{name.replace('_', '-')} ({name}) must be >= {low}, got {getattr(cfg, name)!r}")
-    if not cfg.init_std > 0:
-        raise InputError(f"--init-std (init_std) must be > 0, got {cfg.init_std!r}")
-    if cfg.similarity not in SIMILARITIES:
-        raise InputError(f"--similarity must be one of {', '.join(SIMILARITIES)}, got {cfg.similarity!r}")
-
-
-GPTfluenceConfig.validate = _validate_gptfluence  # type: ignore[method-assign]
+    def validate(self) -> None:
+        super().validate()
+        for name, low in (("order", 1), ("proj_dim", 1), ("similarity_dim", 1), ("similarity_checkpoints", 1),
+                          ("hidden", 0)):
+            if getattr(self, name) < low:
+                raise config_error(self, name, f">= {low}")
+        if not self.init_std > 0:
+            raise config_error(self, "init_std", "> 0")
+        for name, allowed in (("similarity", SIMILARITIES), ("init", INITS), ("history_padding", engine.HISTORY_PADDINGS)):
+            engine.check_choice(flag_name(name), getattr(self, name), allowed)
 
 
 class Projection(nn.Module):
@@ -318,19 +315,12 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         if isinstance(encoder, str):  # the config field (a spec string), not an encoder object
             overrides["encoder"], encoder = encoder, None
         self.config: GPTfluenceConfig = config_from(GPTfluenceConfig, config, overrides, "gptfluence config")
-        if self.config.order < 1:
-            raise InputError(f"gptfluence: order must be >= 1, got {self.config.order}")
         self.order = self.config.order
         self.residual = self.config.residual
-        check_fit_config(self.config, "gptfluence")
-        if self.config.init not in INITS:
-            raise InputError(f"gptfluence: init must be one of {INITS}, got {self.config.init!r}")
         self.encoder = encoder
         self.encoder_spec: dict[str, Any] | None = encoder.spec() if encoder is not None else None
         self.train_features = FeatureTable()
         self.test_features = FeatureTable()
-        if self.config.similarity not in SIMILARITIES:
-            raise InputError(f"gptfluence: similarity must be one of {SIMILARITIES}, got {self.config.similarity!r}")
         self.similarity_kind: str | None = None  # 'grad' / 'features' / 'none' once resolved
         self.similarity_encoder: Any = None
         self.similarity_spec: dict[str, Any] | None = None

@@ -31,7 +31,8 @@ from torch import nn
 from gptfluence.config import arg
 from gptfluence.dynamics.store import Dynamics
 from gptfluence.errors import InputError
-from gptfluence.simulators.common import (UNSEEN_POLICIES, FitConfig, RecurrenceSimulator, check_fit_config,
+from gptfluence.simulators import engine
+from gptfluence.simulators.common import (UNSEEN_POLICIES, FitConfig, RecurrenceSimulator, config_error, flag_name,
                                          config_from, stored_config, write_artifact)
 
 INITS = ("zeros", "normal")
@@ -45,6 +46,13 @@ class SimfluenceConfig(FitConfig):
     residual: bool = arg(True, "alpha = 1 + sum A (stable start); false = the original alpha = sum A")
     init: str = arg("zeros", "initial A, B: zeros or normal (N(0, 1), the authors' code)")
     l2_penalty: float = arg(0.0, "lambda of the term lambda * (||A||_2 + ||B||_2) (unsquared norms over all pairs, the authors' code) added to every minibatch loss; 0 = none")
+
+    def validate(self) -> None:
+        super().validate()
+        for name, allowed in (("unseen", UNSEEN_POLICIES), ("init", INITS)):
+            engine.check_choice(flag_name(name), getattr(self, name), allowed)
+        if not self.l2_penalty >= 0:
+            raise config_error(self, "l2_penalty", ">= 0")
 
 
 class FreeFactors(nn.Module):
@@ -73,13 +81,6 @@ class SimfluenceSimulator(RecurrenceSimulator):
     def __init__(self, metric: str = "loss", config: SimfluenceConfig | dict | None = None, **overrides: Any) -> None:
         super().__init__(metric)
         self.config: SimfluenceConfig = config_from(SimfluenceConfig, config, overrides, "simfluence config")
-        if self.config.unseen not in UNSEEN_POLICIES:
-            raise InputError(f"simfluence: unseen must be one of {UNSEEN_POLICIES}, got {self.config.unseen!r}")
-        check_fit_config(self.config, "simfluence")
-        if self.config.init not in INITS:
-            raise InputError(f"simfluence: init must be one of {INITS}, got {self.config.init!r}")
-        if self.config.l2_penalty < 0:
-            raise InputError(f"simfluence: l2_penalty must be >= 0, got {self.config.l2_penalty}")
         self.order = 1
         self.residual = self.config.residual
         self.train_ids = np.zeros(0, np.int64)  # sorted ids with parameters
