@@ -1,3 +1,5 @@
+import contextlib
+import dataclasses
 import os
 
 import numpy as np
@@ -34,3 +36,35 @@ def make_run(run_id: str, task, steps: int = 6, batch: int = 2, seed: int = 0, m
         vals["accuracy"][1::2] = np.nan  # generation metrics on a schedule
     return Run(run_id, cur, np.arange(cur.shape[0] + 1), [e.id for e in task.test], vals,
                lr=np.linspace(1e-3, 0, cur.shape[0]), seed=seed, config={"lr": 1e-3})
+
+
+def collect_cli_flags(cfg) -> list[str]:
+    """`gptfluence collect` flags reproducing the `CollectConfig` ``cfg`` (fields that differ from the defaults)."""
+    from gptfluence.dynamics.collect import CollectConfig
+
+    out = []
+    default = CollectConfig()
+    for f in dataclasses.fields(CollectConfig):
+        v = getattr(cfg, f.name)
+        if v != getattr(default, f.name):
+            out += ["--" + f.name.replace("_", "-"), str(v)]
+    return out
+
+
+@contextlib.contextmanager
+def private_model_cache(tmp_path_factory, name: str, cfg):
+    """A private GPTFLUENCE_CACHE (folder ``name``) holding the default base model of the
+    `CollectConfig` ``cfg``, built once; restores torch's thread count afterwards (in-process
+    collections set it to 1). Use from a module-scoped fixture: ``with ... as root: yield root``."""
+    import torch
+
+    from gptfluence.dynamics.collect import model_spec
+    from gptfluence.lm import ensure_default_model
+
+    threads = torch.get_num_threads()
+    root = tmp_path_factory.mktemp(name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPTFLUENCE_CACHE", str(root))
+        ensure_default_model(model_spec(cfg)[1], progress=False)
+        yield root
+    torch.set_num_threads(threads)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import collect_cli_flags, private_model_cache
 from gptfluence.dynamics.collect import CheckpointCapture, CollectConfig, collect, load_task_for, model_spec, plan_runs
 from gptfluence.dynamics.store import STAGING_PREFIX, Dynamics
 from gptfluence.errors import ArtifactMismatchError, InputError
@@ -27,33 +28,11 @@ D2T = CollectConfig(task="data2text", **TINY)
 KILL_RUNS = 8  # runs of the reference collection and of the interrupted CLI collections
 
 
-def cli_flags(cfg: CollectConfig) -> list[str]:
-    """Command-line flags reproducing ``cfg`` (only fields that differ from the defaults)."""
-    out = []
-    default = CollectConfig()
-    for f in dataclasses.fields(CollectConfig):
-        v = getattr(cfg, f.name)
-        if v != getattr(default, f.name):
-            out += ["--" + f.name.replace("_", "-"), str(v)]
-    return out
-
-
 @pytest.fixture(scope="module", autouse=True)
 def cache(tmp_path_factory):
-    """A private GPTFLUENCE_CACHE for this module; the tiny base model is built once in it.
-
-    Also restores torch's thread count, which in-process collections set to 1."""
-    import torch
-
-    threads = torch.get_num_threads()
-    root = tmp_path_factory.mktemp("collect-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GPTFLUENCE_CACHE", str(root))
-        from gptfluence.lm import ensure_default_model
-
-        ensure_default_model(model_spec(SENT)[1], progress=False)  # same base model for SENT and D2T
+    """A private GPTFLUENCE_CACHE for this module; one tiny base model serves SENT and D2T."""
+    with private_model_cache(tmp_path_factory, "collect-cache", SENT) as root:
         yield root
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +144,7 @@ def test_generation_metrics_follow_gen_every(tmp_path):
 
 def _cli(out: Path, runs: int = KILL_RUNS) -> list[str]:
     return [sys.executable, "-m", "gptfluence", "collect", "--out", str(out), "--runs", str(runs),
-            "--workers", "1", "--quiet", *cli_flags(SENT)]
+            "--workers", "1", "--quiet", *collect_cli_flags(SENT)]
 
 
 def _names(runs_dir: Path) -> tuple[list[str], list[str]]:
@@ -286,7 +265,7 @@ def test_other_config_into_existing_store_is_refused(ref, tmp_path, capsys):
     with pytest.raises(ArtifactMismatchError, match=r"fields differ: batch_size, epochs\b"):
         collect(dataclasses.replace(SENT, epochs=2, batch_size=2), store, runs=1, workers=1, progress=False)
     capsys.readouterr()
-    rc = _main(["--out", str(store), *cli_flags(dataclasses.replace(SENT, lr=1e-3))])
+    rc = _main(["--out", str(store), *collect_cli_flags(dataclasses.replace(SENT, lr=1e-3))])
     cap = capsys.readouterr()
     assert rc == 2
     lines = cap.err.strip().splitlines()
@@ -299,7 +278,7 @@ def test_other_config_into_existing_store_is_refused(ref, tmp_path, capsys):
 def test_examples_per_run_larger_than_pool_is_a_clean_error(tmp_path, capsys):
     with pytest.raises(InputError, match="--examples-per-run 20 exceeds the pool size --n-train 16"):
         collect(dataclasses.replace(SENT, examples_per_run=20), tmp_path / "a", runs=1, workers=1, progress=False)
-    rc = _main(["--out", str(tmp_path / "b"), *cli_flags(dataclasses.replace(SENT, examples_per_run=20))])
+    rc = _main(["--out", str(tmp_path / "b"), *collect_cli_flags(dataclasses.replace(SENT, examples_per_run=20))])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert err[0] == "gptfluence collect: error: --examples-per-run 20 exceeds the pool size --n-train 16"
@@ -310,7 +289,7 @@ def test_curriculum_file_with_unknown_id_names_file_line_and_id(tmp_path, capsys
     cur = tmp_path / "curricula.jsonl"
     cur.write_text(json.dumps({"run_id": "a", "curriculum": [[0, 1], [2, 3]]}) + "\n"
                    + json.dumps({"run_id": "b", "curriculum": [[4, 999]]}) + "\n")
-    rc = _main(["--out", str(tmp_path / "s"), "--curriculum-file", str(cur), *cli_flags(SENT)])
+    rc = _main(["--out", str(tmp_path / "s"), "--curriculum-file", str(cur), *collect_cli_flags(SENT)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("gptfluence collect: error: ")
     assert f"{cur} line 2" in err[0] and "999" in err[0] and "unknown training id" in err[0]
@@ -321,7 +300,7 @@ def test_explicit_curriculum_file(tmp_path, capsys):
     curricula = {"alpha": [[3, 1, 4, 15], [5, 9]], "beta": [[2, 6, 5, 3], [5, 8, 9, 7], [0, 0]]}
     cur.write_text("".join(json.dumps({"run_id": k, "curriculum": v}) + "\n" for k, v in curricula.items()))
     out = tmp_path / "s"
-    rc = _main(["--out", str(out), "--curriculum-file", str(cur), *cli_flags(SENT)])
+    rc = _main(["--out", str(out), "--curriculum-file", str(cur), *collect_cli_flags(SENT)])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert "2 runs of task 'sentiment'" in cap.out
@@ -394,7 +373,7 @@ def test_invalid_settings_fail_before_the_store_exists(tmp_path, capsys):
                        (["--batch-size", "0"], "--batch-size must be >= 1"),
                        (["--curriculum-file", str(bad_cur)], "unknown training id 999")):
         out = tmp_path / f"s{len(flags)}{flags[0]}"
-        assert _main(["--out", str(out), *cli_flags(SENT), *flags]) == 2
+        assert _main(["--out", str(out), *collect_cli_flags(SENT), *flags]) == 2
         assert msg in capsys.readouterr().err
         assert not (out / "manifest.json").exists()
 
@@ -405,7 +384,7 @@ def test_worker_start_failure_is_a_clean_error(tmp_path, capsys):
 
     missing = tmp_path / "no-such-model"
     rc = main(["collect", "--workers", "2", "--quiet", "--runs", "2", "--out", str(tmp_path / "s"),
-               *cli_flags(SENT), "--model", str(missing)])
+               *collect_cli_flags(SENT), "--model", str(missing)])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and "gptfluence collect: error:" in err
     assert str(missing) in err or "no-such-model" in err

@@ -16,9 +16,10 @@ import time
 import numpy as np
 import pytest
 
+from conftest import private_model_cache
 from gptfluence.dynamics.backends import batched
 from gptfluence.dynamics.backends.batched import BatchedTrainer, auto_runs_per_batch, bytes_per_run, plan_batches
-from gptfluence.dynamics.collect import CollectConfig, RunCollector, collect, load_task_for, model_spec, plan_runs
+from gptfluence.dynamics.collect import CollectConfig, RunCollector, collect, load_task_for, plan_runs
 from gptfluence.dynamics.store import STAGING_PREFIX, Dynamics
 from gptfluence.errors import InputError
 
@@ -31,17 +32,8 @@ LOSS_TOL = 1e-4  # nats; measured max |diff| batched vs sequential: ~5e-7
 
 @pytest.fixture(scope="module", autouse=True)
 def cache(tmp_path_factory):
-    import torch
-
-    threads = torch.get_num_threads()
-    root = tmp_path_factory.mktemp("scale-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GPTFLUENCE_CACHE", str(root))
-        from gptfluence.lm import ensure_default_model
-
-        ensure_default_model(model_spec(SENT)[1], progress=False)
+    with private_model_cache(tmp_path_factory, "scale-cache", SENT) as root:
         yield root
-    torch.set_num_threads(threads)
 
 
 def quiet(_msg: str) -> None:

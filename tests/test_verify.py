@@ -9,8 +9,9 @@ import json
 import numpy as np
 import pytest
 
+from conftest import collect_cli_flags, private_model_cache
 from gptfluence.cli import main
-from gptfluence.dynamics.collect import CollectConfig, collect, model_spec, recorded_steps
+from gptfluence.dynamics.collect import CollectConfig, collect, recorded_steps
 from gptfluence.dynamics.curriculum import write_curriculum_lines
 from gptfluence.dynamics.store import Dynamics
 from gptfluence.errors import InputError
@@ -20,35 +21,16 @@ TINY = CollectConfig(task="sentiment", n_train=16, n_test=6, examples_per_run=8,
                      max_length=64)
 
 
-def flags(cfg: CollectConfig) -> list[str]:
-    out = []
-    default = CollectConfig()
-    for f in dataclasses.fields(CollectConfig):
-        v = getattr(cfg, f.name)
-        if v != getattr(default, f.name):
-            out += ["--" + f.name.replace("_", "-"), str(v)]
-    return out
-
-
 @pytest.fixture(scope="module", autouse=True)
 def cache(tmp_path_factory):
-    import torch
-
-    threads = torch.get_num_threads()
-    root = tmp_path_factory.mktemp("verify-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GPTFLUENCE_CACHE", str(root))
-        from gptfluence.lm import ensure_default_model
-
-        ensure_default_model(model_spec(TINY)[1], progress=False)
+    with private_model_cache(tmp_path_factory, "verify-cache", TINY) as root:
         yield root
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def fit_store(tmp_path_factory):
     out = tmp_path_factory.mktemp("fit") / "store"
-    assert main(["collect", "--quiet", "--runs", "5", "--workers", "1", "--out", str(out)] + flags(TINY)) == 0
+    assert main(["collect", "--quiet", "--runs", "5", "--workers", "1", "--out", str(out)] + collect_cli_flags(TINY)) == 0
     return out
 
 
