@@ -209,8 +209,7 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
     """
     from gptfluence.analysis.splits import split_runs
     from gptfluence.config import to_dict
-    from gptfluence.simulators import default_method_names, make_simulator, method_config, method_spec
-    from gptfluence.features.encoders import resolve_encoder
+    from gptfluence.simulators import EncoderPool, default_method_names, make_simulator, method_config, method_spec
     from gptfluence.outputs import slug
     from gptfluence.simulators.common import stack_curricula
     from gptfluence.simulators.engine import first_recorded_step
@@ -237,18 +236,7 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
         if cfg is not None:
             full_cfg[m] = to_dict(cfg)
 
-    loaded: dict[str, Any] = {}
-
-    def _encoder_for(method: str) -> Any:
-        """The ``encoder`` given, else one loaded encoder per distinct encoder spec (not one per fit)."""
-        if not method_spec(method).takes_encoder:
-            return None
-        if encoder is not None:
-            return encoder
-        spec = full_cfg[method]["encoder"]
-        if spec not in loaded:
-            loaded[spec] = resolve_encoder(spec)
-        return loaded[spec]
+    encoders = EncoderPool(encoder)
 
     results: list[dict[str, Any]] = []
     trajectories: list[dict[str, Any]] = []
@@ -275,7 +263,8 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
             true = V[:, f0:]
             cur = stack_curricula(store, sp["test"])
             for method in methods:
-                sim = make_simulator(method, metric, encoder=_encoder_for(method), config=full_cfg.get(method))
+                sim = make_simulator(method, metric, encoder=encoders.for_method(method, full_cfg.get(method)),
+                                     config=full_cfg.get(method))
                 t0 = time.perf_counter()
                 try:
                     hist = sim.fit(store, sp["fit"], sp["val"], progress=progress)
@@ -306,7 +295,7 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
     return {
         "config": {"methods": methods, "metrics": list(metrics) if metrics else None, "seed": seed,
                    "method_configs": full_cfg,
-                   "encoders": {m: (_encoder_for(m).spec() if _encoder_for(m) is not None else None)
+                   "encoders": {m: encoders.for_method(m, full_cfg.get(m)).spec()  # type: ignore[union-attr]
                                 for m in methods if method_spec(m).takes_encoder},
                    "stores": [str(s.root) if s.root else _store_name(s) for s in stores], "tasks": names,
                    "skipped": skipped},

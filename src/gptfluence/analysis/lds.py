@@ -244,7 +244,7 @@ def measure_lds(fit: Any, heldout: Any, methods: Sequence[str] | None = None, me
     from gptfluence.analysis.splits import split_runs
     from gptfluence.config import to_dict
     from gptfluence.features import embed_examples, resolve_encoder
-    from gptfluence.simulators import default_method_names, make_simulator, method_config, method_spec
+    from gptfluence.simulators import EncoderPool, default_method_names, make_simulator, method_config, method_spec
 
     check_same_collection(fit, heldout)
     say = log or (lambda s: None)
@@ -268,15 +268,7 @@ def measure_lds(fit: Any, heldout: Any, methods: Sequence[str] | None = None, me
         raise InputError(f"{heldout.root or 'held-out store'}: no runs")
     sp = split_runs(fit.run_ids, seed, n_test=1)
     fit_runs, val_runs = sp["fit"] + sp["test"], sp["val"]  # no test runs here: the held-out store is the test
-    encoders: dict[str, Any] = {}
-
-    def enc_for(method: str) -> Any:
-        if not method_spec(method).takes_encoder:
-            return None
-        spec = full_cfg[method]["encoder"]
-        if spec not in encoders:
-            encoders[spec] = resolve_encoder(spec)
-        return encoders[spec]
+    encoders = EncoderPool()
 
     all_ids = list(heldout.run_ids)
     results: list[dict[str, Any]] = []
@@ -294,7 +286,8 @@ def measure_lds(fit: Any, heldout: Any, methods: Sequence[str] | None = None, me
         preds: dict[str, tuple[str, np.ndarray, float]] = {}
         for method in methods:
             say(f"{task_name} / {metric}: fitting {method} on {len(fit_runs)} runs")
-            sim = make_simulator(method, metric, encoder=enc_for(method), config=full_cfg.get(method))
+            sim = make_simulator(method, metric, encoder=encoders.for_method(method, full_cfg.get(method)),
+                                 config=full_cfg.get(method))
             t0 = time.perf_counter()
             try:
                 sim.fit(fit, fit_runs, val_runs, progress=progress)

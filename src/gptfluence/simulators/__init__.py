@@ -127,6 +127,26 @@ def method_config(method: str, config: Any = None, **overrides: Any) -> Any:
     return config_from(spec.config_cls, base, overrides, f"{method} config")
 
 
+class EncoderPool:
+    """Encoders for many fits: the ``given`` encoder object, else one loaded encoder per distinct
+    encoder spec in the methods' configs (MiniLM is loaded once per evaluation, not per fit)."""
+
+    def __init__(self, given: Encoder | None = None) -> None:
+        self.given = given
+        self._loaded: dict[str, Encoder] = {}
+
+    def for_method(self, method: str, config: dict[str, Any] | None) -> Encoder | None:
+        """The encoder ``method`` fits with (None for methods that take none)."""
+        if not method_spec(method).takes_encoder:
+            return None
+        if self.given is not None:
+            return self.given
+        spec = (config or {})["encoder"]
+        if spec not in self._loaded:
+            self._loaded[spec] = resolve_encoder(spec)
+        return self._loaded[spec]
+
+
 def make_simulator(method: str, metric: str = "loss", encoder: Encoder | str | None = None, config: Any = None,
                    **overrides: Any) -> Simulator:
     """A new, unfitted simulator of ``method`` for ``metric``. ``config``: a dataclass or dict of
@@ -174,7 +194,7 @@ def load_simulator(path: str | os.PathLike, dynamics: Dynamics | None = None, en
 
 
 __all__ = [
-    "Simulator", "MethodSpec", "METHODS", "register_method", "method_names", "default_method_names", "method_spec", "method_config",
+    "Simulator", "MethodSpec", "METHODS", "EncoderPool", "register_method", "method_names", "default_method_names", "method_spec", "method_config",
     "make_simulator", "load_simulator", "GPTfluenceSimulator", "GPTfluenceConfig", "SimfluenceSimulator",
     "SimfluenceConfig", "TracInSimulator", "TracInConfig", "ConstantSimulator", "MeanCurveSimulator", "FitConfig", "Encoder", "HashingBowEncoder",
     "resolve_encoder",
