@@ -136,3 +136,14 @@ def test_write_run_refuses_ids_the_store_does_not_know(tmp_path, tiny_task):
     with pytest.raises(InputError, match="unknown test .*id 42"):
         store.write_run(bad)
     assert Dynamics.open(tmp_path / "s").run_ids == []
+
+
+def test_store_written_before_a_config_field_existed_reopens_at_that_fields_default(tmp_path, tiny_task):
+    store = create_store(tmp_path / "s", tiny_task, ["loss"], {"lr": 1e-3})
+    store.write_run(make_run("run-0", tiny_task, metrics=("loss",)))
+    defaults = {"lr": 3e-4, "record_steps": "all"}
+    create_store(tmp_path / "s", tiny_task, ["loss"], {"lr": 1e-3, "record_steps": "all"}, defaults=defaults)
+    with pytest.raises(ArtifactMismatchError, match="fields differ: record_steps"):
+        create_store(tmp_path / "s", tiny_task, ["loss"], {"lr": 1e-3, "record_steps": "ends"}, defaults=defaults)
+    with pytest.raises(ArtifactMismatchError, match="fields differ: record_steps"):  # no default known: a difference
+        create_store(tmp_path / "s", tiny_task, ["loss"], {"lr": 1e-3, "record_steps": "all"})

@@ -58,7 +58,7 @@ def test_ends_run_equals_full_run_at_its_ends(fit_store, tmp_path):
         assert np.array_equal(run.values[m][0], full.values[m][0]), m
         assert np.array_equal(run.values[m][1], full.values[m][-1]), m
     assert store.manifest["config"]["record_steps"] == "ends"
-    assert "record_steps" not in Dynamics.open(fit_store).manifest["config"]  # default: old stores still resume
+    assert Dynamics.open(fit_store).manifest["config"]["record_steps"] == "all"  # old stores: see test_store
 
 
 def test_curricula_and_lds_cli(fit_store, tmp_path):

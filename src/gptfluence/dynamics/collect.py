@@ -519,8 +519,6 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, runs: int = 8, workers: 
     plan = plan_runs(cfg, task, runs)  # bad curricula fail here, before the store is created
     groups = curriculum_groups(cfg)
     identity = {k: v for k, v in to_dict(cfg).items() if k not in NON_IDENTITY_FIELDS}
-    if identity.get("record_steps") == "all":
-        del identity["record_steps"]  # the default: stores collected before the field existed still resume
     # make sure the base model exists before workers start (they would race to build it)
     name, base = model_spec(cfg)
     if name == "default":
@@ -531,6 +529,7 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, runs: int = 8, workers: 
     if cfg.curriculum_file:
         # the file's content, not only its path, decides the runs: an edited file is a new collection
         identity["curriculum_sha256"] = sha256_file(cfg.curriculum_file) if Path(cfg.curriculum_file).exists() else None
+    # a store written before a field existed (record_steps, ...) reopens when the field is at its default
     defaults = {k: v for k, v in to_dict(CollectConfig()).items() if k not in NON_IDENTITY_FIELDS}
     store = create_store(out, task, metrics_for(cfg, task), identity, defaults=defaults)  # out was checked above
     removed = store.clean_staging()
