@@ -41,13 +41,6 @@ def _collect_field(name: str, default: Any = dataclasses.MISSING) -> Any:
     return arg(f.default if default is dataclasses.MISSING else default, f.metadata.get("help", ""))
 
 
-# CollectConfig fields the demo passes through to every task's collection (task seed and run seed
-# both come from the demo's `seed`)
-SHARED_COLLECT_FIELDS = ("n_train", "n_test", "examples_per_run", "batch_size", "epochs", "lr", "gen_every",
-                         "gen_max_new_tokens", "model", "model_layers", "model_hidden", "model_pretrain_steps",
-                         "device")
-
-
 @dataclass
 class DemoConfig:
     """Sizes and settings of `gptfluence demo` (saved as ``demo_config.json`` in the output).
@@ -112,7 +105,15 @@ def collect_config_for(cfg: DemoConfig, task: str):
     from gptfluence.dynamics.collect import CollectConfig
 
     return CollectConfig(task=task, task_seed=cfg.seed, run_seed=cfg.seed,
-                         **{name: getattr(cfg, name) for name in SHARED_COLLECT_FIELDS})
+                         **{name: getattr(cfg, name) for name in shared_collect_fields()})
+
+
+def shared_collect_fields() -> tuple[str, ...]:
+    """The `DemoConfig` fields that are `CollectConfig` fields (declared with `_collect_field`),
+    passed through to every task's collection; task seed and run seed both come from ``seed``."""
+    from gptfluence.dynamics.collect import CollectConfig
+
+    return tuple(f.name for f in dataclasses.fields(DemoConfig) if f.name in CollectConfig.__dataclass_fields__)
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
