@@ -35,6 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--design", nargs="+", default=["both"], choices=LDS_DESIGNS, help="designs (default: both)")
     p.add_argument("--n", type=int, default=48, help="curricula per design (default 48)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
+    p.add_argument("--pool-fraction", type=float, default=1.0,
+                   help="draw only from a seeded part of the training pool of this fraction (run ids 'seen-<design>-NNNN', "
+                        "group 'seen_pool'): a fit store whose simulators never see the rest (unseen training data; "
+                        "default 1 = the whole pool)")
+    p.add_argument("--pool-seed", type=int, default=0, help="seed of the pool part of --pool-fraction (default 0)")
+    p.add_argument("--whole-pool-too", action="store_true",
+                   help="with --pool-fraction: also --n curricula per design from the whole pool (run ids "
+                        "'whole-<design>-NNNN', group 'whole_pool'): held-out curricula holding unseen training examples")
     p.add_argument("--out", required=True, help="JSON lines file, one run per line {run_id, curriculum, group}")
     p.set_defaults(func=cmd_curricula)
 
@@ -79,7 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_curricula(args: argparse.Namespace) -> int:
     from gptfluence.dynamics.collect import store_collect_config
-    from gptfluence.dynamics.curriculum import design_curricula, write_curriculum_lines
+    from gptfluence.dynamics.curriculum import design_curricula, pool_part, write_curriculum_lines
     from gptfluence.dynamics.store import Dynamics
     from gptfluence.outputs import prepare_output_file
 
@@ -87,14 +95,23 @@ def cmd_curricula(args: argparse.Namespace) -> int:
     store = Dynamics.open(args.dynamics)
     cfg = store_collect_config(store)
     fit_curricula = [store.run(r).curriculum for r in store.run_ids]
+    if args.whole_pool_too and args.pool_fraction >= 1.0:
+        raise InputError("--whole-pool-too needs --pool-fraction below 1")
+    part = pool_part(store.train_ids, args.pool_fraction, args.pool_seed)
+    pools = [(store.train_ids, None, "")] if args.pool_fraction >= 1.0 else \
+        [(part, "seen_pool", "seen-")] + ([(store.train_ids, "whole_pool", "whole-")] if args.whole_pool_too else [])
     lines = []
-    for design in dict.fromkeys(args.design):
-        for rid, c in design_curricula(store.train_ids, cfg.examples_per_run, cfg.batch_size, cfg.epochs, design,
-                                       args.n, args.seed, reshuffle_each_epoch=cfg.reshuffle_each_epoch,
-                                       exclude=fit_curricula + [x[1] for x in lines]):
-            lines.append((rid, c, design, None))
+    for pool, group, prefix in pools:
+        for design in dict.fromkeys(args.design):
+            for rid, c in design_curricula(pool, cfg.examples_per_run, cfg.batch_size, cfg.epochs, design,
+                                           args.n, args.seed, reshuffle_each_epoch=cfg.reshuffle_each_epoch,
+                                           exclude=fit_curricula + [x[1] for x in lines]):
+                lines.append((prefix + rid, c, group or design, None))
     write_curriculum_lines(out, lines)
-    print(f"{len(lines)} curricula ({', '.join(f'{args.n} {d}' for d in dict.fromkeys(args.design))}; "
+    where = "" if args.pool_fraction >= 1.0 else \
+        f"; pool part {part.size} of {store.train_ids.size} (fraction {args.pool_fraction}, seed {args.pool_seed})" + \
+        (" and the whole pool" if args.whole_pool_too else "")
+    print(f"{len(lines)} curricula ({', '.join(f'{args.n} {d}' for d in dict.fromkeys(args.design))}{where}; "
           f"{cfg.examples_per_run} examples, batch {cfg.batch_size}, {cfg.epochs} epochs) -> {out}")
     print(f"collect them with: gptfluence collect --config {Path(args.dynamics) / 'collect_config.json'} "
           f"--curriculum-file {out} --record-steps ends --out HELDOUT_STORE")

@@ -370,6 +370,35 @@ def train_curriculum(dynamics: Dynamics, curriculum: np.ndarray, seed: int, step
             return
 
 
+def train_and_evaluate(dynamics: Dynamics, curriculum: np.ndarray, seed: int, task: Task | None = None,
+                       device: str = "cpu", label: str = "curriculum") -> dict[str, np.ndarray]:
+    """Fine-tune the store's base model on ``curriculum [T, b]`` with the store's collection
+    settings and training seed ``seed`` (as `train_curriculum`), then evaluate the test set once at
+    step T: ``{metric: values [M]}`` in ``task.test`` order (loss in nats per target token, plus the
+    task's generation metrics). ``task``: the examples to train and test on (default: the store's);
+    a task with edited training targets (e.g. fixed labels) keeps the store's ids, so the same
+    curriculum selects the same examples."""
+    cfg = store_collect_config(dynamics)
+    task = dynamics.task if task is None else task
+    cur = np.asarray(curriculum, dtype=np.int64)
+    if cur.ndim != 2 or cur.shape[0] < 1:
+        raise InputError(f"{label}: a curriculum must be [steps >= 1, batch], got shape {cur.shape}")
+    if cfg.model == "default":
+        recorded = (dynamics.manifest.get("config") or {}).get("base_model")
+        if not recorded:
+            raise InputError(f"{dynamics.root or 'dynamics'}: manifest config has no 'base_model'; the fine-tuning "
+                             f"cannot be replayed")
+        cfg = dataclasses.replace(cfg, model=str(cached_base_model(str(recorded))))
+    collector = RunCollector(cfg, task, device, threads=None, evaluate=True)
+    T = int(cur.shape[0])
+    for _ in collector.train(label, int(seed), cur):
+        pass
+    collector.model.eval()
+    with collector.autocast():
+        out = collector._evaluate(T, T)
+    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+
 def curriculum_lrs(dynamics: Dynamics, num_steps: int) -> np.ndarray:
     """``[num_steps]`` float64: the learning rate of each step 1..T of a fine-tuning of that many
     steps with the store's collection settings (its schedule; what `RunCollector.train` uses)."""

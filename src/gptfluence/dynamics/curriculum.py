@@ -133,6 +133,20 @@ def design_curricula(pool_ids: Sequence[int], examples_per_run: int, batch_size:
     return out
 
 
+def pool_part(pool_ids: Sequence[int], fraction: float, seed: int) -> np.ndarray:
+    """The seeded part of the pool that curricula drawn with ``--pool-fraction`` use: sorted ids,
+    ``round(fraction * N)`` of them (at least 1). The same (pool, fraction, seed) always gives the
+    same part, so a fit store and its held-out curricula agree on which examples are unseen."""
+    pool = np.sort(np.asarray(list(pool_ids), dtype=np.int64))
+    if not 0.0 < float(fraction) <= 1.0:
+        raise InputError(f"--pool-fraction must be in (0, 1], got {fraction}")
+    if pool.size == 0:
+        raise InputError("cannot take a part of an empty training pool")
+    k = max(1, int(round(float(fraction) * pool.size)))
+    rng = np.random.default_rng([int(seed), 0x9001])
+    return np.sort(rng.choice(pool, size=k, replace=False))
+
+
 def write_curriculum_lines(path: str | os.PathLike, runs: Iterable[tuple[str, np.ndarray, str | None, int | None]]
                            ) -> Path:
     """Write run-per-line JSON (``{"run_id", "curriculum", "group"?, "seed"?}``) atomically;

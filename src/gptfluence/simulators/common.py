@@ -234,6 +234,8 @@ class SimulatorBase:
 
     method = "base"
     simulates_unseen_examples = False
+    #: free parameters per fitted (training, test) pair (Simfluence): nothing to say about unseen examples
+    per_pair_parameters = False
 
     def __init__(self, metric: str = "loss") -> None:
         self.metric = metric

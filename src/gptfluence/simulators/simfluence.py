@@ -77,6 +77,7 @@ def _lookup(ids: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 class SimfluenceSimulator(RecurrenceSimulator):
     method = "simfluence"
+    per_pair_parameters = True
 
     def __init__(self, metric: str = "loss", config: SimfluenceConfig | dict | None = None, **overrides: Any) -> None:
         super().__init__(metric)

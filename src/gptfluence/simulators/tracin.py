@@ -481,26 +481,36 @@ class GradDotSimulator(TracInSimulator):
         return 0
 
 
-def self_influence(dynamics: Dynamics, run_id: str, checkpoint_every: int = 1, config: TracInConfig | None = None,
-                   train_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """TracIn self-influence along run ``run_id`` (re-trained): per training example i,
+def self_influence(dynamics: Dynamics, run_id: str | None = None, checkpoint_every: int = 1,
+                   config: TracInConfig | None = None, train_ids: Sequence[int] | None = None,
+                   curriculum: np.ndarray | None = None, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """TracIn self-influence along run ``run_id`` (re-trained), or along any ``curriculum [T, b]``
+    of the store's training ids fine-tuned with training seed ``seed``: per training example i,
     ``sum_{t=1..T} eta_t <g_i, g_i>(theta_ckpt(t))`` (nats^2 per parameter-unit^2 times lr; large =
     the example's own loss moved a lot, e.g. a mislabelled example). Returns
     ``(train_ids [N], values [N] float64)`` (default: the whole pool, sorted)."""
     cfg = dataclasses.replace(config or TracInConfig(), checkpoint_every=int(checkpoint_every))
     cfg.validate()
     _model_or_unavailable(dynamics)
-    run = dynamics.run(run_id)
-    if run.seed is None:
-        raise InputError(f"run {run_id!r} records no seed; its fine-tuning cannot be replayed")
+    if (run_id is None) == (curriculum is None):
+        raise InputError("self_influence: give either a run id or a curriculum (with its seed)")
+    if run_id is not None:
+        run = dynamics.run(run_id)
+        if run.seed is None:
+            raise InputError(f"run {run_id!r} records no seed; its fine-tuning cannot be replayed")
+        cur, train_seed, lr_rec = run.curriculum, int(run.seed), run.lr
+    else:
+        if seed is None:
+            raise InputError("self_influence: a curriculum needs its training seed")
+        cur, train_seed, lr_rec = np.asarray(curriculum, dtype=np.int64), int(seed), None
     ids = np.sort(np.asarray(dynamics.train_ids if train_ids is None else train_ids, dtype=np.int64))
-    T = run.num_steps
+    T = int(cur.shape[0])
     ts = np.arange(1, T + 1)
     ck = checkpoint_of_step(ts, cfg.checkpoint_every)
     steps = sorted(set(ck.tolist())) or [0]
-    lr = run.lr.astype(np.float64) if run.lr is not None else TracInSimulator._schedule(dynamics, T)
+    lr = lr_rec.astype(np.float64) if lr_rec is not None else TracInSimulator._schedule(dynamics, T)
     test0 = dynamics.test_ids[:1]  # one test column (the dot products themselves are not used here)
-    res = CheckpointDots(dynamics, cfg).compute(run.curriculum, int(run.seed), steps, [ids] * len(steps), test0,
+    res = CheckpointDots(dynamics, cfg).compute(cur, train_seed, steps, [ids] * len(steps), test0,
                                                 self_dots=True)
     out = np.zeros(ids.size)
     for c, (_, own) in zip(steps, res):
