@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper lds-builtin verify-builtin
+.PHONY: setup demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper lds-builtin verify-builtin applications-builtin
 
 setup: $(VENV)/.installed
 
@@ -100,3 +100,27 @@ verify-builtin: setup
 		--work runs/verify-builtin --out $(R)/verify_builtin.json
 	$(BIN)/python benchmarks/verify_builtin.py $(STORES) --methods $(VERIFY_METHODS) --k $(VERIFY_K) --fill pool \
 		--work runs/verify-builtin --out $(R)/verify_builtin_pool.json
+
+# The paper's applications (benchmarks/results/applications_builtin.json; README, "Applications"):
+# mislabelled data (sentiment, 40% of the training labels flipped), unseen data (fit curricula from 75%
+# of the pool, 30% of the test examples hidden; held-out curricula from that part and from the whole
+# pool), data selection and the peer libraries (their own scripts write their parts first).
+APPS_DIR ?= runs/apps
+APPS_UNSEEN_TASKS ?= sentiment data2text
+APPS_ARGS ?=
+applications-builtin: setup
+	$(BIN)/gptfluence collect --quiet --task sentiment --flip-fraction 0.4 --runs 32 --out $(APPS_DIR)/sentiment-flip40
+	for t in $(APPS_UNSEEN_TASKS); do \
+		$(BIN)/gptfluence collect --quiet --task $$t --runs 1 --out $(APPS_DIR)/$$t-template || exit 1; \
+		$(BIN)/gptfluence curricula --dynamics $(APPS_DIR)/$$t-template --design both --n 32 --pool-fraction 0.75 \
+			--out $(APPS_DIR)/$$t-part.jsonl || exit 1; \
+		$(BIN)/gptfluence collect --quiet --config $(APPS_DIR)/$$t-template/collect_config.json \
+			--curriculum-file $(APPS_DIR)/$$t-part.jsonl --out $(APPS_DIR)/$$t-part || exit 1; \
+		$(BIN)/gptfluence curricula --dynamics $(APPS_DIR)/$$t-part --design both --n 12 --pool-fraction 0.75 \
+			--whole-pool-too --out $(APPS_DIR)/$$t-unseen-heldout.jsonl || exit 1; \
+		$(BIN)/gptfluence collect --quiet --config $(APPS_DIR)/$$t-part/collect_config.json \
+			--curriculum-file $(APPS_DIR)/$$t-unseen-heldout.jsonl --out $(APPS_DIR)/$$t-unseen-heldout || exit 1; \
+	done
+	$(BIN)/python benchmarks/applications_builtin.py --flipped $(APPS_DIR)/sentiment-flip40 \
+		--unseen $(foreach t,$(APPS_UNSEEN_TASKS),$(APPS_DIR)/$(t)-part $(APPS_DIR)/$(t)-unseen-heldout) \
+		--parts $(R)/applications_parts --out $(R)/applications_builtin.json $(APPS_ARGS)

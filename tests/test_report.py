@@ -248,3 +248,44 @@ def test_nan_tokens_are_accepted(tmp_path):
     assert "NaN" in (tmp_path / "evaluation.json").read_text()
     index = write_report(tmp_path)
     assert index.exists()
+
+
+def test_applications_only_report(tmp_path):
+    """A folder holding only applications.json (benchmarks/applications_builtin.py's output) gets a
+    report with the detection curves and the selection result as figures, and the unseen / peer
+    tables; Simfluence's missing parameters show as n/a."""
+    from gptfluence.analysis.mislabeled import detection_auc, detection_curve
+
+    flipped = np.array([1, 0, 1, 0, 0, 1, 0, 0])
+    methods = {}
+    for name, s in (("gptfluence", np.arange(8.0)[::-1]), ("tracin_cp", np.arange(8.0)), ("random", np.ones(8))):
+        x, y = detection_curve(s, flipped)
+        methods[name] = {"auc": detection_auc(s, flipped), "curve": {"fraction_inspected": x.tolist(),
+                                                                        "fraction_found": y.tolist()}}
+    apps = {
+        "mislabeled": {"experiments": [{"task": "sentiment " + EVIL, "methods": methods}]},
+        "selection": {"budget": 4, "records": [
+            {"choice": "gptfluence", "seed": 0, "actual_loss": 0.5, "actual_accuracy": 0.7},
+            {"choice": "random-0", "seed": 0, "actual_loss": 0.6, "actual_accuracy": 0.6},
+            {"choice": "random-1", "seed": 1, "actual_loss": 0.7, "actual_accuracy": None}]},
+        "unseen": {"records": [
+            {"task": "sentiment", "metric": "loss", "method": "gptfluence", "case": "both", "status": "ok",
+             "mse_mean": 0.01, "spearman_final_mean": 0.8},
+            {"task": "sentiment", "metric": "loss", "method": "simfluence", "case": "both",
+             "status": "not_applicable", "mse_mean": None}]},
+        "peer": {"records": [{"library": "captum", "method": "tracincp", "version": "0.9.0",
+                              "lds": {"both": {"lds_mean": 0.25}}, "auc": 0.6},
+                             {"library": EVIL, "method": AMP, "version": "1"}]},
+    }
+    (tmp_path / "applications.json").write_text(json.dumps(apps), encoding="utf-8")
+    index = write_report(tmp_path)
+    p = _check_page(index)
+    html = index.read_text(encoding="utf-8")
+    assert len(p.imgs) == 2  # detection curves + selection
+    for want in ("Mislabelled-data detection", "Data selection", "Unseen data", "n/a (no parameters)",
+                 "Peer attribution libraries", "captum", "0.250"):
+        assert want in html, want
+    bad = dict(apps, selection={"records": [{"seed": 0}]})
+    (tmp_path / "applications.json").write_text(json.dumps(bad), encoding="utf-8")
+    with pytest.raises(GptfluenceError, match=r"selection.records\[0\]"):
+        write_report(tmp_path)

@@ -19,6 +19,7 @@ from gptfluence.errors import InputError
 EVALUATION_FILE = "evaluation.json"
 INFLUENCE_FILE = "influence.json"
 MISLABEL_FILE = "mislabel.json"
+APPLICATIONS_FILE = "applications.json"
 
 NUMERIC_FIELDS = (
     "mse_mean", "mse_std", "mae_mean", "mae_std", "spearman_final_mean", "spearman_final_std",
@@ -234,6 +235,8 @@ def load_optional(out_dir: str | Path, name: str, check: Any) -> Any:
 
 def _curve(v: Any, source: str, field: str) -> dict[str, np.ndarray]:
     c = _obj(v, source, field)
+    if "curve" in c:  # a `gptfluence mislabeled` method record: {"auc", "curve": {...}, ...}
+        c, field = _obj(c["curve"], source, f"{field}.curve"), f"{field}.curve"
     for k in ("fraction_inspected", "fraction_found"):
         if k not in c:
             raise _err(source, f"{field}.{k}", "missing")
@@ -259,11 +262,15 @@ def check_mislabel(data: Any, source: str = MISLABEL_FILE) -> list[dict[str, Any
         f = "" if base is None else (f"{base}[{i}]" if base else f"[{i}]")
         e = _obj(e, source, f or "(top level)")
         pre = f"{f}." if f else ""
-        methods = _obj(e.get("methods"), source, f"{pre}methods")
+        methods = dict(_obj(e.get("methods"), source, f"{pre}methods"))
+        rnd = e.get("random")
+        if rnd is None and "random" in methods:  # `gptfluence mislabeled` lists random among the methods
+            rnd = methods.pop("random")
         out.append({
             "task": _str(e, "task", source, f, default=""),
             "methods": {str(m): _curve(c, source, f"{pre}methods.{m}") for m, c in methods.items()},
-            "random": _curve(e["random"], source, f"{pre}random") if e.get("random") is not None else None,
+            "random": _curve(rnd, source, f"{pre}random") if rnd is not None else None,
+            "auc": {str(m): c.get("auc") for m, c in methods.items() if isinstance(c, dict)},
         })
     return out
 
@@ -271,3 +278,34 @@ def check_mislabel(data: Any, source: str = MISLABEL_FILE) -> list[dict[str, Any
 def load_mislabel(out_dir: str | Path) -> list[dict[str, Any]] | None:
     """The checked experiments of ``out_dir/mislabel.json``, or None when there is none."""
     return load_optional(out_dir, MISLABEL_FILE, check_mislabel)
+
+
+# ---------------------------------------------------------------------------------------------
+# applications.json (benchmarks/applications_builtin.py's merged sections)
+
+
+def check_applications(data: Any, source: str = APPLICATIONS_FILE) -> dict[str, Any]:
+    """Validate the parts of an applications file the report draws: ``mislabeled`` (checked as
+    mislabel experiments), ``selection`` (records with ``choice`` and an ``actual_*`` metric),
+    ``unseen`` and ``peer`` (tables, passed through). Returns ``{"mislabel", "selection", "unseen",
+    "peer"}`` (None where the section is absent)."""
+    d = _obj(data, source, "(top level)")
+    out: dict[str, Any] = {"mislabel": None, "selection": None, "unseen": None, "peer": None}
+    if d.get("mislabeled") is not None:
+        out["mislabel"] = check_mislabel(d["mislabeled"], source + " (mislabeled)")
+    if d.get("selection") is not None:
+        sel = _obj(d["selection"], source, "selection")
+        recs = _list(sel.get("records") or [], source, "selection.records")
+        for i, r in enumerate(recs):
+            r = _obj(r, source, f"selection.records[{i}]")
+            _str(r, "choice", source, f"selection.records[{i}]")
+        out["selection"] = sel
+    if d.get("unseen") is not None:
+        out["unseen"] = _obj(d["unseen"], source, "unseen")
+    if d.get("peer") is not None:
+        out["peer"] = _obj(d["peer"], source, "peer")
+    return out
+
+
+def load_applications(out_dir: str | Path) -> dict[str, Any] | None:
+    return load_optional(out_dir, APPLICATIONS_FILE, check_applications)

@@ -292,6 +292,66 @@ def _mislabel_section(experiments: Sequence[dict[str, Any]], palette: Palette, f
     return "\n".join(parts)
 
 
+def _num(x: Any, spec: str = ".3f") -> str:
+    return format(x, spec) if isinstance(x, (int, float)) and _finite(float(x)) else "n/a"
+
+
+def _selection_section(sel: dict[str, Any], palette: Palette, files: _Files) -> str:
+    parts = ['<h2 id="selection">Data selection</h2>',
+             '<p>Each choice of training subset (the simulator\'s, the gradient baselines\', random subsets of '
+             'the same size) really fine-tuned from the base model; dots: subsets and seeds, bars: means.</p>']
+    png = rfig.selection_figure(files("selection", "result"), sel, palette)
+    if png is not None:
+        parts.append(f"<figure>{_img(png.name, 'data selection result')}</figure>")
+    return "\n".join(parts)
+
+
+def _unseen_section(unseen: dict[str, Any], palette: Palette, files: _Files) -> str:
+    from gptfluence.analysis.unseen import CASES
+
+    recs = unseen.get("records") or [r for t in unseen.get("tasks") or [] for r in t.get("results") or []]
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in recs:
+        rows.setdefault((str(r.get("task")), str(r.get("metric")), str(r.get("method"))), {})[str(r.get("case"))] = r
+
+    def cell(r: Any) -> str:
+        if not r:
+            return "<td></td>"
+        if r.get("status") == "not_applicable":
+            return '<td class="muted">n/a (no parameters)</td>'
+        if r.get("status") != "ok":
+            return '<td class="muted">skipped</td>'
+        return f"<td>{_num(r.get('mse_mean'), '.4g')} ({_num(r.get('spearman_final_mean'), '.2f')})</td>"
+
+    head = "".join(f"<th>{e(c)}</th>" for c in CASES)
+    body = "".join(f"<tr><td>{e(t)}</td><td>{e(metric_label(m))}</td><td>{e(method_label(me))}</td>"
+                   + "".join(cell(by.get(c)) for c in CASES) + "</tr>" for (t, m, me), by in rows.items())
+    return ('<h2 id="unseen">Unseen data</h2><p>Trajectory MSE (final-step Spearman across test examples) on '
+            'held-out runs, per case: unseen_train = the run holds training examples no fit run used; '
+            'unseen_test = test examples hidden from fitting; both.</p>'
+            f"<table><tr><th>task</th><th>metric</th><th>method</th>{head}</tr>{body}</table>")
+
+
+def _peer_section(peer: dict[str, Any], palette: Palette, files: _Files) -> str:
+    recs = [r for r in peer.get("records") or [] if isinstance(r, dict)]
+    rows = []
+    for r in recs:
+        lds = r.get("lds") or {}
+        lds_txt = ", ".join(f"{e(v)} {_num((x or {}).get('lds_mean'))}" for v, x in lds.items()) \
+            if isinstance(lds, dict) else e(str(lds))
+        rows.append(f"<tr><td>{e(r.get('library'))}</td><td>{e(r.get('method'))}</td><td>{e(r.get('version'))}</td>"
+                    f"<td>{lds_txt}</td><td>{_num(r.get('auc'))}</td></tr>")
+    ours = peer.get("ours") or {}
+    mine = [f"{e(method_label(x.get('method')))} ({e(x.get('variation'))}) {_num(x.get('lds_mean'))}"
+            for x in ours.get("lds") or []]
+    return ('<h2 id="peer">Peer attribution libraries</h2><p>Maintained libraries run through their own APIs on '
+            'the same model and data; LDS on the same held-out curricula (linear datamodel: a curriculum\'s '
+            'prediction is the sum of its examples\' scores) and AUC of mislabelled-data detection.</p>'
+            "<table><tr><th>library</th><th>method</th><th>version</th><th>LDS (loss)</th><th>AUC</th></tr>"
+            + "".join(rows) + "</table>"
+            + (f"<p class=\"small\">Ours on the same curricula: {'; '.join(mine)}</p>" if mine else ""))
+
+
 # ---------------------------------------------------------------------------------------------
 # the page
 
@@ -307,12 +367,18 @@ def write_report(out_dir: str | Path, evaluation: dict[str, Any] | None = None,
     `InputError` naming the file and the field. The report folder is rewritten from scratch.
     """
     out_dir = Path(out_dir)
-    ev = (rdata.load_evaluation(out_dir) if evaluation is None
-          else rdata.check_evaluation(evaluation, "evaluation"))
+    apps = rdata.load_applications(out_dir)
+    if evaluation is None and apps is not None and not (out_dir / rdata.EVALUATION_FILE).exists():
+        ev = {"config": {}, "split": {}, "results": [], "trajectories": []}  # an applications-only report
+    else:
+        ev = (rdata.load_evaluation(out_dir) if evaluation is None
+              else rdata.check_evaluation(evaluation, "evaluation"))
     inf = (rdata.load_influence(out_dir) if influence is None
            else rdata.check_influence(influence, "influence"))
     mis = (rdata.load_mislabel(out_dir) if mislabel is None
            else rdata.check_mislabel(mislabel, "mislabel"))
+    if apps is not None and apps.get("mislabel"):
+        mis = list(mis or []) + apps["mislabel"]
 
     root = out_dir / REPORT_DIR
     if root.exists() and not root.is_dir():
@@ -349,7 +415,7 @@ def write_report(out_dir: str | Path, evaluation: dict[str, Any] | None = None,
             anchor = f"task-{ti}-{mi}"
             nav.append(f'<li><a href="#{anchor}">{e(task)} · {e(metric_label(metric))}</a></li>')
             body.append(_task_metric_section(task, metric, g["rec"], g["traj"], palette, files, anchor))
-    if not groups:
+    if not groups and apps is None:
         body.append('<p class="muted">evaluation.json holds no results.</p>')
     if inf:
         nav.append('<li><a href="#influence">Training-data influence</a></li>')
@@ -357,6 +423,13 @@ def write_report(out_dir: str | Path, evaluation: dict[str, Any] | None = None,
     if mis:
         nav.append('<li><a href="#mislabel">Mislabelled-data detection</a></li>')
         body.append(_mislabel_section(mis, palette, files))
+    if apps is not None:
+        for key, title, fn in (("selection", "Data selection", _selection_section),
+                               ("unseen", "Unseen data", _unseen_section),
+                               ("peer", "Peer attribution libraries", _peer_section)):
+            if apps.get(key):
+                nav.append(f'<li><a href="#{key}">{title}</a></li>')
+                body.append(fn(apps[key], palette, files))
 
     cfg = ev["config"]
     n_tasks = len(groups)
