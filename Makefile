@@ -111,10 +111,10 @@ APPS_ARGS ?=
 applications-builtin: setup
 	$(BIN)/gptfluence collect --quiet --task sentiment --flip-fraction 0.4 --runs 32 --out $(APPS_DIR)/sentiment-flip40
 	for t in $(APPS_UNSEEN_TASKS); do \
-		$(BIN)/gptfluence collect --quiet --task $$t --runs 1 --out $(APPS_DIR)/$$t-template || exit 1; \
-		$(BIN)/gptfluence curricula --dynamics $(APPS_DIR)/$$t-template --design both --n 32 --pool-fraction 0.75 \
+		$(BIN)/gptfluence collect --quiet --task $$t --runs 32 --out $(BUILTIN_DIR)/$$t || exit 1; \
+		$(BIN)/gptfluence curricula --dynamics $(BUILTIN_DIR)/$$t --design both --n 32 --pool-fraction 0.75 \
 			--out $(APPS_DIR)/$$t-part.jsonl || exit 1; \
-		$(BIN)/gptfluence collect --quiet --config $(APPS_DIR)/$$t-template/collect_config.json \
+		$(BIN)/gptfluence collect --quiet --config $(BUILTIN_DIR)/$$t/collect_config.json \
 			--curriculum-file $(APPS_DIR)/$$t-part.jsonl --out $(APPS_DIR)/$$t-part || exit 1; \
 		$(BIN)/gptfluence curricula --dynamics $(APPS_DIR)/$$t-part --design both --n 12 --pool-fraction 0.75 \
 			--whole-pool-too --out $(APPS_DIR)/$$t-unseen-heldout.jsonl || exit 1; \
