@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper lds-builtin verify-builtin
+.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper lds-builtin verify-builtin
 
 setup: $(VENV)/.installed
 
@@ -19,8 +19,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,peers]'
+	$(BIN)/pip install -q --no-deps $(KRONFLUENCE_PIN)
 	touch $@
+
+# Peer attribution libraries (README, "Peer libraries"); make setup already installs them. kronfluence
+# goes in with --no-deps: its metadata requires torchvision, whose install would replace this torch.
+KRONFLUENCE_PIN ?= kronfluence==1.0.1
+setup-peers: setup
+	$(BIN)/pip install -q -e '.[peers]'
+	$(BIN)/pip install -q --no-deps $(KRONFLUENCE_PIN)
 
 demo: setup
 	$(BIN)/gptfluence demo --out $(DEMO_OUT) $(DEMO_ARGS)
