@@ -112,7 +112,7 @@ def test_kronfluence_identity_is_the_linear_layer_gradient_dot(inputs, ours):
     assert _close(P.peer_self_influence("kronfluence/identity", inputs), (ga ** 2).sum(1).numpy(), 1e-4)
 
 
-@pytest.mark.parametrize("name", ["captum/tracincp", "dattri/tracin", "kronfluence/identity"])
+@pytest.mark.parametrize("name", ["captum/tracincp", "dattri/tracin", "kronfluence/identity", "kronfluence/ekfac"])
 def test_sign_convention_an_example_helps_its_own_copy(inputs, name):
     pytest.importorskip(P.peer_spec(name).library)
     s = P.peer_scores(name, inputs)
