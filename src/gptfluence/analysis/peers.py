@@ -193,14 +193,17 @@ def _captum_tracin(inputs: PeerInputs, self_only: bool, batch_size: int = 32) ->
 # kronfluence: EK-FAC, K-FAC, diagonal, identity preconditioners
 
 
-def _kron_task(kron_task_mod: Any) -> Any:
+def _kron_task(kron_task_mod: Any, seed: int) -> Any:
     import torch
 
     from gptfluence.lm.metrics import masked_target_loss
 
     class LMTask(kron_task_mod.Task):
         """Summed per-example target losses (kronfluence wants the batch SUM); ``sample=True``
-        draws the target tokens from the model (true Fisher), as kronfluence's LM examples do."""
+        draws the target tokens from the model (true Fisher), as kronfluence's LM examples do,
+        from a generator seeded with ``seed`` (the scores are reproducible)."""
+
+        gen = torch.Generator().manual_seed(int(seed))
 
         def compute_train_loss(self, batch: Any, model: Any, sample: bool = False) -> Any:
             logits = model(input_ids=batch["input_ids"], use_cache=False).logits
@@ -208,7 +211,8 @@ def _kron_task(kron_task_mod: Any) -> Any:
             if sample:
                 with torch.no_grad():
                     probs = torch.softmax(logits[:, :-1].detach().float(), -1)
-                    drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(probs.shape[:2])
+                    drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]).cpu(), 1, generator=self.gen)
+                    drawn = drawn.view(probs.shape[:2]).to(labels.device)
                 labels = labels.clone()
                 labels[:, 1:] = torch.where(labels[:, 1:] != -100, drawn, labels[:, 1:])
             return masked_target_loss(logits, labels).sum()
@@ -243,18 +247,19 @@ class _Rows:
 
 
 def _kronfluence(inputs: PeerInputs, self_only: bool, strategy: str, batch_size: int = 32,
-                 damping: float | None = None) -> np.ndarray:
+                 damping: float | None = None, seed: int = 0) -> np.ndarray:
     """kronfluence ``Analyzer``: factors fitted on the training pool with ``strategy`` (ekfac,
     kfac, diagonal, identity), then ``g_test^T (H + damping I)^-1 g_train`` over the Linear layers
     kronfluence tracks (not the embeddings). kronfluence: positive = the training example lowers
     the measurement (our loss) = helpful; no flip. ``damping``: None = the library's default
-    (kronfluence 1.0.1: 1e-8). Self-influence: ``compute_self_scores`` (``g^T H^-1 g``)."""
+    (kronfluence 1.0.1: 1e-8); ``seed``: of the sampled labels of the Fisher factors.
+    Self-influence: ``compute_self_scores`` (``g^T H^-1 g``)."""
     import logging
 
     _require("kronfluence", "kronfluence")
     analyzer_mod = _require("kronfluence.analyzer", "kronfluence")
     args_mod = _require("kronfluence.arguments", "kronfluence")
-    task = _kron_task(_require("kronfluence.task", "kronfluence"))
+    task = _kron_task(_require("kronfluence.task", "kronfluence"), seed)
     model = analyzer_mod.prepare_model(inputs.fresh_model(), task)
     train, test = _Rows(inputs.train_rows), _Rows(inputs.test_rows)
     score_kw = {} if damping is None else {"damping_factor": float(damping)}
