@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper lds-builtin verify-builtin applications-builtin
+.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper lds-builtin verify-builtin applications-builtin
 
 setup: $(VENV)/.installed
 
@@ -19,8 +19,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,peers]'
+	$(BIN)/pip install -q --no-deps $(KRONFLUENCE_PIN)
 	touch $@
+
+# Peer attribution libraries (README, "Peer libraries"); make setup already installs them. kronfluence
+# goes in with --no-deps: its metadata requires torchvision, whose install would replace this torch.
+KRONFLUENCE_PIN ?= kronfluence==1.0.1
+setup-peers: setup
+	$(BIN)/pip install -q -e '.[peers]'
+	$(BIN)/pip install -q --no-deps $(KRONFLUENCE_PIN)
 
 demo: setup
 	$(BIN)/gptfluence demo --out $(DEMO_OUT) $(DEMO_ARGS)
@@ -121,6 +129,14 @@ applications-builtin: setup
 		$(BIN)/gptfluence collect --quiet --config $(APPS_DIR)/$$t-part/collect_config.json \
 			--curriculum-file $(APPS_DIR)/$$t-unseen-heldout.jsonl --out $(APPS_DIR)/$$t-unseen-heldout || exit 1; \
 	done
+	$(BIN)/gptfluence curricula --dynamics $(BUILTIN_DIR)/sentiment --design both membership order --n $(LDS_N) \
+		--out $(LDS_DIR)/sentiment-heldout.jsonl
+	$(BIN)/gptfluence collect --quiet --config $(BUILTIN_DIR)/sentiment/collect_config.json \
+		--curriculum-file $(LDS_DIR)/sentiment-heldout.jsonl --record-steps ends --out $(LDS_DIR)/sentiment-heldout
+	$(BIN)/python benchmarks/applications_peers.py --fit $(BUILTIN_DIR)/sentiment --heldout $(LDS_DIR)/sentiment-heldout \
+		--flipped $(APPS_DIR)/sentiment-flip40 --methods captum/tracincp dattri/tracin dattri/trak kronfluence/identity \
+		kronfluence/diagonal kronfluence/kfac kronfluence/ekfac --ensemble 4 --ensemble-methods ours kronfluence/ekfac \
+		dattri/trak --out $(R)/applications_parts/peer.json
 	$(BIN)/python benchmarks/applications_builtin.py --flipped $(APPS_DIR)/sentiment-flip40 \
 		--unseen $(foreach t,$(APPS_UNSEEN_TASKS),$(APPS_DIR)/$(t)-part $(APPS_DIR)/$(t)-unseen-heldout) \
 		--parts $(R)/applications_parts --out $(R)/applications_builtin.json $(APPS_ARGS)
