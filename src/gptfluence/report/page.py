@@ -340,7 +340,7 @@ def _peer_section(peer: dict[str, Any], palette: Palette, files: _Files) -> str:
         lds_txt = ", ".join(f"{e(v)} {_num((x or {}).get('lds_mean'))}" for v, x in lds.items()) \
             if isinstance(lds, dict) else e(str(lds))
         rows.append(f"<tr><td>{e(r.get('library'))}</td><td>{e(r.get('method'))}</td><td>{e(r.get('version'))}</td>"
-                    f"<td>{lds_txt}</td><td>{_num(r.get('auc'))}</td></tr>")
+                    f"<td>{lds_txt}</td><td>{_num(r.get('auc', (r.get('mislabeled') or {}).get('auc')))}</td></tr>")
     ours = peer.get("ours") or {}
     mine = [f"{e(method_label(x.get('method')))} ({e(x.get('variation'))}) {_num(x.get('lds_mean'))}"
             for x in ours.get("lds") or []]
