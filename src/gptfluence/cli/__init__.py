@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "gptfluence.cli.simulators",
     "gptfluence.cli.influence",
     "gptfluence.cli.lds",
+    "gptfluence.cli.select",
     "gptfluence.cli.report",
     "gptfluence.cli.demo",
 )
