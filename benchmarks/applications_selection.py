@@ -103,6 +103,30 @@ def main() -> int:
     recs = {(r["choice"], r["seed"]): r for r in rep["records"]}
     chk, base = recs[("check-train-seed", 0)], recs[(a.methods[0], 0)]
     deterministic = bool(chk["actual_loss"] == base["actual_loss"])
+    # each choice against the random subsets of the same seed, and the main simulator's predictions vs actual
+    from gptfluence.analysis.verify import pearson
+    from scipy.stats import spearmanr
+
+    rnd = [r for r in rep["records"] if str(r["choice"]).startswith("random-")]
+    vs_random = []
+    for name in dict.fromkeys(r["choice"] for r in rep["records"]):
+        mine = [r for r in rep["records"] if r["choice"] == name]
+        for m in ("loss", "accuracy"):
+            key = f"actual_{m}"
+            pairs = [(r[key], q[key]) for r in mine for q in rnd if q["seed"] == r["seed"] and q is not r
+                     and r.get(key) is not None and q.get(key) is not None]
+            if not pairs:
+                continue
+            d = np.asarray([x - y for x, y in pairs])
+            better = (d < 0) if m == "loss" else (d > 0)
+            vs_random.append({"choice": name, "metric": m, "n_pairs": len(pairs), "mean_difference": float(d.mean()),
+                              "better_than_random_fraction": float(better.mean())})
+    main_key = f"predicted_by_{a.methods[0]}"
+    ok = [r for r in rep["records"] if r.get(main_key) is not None and r.get("actual_loss") is not None]
+    x = np.asarray([r[main_key] for r in ok])
+    y = np.asarray([r["actual_loss"] for r in ok])
+    predicted_vs_actual = {"simulator": a.methods[0], "n_curricula": len(ok), "pearson": pearson(x, y),
+                           "spearman": float(spearmanr(x, y).statistic) if len(ok) > 2 else None}
     doc = {"benchmark": "applications_selection",
            "definition": "choose `budget` training examples (and their order) for a target test set with a simulator; "
                          "fine-tune the store's base model on the choice and on random subsets of the same size; "
@@ -117,6 +141,11 @@ def main() -> int:
                            "seed and the training seed",
            "training_deterministic_given_curriculum": deterministic,
            "records": rep["records"], "summary": rep["summary"],
+           "vs_random": vs_random,
+           "vs_random_definition": "every record of a choice paired with every random-subset record of the same seed: "
+                                   "mean of (choice - random) of the actual metric, and the fraction of pairs where the "
+                                   "choice is better (lower loss, higher accuracy)",
+           "predicted_vs_actual": predicted_vs_actual,
            "selections": [{k: v for k, v in s.items() if k not in ("scores", "times_scored", "curriculum")}
                           for s in selections],
            "seconds": {"fit": fit_s, "select_all": select_s, "fine_tuning": train_s, "total": time.time() - t_all},
@@ -131,6 +160,12 @@ def main() -> int:
         pm = s.get(f"predicted_by_{a.methods[0]}_mean")
         print(f"{s['choice']:<20} {s['n']:>3} {cell('actual_loss'):>18} {cell('actual_accuracy'):>18} "
               f"{'n/a' if pm is None else f'{pm:.4f}':>10}")
+    for v in vs_random:
+        if v["metric"] == "loss" and not v["choice"].startswith("random"):
+            print(f"{v['choice']:<20} vs random (same seed): loss difference {v['mean_difference']:+.4f}, better in "
+                  f"{v['better_than_random_fraction']:.0%} of {v['n_pairs']} pairs")
+    print(f"{a.methods[0]} predicted vs actual final loss over {predicted_vs_actual['n_curricula']} curricula: Pearson "
+          f"{predicted_vs_actual['pearson']:.3f}, Spearman {predicted_vs_actual['spearman']:.3f}")
     print(f"training deterministic given the curriculum: {deterministic}; -> {a.out}")
     return 0
 

@@ -60,7 +60,7 @@ class SelectConfig:
     start_random: int = arg(32, "subset search: random subsets simulated beside the top-k as starting points (0 = start from the top-k)")
     swap_rounds: int = arg(40, "subset search: rounds of swap proposals (one member out, one non-member in) simulated on whole curricula; the best proposal is kept if it improves the prediction (0 = no search: the top-k, or the best start)")
     swap_proposals: int = arg(64, "subset search: swap proposals per round")
-    eval_orders: int = arg(2, "subset search: random orders per candidate subset whose simulated mean final target metric is averaged")
+    eval_orders: int = arg(8, "subset search: random orders (the same for every candidate) over which a candidate subset's simulated mean final target metric is averaged")
     seed: int = arg(0, "seed of the reference curricula and the candidate orders (also the training seed written to the curriculum file)")
     chunk: int = arg(256, "curricula per simulate call")
     method: str = arg("gptfluence", "simulator method fitted on the store (all its runs but a seeded validation split) when no --simulator folder is given")
@@ -185,7 +185,7 @@ def top_k(pool: Sequence[int], scores: np.ndarray, budget: int, helpful: bool = 
 def predict_subsets(simulator: Any, subsets: Sequence[np.ndarray], test_ids: np.ndarray, start: np.ndarray,
                     shape: SelectionShape, order_seeds: Sequence[int], chunk: int = 256) -> np.ndarray:
     """Simulated mean final target metric [C] of each subset, averaged over its orders drawn with
-    ``order_seeds`` (each subset sorted first, so a seed gives every subset its own reproducible order)."""
+    ``order_seeds`` (each subset sorted first, so a seed gives every subset a reproducible order)."""
     curs = [subset_curriculum(np.sort(np.asarray(sub, dtype=np.int64)), shape, int(o)) for sub in subsets for o in order_seeds]
     fin = simulate_finals(simulator, curs, test_ids, start, chunk)
     return np.nanmean(fin, axis=1).reshape(len(subsets), len(order_seeds)).mean(axis=1)
@@ -199,7 +199,10 @@ def search_subset(simulator: Any, pool: np.ndarray, topk: np.ndarray, test_ids: 
     Starts: the top-k and ``cfg.start_random`` random subsets of the same size; the best predicted
     (mean final target metric, averaged over ``cfg.eval_orders`` orders) is the current subset.
     Then ``cfg.swap_rounds`` rounds: ``cfg.swap_proposals`` random swaps (one member out, one
-    non-member in) are simulated and the best is kept if it beats the current prediction.
+    non-member in) are simulated and the best is kept if it beats the current prediction. Every
+    candidate is predicted as the mean over the same ``cfg.eval_orders`` random orders (a sample
+    average over orders: with few orders the search can fit the simulator's order effects; the
+    final order is then chosen afresh among new candidates, see `candidate_orders`).
     Returns (subset, {"start", "start_predicted", "topk_predicted", "predicted", "swaps_accepted",
     "rounds"}); with no starts and no rounds the subset is the top-k unchanged."""
     from gptfluence.analysis.lds import metric_sign
@@ -213,10 +216,11 @@ def search_subset(simulator: Any, pool: np.ndarray, topk: np.ndarray, test_ids: 
         return topk, {"start": "topk", "rounds": 0, "swaps_accepted": 0}
     sign = -metric_sign(metric)  # lower (sign * value) = better
     rng = np.random.default_rng([int(cfg.seed), 0x5EA7C4])
-    order_seeds = [int(x) for x in rng.integers(2**31, size=cfg.eval_orders)]
+
+    orders = [int(x) for x in rng.integers(2**31, size=cfg.eval_orders)]  # the same for every candidate
     k = topk.size
     starts = [topk] + [rng.choice(pool, size=k, replace=False) for _ in range(cfg.start_random)]
-    pred = predict_subsets(simulator, starts, test_ids, start, shape, order_seeds, cfg.chunk)
+    pred = predict_subsets(simulator, starts, test_ids, start, shape, orders, cfg.chunk)
     key = np.where(np.isfinite(pred), sign * pred, np.inf)
     b = int(np.argmin(key))
     cur, cur_key = np.asarray(starts[b]), float(key[b])
@@ -230,7 +234,7 @@ def search_subset(simulator: Any, pool: np.ndarray, topk: np.ndarray, test_ids: 
                 new = cur.copy()
                 new[rng.integers(k)] = outside[rng.integers(outside.size)]
                 props.append(new)
-            p = predict_subsets(simulator, props, test_ids, start, shape, order_seeds, cfg.chunk)
+            p = predict_subsets(simulator, props, test_ids, start, shape, orders, cfg.chunk)
             pk = np.where(np.isfinite(p), sign * p, np.inf)
             j = int(np.argmin(pk))
             if pk[j] < cur_key:
