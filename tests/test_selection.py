@@ -235,3 +235,16 @@ def test_cli_select_errors(tiny_store, tmp_path, capsys):
     assert main(base + ["--budget", "3", "--method", "nope"]) == 2
     assert "unknown simulator method 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written on bad input
+
+
+def test_cli_select_test_ids_file(tiny_store, tmp_path):
+    ids = tmp_path / "ids.json"
+    ids.write_text("[3, 1]")
+    out = tmp_path / "sel"
+    assert main(["select", str(tiny_store), "--method", "constant", "--budget", "12", "--orders", "1",
+                 "--test-ids-file", str(ids), "--no-progress", "--out", str(out)]) == 0
+    sel = json.loads((out / "selection.json").read_text())
+    assert sel["test_ids"] == [3, 1] and sorted(sel["subset"]) == list(range(12))  # budget = the whole pool
+    assert sel["search"]["swaps_accepted"] == 0
+    cf = read_curriculum_file(out / "curriculum.jsonl")
+    assert cf.seeds == {"selection": 0}
