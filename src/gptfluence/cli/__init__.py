@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "gptfluence.cli.influence",
     "gptfluence.cli.lds",
     "gptfluence.cli.applications",
+    "gptfluence.cli.select",
     "gptfluence.cli.report",
     "gptfluence.cli.demo",
 )
