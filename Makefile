@@ -112,7 +112,8 @@ verify-builtin: setup
 # The paper's applications (benchmarks/results/applications_builtin.json; README, "Applications"):
 # mislabelled data (sentiment, 40% of the training labels flipped), unseen data (fit curricula from 75%
 # of the pool, 30% of the test examples hidden; held-out curricula from that part and from the whole
-# pool), data selection and the peer libraries (their own scripts write their parts first).
+# pool), data selection and the peer libraries (their own scripts write their parts first); also needs
+# the sentiment LDS held-out store of lds-builtin (collected here if missing). About 1-1.5 h on 2 cores.
 APPS_DIR ?= runs/apps
 APPS_UNSEEN_TASKS ?= sentiment data2text
 APPS_ARGS ?=
@@ -137,6 +138,9 @@ applications-builtin: setup
 		--flipped $(APPS_DIR)/sentiment-flip40 --methods captum/tracincp dattri/tracin dattri/trak kronfluence/identity \
 		kronfluence/diagonal kronfluence/kfac kronfluence/ekfac --ensemble 4 --ensemble-methods ours kronfluence/ekfac \
 		dattri/trak --out $(R)/applications_parts/peer.json
+	$(BIN)/python benchmarks/applications_selection.py $(BUILTIN_DIR)/sentiment --budget 64 --targets 0 20 \
+		--methods gptfluence grad_dot tracin_cp --seeds 5 --random-subsets 4 --work $(APPS_DIR)/selection \
+		--out $(R)/applications_parts/selection.json
 	$(BIN)/python benchmarks/applications_builtin.py --flipped $(APPS_DIR)/sentiment-flip40 \
 		--unseen $(foreach t,$(APPS_UNSEEN_TASKS),$(APPS_DIR)/$(t)-part $(APPS_DIR)/$(t)-unseen-heldout) \
 		--parts $(R)/applications_parts --out $(R)/applications_builtin.json $(APPS_ARGS)

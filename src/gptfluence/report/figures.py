@@ -253,38 +253,38 @@ def mislabel_figure(path: Path, experiment: dict[str, Any], palette: Palette) ->
 
 def selection_figure(path: Path, selection: dict[str, Any], palette: Palette) -> Path | None:
     """Data selection: per choice (simulator, gradient baselines, random subsets) the actual final
-    test metric after really fine-tuning on the chosen subset, one dot per (subset, seed) and a bar
-    at the mean; one panel per measured metric (``actual_loss``, ``actual_accuracy``)."""
-    recs = [r for r in selection.get("records") or [] if isinstance(r, dict) and r.get("choice")]
-    panels = [k for k in ("actual_loss", "actual_accuracy")
-              if any(isinstance(r.get(k), (int, float)) and np.isfinite(r.get(k)) for r in recs)]
-    if not recs or not panels:
+    test loss after really fine-tuning on the chosen subset, one dot per (subset, seed) and a bar at
+    the mean; one panel per target set (``target_set`` of the records, e.g. "all", "random20").
+    Records without an ``actual_loss`` and determinism checks (``check-*``) are left out."""
+    recs = [r for r in selection.get("records") or [] if isinstance(r, dict) and r.get("choice")
+            and not str(r["choice"]).startswith("check")
+            and isinstance(r.get("actual_loss"), (int, float)) and np.isfinite(r["actual_loss"])]
+    if not recs:
         return None
 
     def family(c: str) -> str:
         return "random" if str(c).startswith("random") else str(c)
 
-    choices = list(dict.fromkeys(family(r["choice"]) for r in recs))
+    sets = list(dict.fromkeys(str(r.get("target_set") or "") for r in recs))
     with _rc():
-        fig = _figure(4.2 * len(panels) + 0.6, 3.8)
-        axes = fig.subplots(1, len(panels), squeeze=False)[0]
-        for ax, key in zip(axes, panels):
+        fig = _figure(4.6 * len(sets) + 0.4, 4.0)
+        axes = fig.subplots(1, len(sets), squeeze=False)[0]
+        for ax, ts in zip(axes, sets):
+            sub = [r for r in recs if str(r.get("target_set") or "") == ts]
+            choices = list(dict.fromkeys(family(r["choice"]) for r in sub))
             for i, c in enumerate(choices):
-                ys = np.asarray([r[key] for r in recs if family(r["choice"]) == c
-                                 and isinstance(r.get(key), (int, float)) and np.isfinite(r[key])], dtype=float)
-                if ys.size == 0:
-                    continue
-                color = "#999999" if c == "random" else palette(c)
-                jitter = np.linspace(-0.12, 0.12, ys.size) if ys.size > 1 else np.zeros(1)
-                ax.scatter(i + jitter, ys, s=16, color=color, alpha=0.75, zorder=3)
+                ys = np.asarray([r["actual_loss"] for r in sub if family(r["choice"]) == c], dtype=float)
+                color = "#999999" if c == "random" else palette(c.split("-")[0])
+                jitter = np.linspace(-0.15, 0.15, ys.size) if ys.size > 1 else np.zeros(1)
+                ax.scatter(i + jitter, ys, s=14, color=color, alpha=0.7, zorder=3)
                 ax.hlines(ys.mean(), i - 0.3, i + 0.3, color=color, linewidth=2.5, zorder=4)
             ax.set_xticks(range(len(choices)))
-            ax.set_xticklabels([mpl_text(method_label(c)) if c != "random" else "random subsets" for c in choices],
-                               rotation=20, ha="right")
-            ax.set_ylabel(("test loss (nats)" if key == "actual_loss" else "test accuracy")
-                          + " after fine-tuning")
+            ax.set_xticklabels([mpl_text(c) if c != "random" else "random subsets" for c in choices],
+                               rotation=25, ha="right")
+            ax.set_ylabel("target loss after fine-tuning (nats)")
+            ax.set_title(mpl_text(f"targets: {ts}" if ts else "targets"))
         budget = selection.get("budget")
-        fig.suptitle(mpl_text("data selection: actual result of the chosen subset"
+        fig.suptitle(mpl_text("data selection, actual result of each choice"
                               + (f" (budget {budget})" if budget else "")), fontsize=11)
         fig.tight_layout()
         return _save(fig, path)
