@@ -158,6 +158,9 @@ def test_mislabeled_cli_end_to_end(flipped_store, tmp_path, capsys):
     tl = res["methods"]["training_loss"]
     assert by[("training_loss", 0.5)]["n_fixed_mean"] == pytest.approx(tl["found_at"]["0.5"] * n_flip)
     assert len(fr["results"]) == 2 * (2 + 5)
+    # each ranking carries its own fix-and-retrain rows beside its AUC
+    assert res["methods"]["tracin_cp"]["fix_and_retrain"][0]["test_accuracy_mean"] == by[("tracin_cp", 0.5)]["test_accuracy_mean"]
+    assert set(fr["baselines"]) == {"no_fix", "oracle"}
     assert "AUC" in capsys.readouterr().out
 
 
@@ -205,3 +208,12 @@ def test_evaluate_unseen_cases_end_to_end(tmp_path, capsys):
         else:
             assert r["status"] == "ok" and r["mse_mean"] >= 0 and r["n_runs"] == res["cases"][r["case"]]["n_runs"]
     assert "n/a (no parameters)" in capsys.readouterr().out
+    # the same through `evaluate --unseen-heldout` (one fit store only)
+    out2 = tmp_path / "unseen2.json"
+    assert main(["evaluate", str(fit), "--unseen-heldout", str(heldout), "--unseen-test-fraction", "0.5", "--metrics", "loss",
+                 "--methods", "simfluence", "mean_curve", "--epochs", "3", "--no-progress", "--out", str(out2)]) == 0
+    res2 = json.loads(out2.read_text())
+    assert res2["hidden_test_ids"] == res["hidden_test_ids"]
+    mc = {r["case"]: r["mse_mean"] for r in res["results"] if r["method"] == "mean_curve"}
+    assert {r["case"]: r["mse_mean"] for r in res2["results"] if r["method"] == "mean_curve"} == pytest.approx(mc)
+    assert main(["evaluate", str(fit), str(heldout), "--unseen-heldout", str(heldout), "--out", str(tmp_path / "x.json")]) == 2

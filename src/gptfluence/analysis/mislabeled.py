@@ -338,7 +338,7 @@ def measure_mislabeled(dynamics: Any, config: MislabeledConfig | None = None, lo
                         "test_loss_sd": float(np.std([r["test_loss"] for r in rs])),
                         "test_accuracy_mean": float(np.mean(acc)) if acc else None,
                         "test_accuracy_sd": float(np.std(acc)) if acc else None, "n_seeds": len(rs)})
-    return {"task": dynamics.task.name, "store": str(dynamics.root) if dynamics.root else None,
+    return attach_fix_results({"task": dynamics.task.name, "store": str(dynamics.root) if dynamics.root else None,
             "n_train": int(N), "n_flipped": int(flipped.sum()), "flip_fraction": float(flipped.mean()),
             "auc_perfect": perfect_auc(flipped), "auc_random_expected": 0.5,
             "reference_curriculum": {"steps": int(ranked["curriculum"].shape[0]) if "curriculum" in ranked else None,
@@ -352,4 +352,18 @@ def measure_mislabeled(dynamics: Any, config: MislabeledConfig | None = None, lo
                                               "means over the test set at the last step. no_fix: the flipped data as "
                                               "is; oracle: every flipped label fixed; random: its first draw",
                                 "results": results, "summary": summary},
-            "config": to_dict(cfg)}
+            "config": to_dict(cfg)})
+
+
+def attach_fix_results(result: dict[str, Any]) -> dict[str, Any]:
+    """Copy each ranking's fix-and-retrain summary rows (per fraction: ``n_fixed_mean``, test
+    accuracy and loss mean / sd over seeds) into its ``methods[name]["fix_and_retrain"]``, beside
+    its AUC and curve; the no-fix and all-fixed rows become ``fix_and_retrain["baselines"]``.
+    Returns ``result`` (changed in place)."""
+    fr = result.get("fix_and_retrain") or {}
+    rows = fr.get("summary") or []
+    for name, rec in (result.get("methods") or {}).items():
+        rec["fix_and_retrain"] = [{k: v for k, v in r.items() if k != "method"} for r in rows if r["method"] == name]
+    fr["baselines"] = {r["method"]: {k: v for k, v in r.items() if k != "method"} for r in rows
+                       if r["method"] in ("no_fix", "oracle")}
+    return result

@@ -92,6 +92,11 @@ def cmd_mislabeled(args: argparse.Namespace) -> int:
 
 
 def cmd_unseen(args: argparse.Namespace) -> int:
+    return run_unseen(args, args.fit_store, args.heldout_store, args.test_fraction)
+
+
+def run_unseen(args: argparse.Namespace, fit_store: str, heldout_store: str, test_fraction: float) -> int:
+    """`gptfluence evaluate-unseen` (and `evaluate --unseen-heldout`): fit, roll out, score per case, write."""
     import torch
 
     if args.threads > 0:
@@ -102,13 +107,13 @@ def cmd_unseen(args: argparse.Namespace) -> int:
     from gptfluence.dynamics.store import Dynamics
     from gptfluence.outputs import prepare_output_file
 
-    out = prepare_output_file(args.out, inputs=[args.fit_store, args.heldout_store], suffixes=(".json",))
-    md = prepare_output_file(args.markdown, inputs=[args.fit_store, args.heldout_store], flag="--markdown",
+    out = prepare_output_file(args.out, inputs=[fit_store, heldout_store], suffixes=(".json",))
+    md = prepare_output_file(args.markdown, inputs=[fit_store, heldout_store], flag="--markdown",
                              suffixes=(".md",)) if args.markdown else None
     given = _given_config(args)
     configs = _method_configs(list(args.methods), given, strict=True)
-    res = measure_unseen(Dynamics.open(args.fit_store), Dynamics.open(args.heldout_store), methods=args.methods,
-                         metrics=args.metrics, test_fraction=args.test_fraction, seed=given.get("seed", 0),
+    res = measure_unseen(Dynamics.open(fit_store), Dynamics.open(heldout_store), methods=args.methods,
+                         metrics=args.metrics, test_fraction=test_fraction, seed=given.get("seed", 0),
                          configs=configs, log=_log(args))
     write_text_atomic(out, json.dumps(_sanitize(res), indent=1) + "\n")
     table = format_unseen_markdown(res)

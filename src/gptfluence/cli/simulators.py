@@ -127,6 +127,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--n-test", type=int, default=None, help="test runs (default max(2, round(R*5/32)))")
     p.add_argument("--no-trajectories", action="store_true", help="leave per-run trajectories out of the JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--unseen-heldout", default=None, metavar="HELDOUT_STORE",
+                   help="the paper's unseen-data cases instead: fit on the one store given (curricula from part of "
+                        "the pool, --unseen-test-fraction of its test examples hidden) and score every run of "
+                        "HELDOUT_STORE per case seen / unseen_train / unseen_test / both (same as "
+                        "`gptfluence evaluate-unseen`; README, \"Applications\")")
+    p.add_argument("--unseen-test-fraction", type=float, default=0.3,
+                   help="with --unseen-heldout: fraction of test examples hidden from fitting (default 0.3)")
     _add_config_flags(p)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the simulators' small tensor ops are fastest single-threaded)")
     p.set_defaults(func=cmd_evaluate)
@@ -283,6 +290,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     prepare_output_file(args.out, inputs=args.dynamics, suffixes=(".json",))
     if args.markdown:
         prepare_output_file(args.markdown, inputs=args.dynamics, flag="--markdown")
+    if args.unseen_heldout:
+        if len(args.dynamics) != 1:
+            raise InputError(f"--unseen-heldout takes one fit store, got {len(args.dynamics)} stores")
+        from gptfluence.cli.applications import run_unseen
+
+        return run_unseen(args, args.dynamics[0], args.unseen_heldout, args.unseen_test_fraction)
     stores = [Dynamics.open(p) for p in args.dynamics]
     given = _given_config(args)
     configs = _method_configs(list(args.methods), given, strict=True)
