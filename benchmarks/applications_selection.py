@@ -21,7 +21,7 @@ training seed (is training deterministic given the curriculum?). Each record als
 method's prediction for that curriculum (``predicted_by_<method>``), for a predicted-vs-actual
 plot. Rerunning resumes the fine-tuning (``--work``).
 
-    python benchmarks/applications_selection.py /work/main/runs/builtin/sentiment --budget 64 --targets 0 20 \\
+    python benchmarks/applications_selection.py runs/builtin/sentiment --budget 64 --targets 0 20 \\
         --methods gptfluence grad_dot tracin_cp --seeds 5 --random-subsets 4 --work runs/selection \\
         --out benchmarks/results/applications_parts/selection.json
 """
