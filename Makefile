@@ -116,9 +116,12 @@ verify-builtin: setup
 # the sentiment LDS held-out store of lds-builtin (collected here if missing). About 1-1.5 h on 2 cores.
 APPS_DIR ?= runs/apps
 APPS_UNSEEN_TASKS ?= sentiment data2text
+APPS_FLIP_TASKS ?= sentiment yesno
 APPS_ARGS ?=
 applications-builtin: setup
-	$(BIN)/gptfluence collect --quiet --task sentiment --flip-fraction 0.4 --runs 32 --out $(APPS_DIR)/sentiment-flip40
+	for t in $(APPS_FLIP_TASKS); do \
+		$(BIN)/gptfluence collect --quiet --task $$t --flip-fraction 0.4 --runs 32 --out $(APPS_DIR)/$$t-flip40 || exit 1; \
+	done
 	for t in $(APPS_UNSEEN_TASKS); do \
 		$(BIN)/gptfluence collect --quiet --task $$t --runs 32 --out $(BUILTIN_DIR)/$$t || exit 1; \
 		$(BIN)/gptfluence curricula --dynamics $(BUILTIN_DIR)/$$t --design both --n 32 --pool-fraction 0.75 \
@@ -141,6 +144,6 @@ applications-builtin: setup
 	$(BIN)/python benchmarks/applications_selection.py $(BUILTIN_DIR)/sentiment --budget 64 --targets 0 20 \
 		--methods gptfluence grad_dot tracin_cp --seeds 5 --random-subsets 4 --work $(APPS_DIR)/selection \
 		--out $(R)/applications_parts/selection.json
-	$(BIN)/python benchmarks/applications_builtin.py --flipped $(APPS_DIR)/sentiment-flip40 \
+	$(BIN)/python benchmarks/applications_builtin.py --flipped $(foreach t,$(APPS_FLIP_TASKS),$(APPS_DIR)/$(t)-flip40) \
 		--unseen $(foreach t,$(APPS_UNSEEN_TASKS),$(APPS_DIR)/$(t)-part $(APPS_DIR)/$(t)-unseen-heldout) \
 		--parts $(R)/applications_parts --out $(R)/applications_builtin.json $(APPS_ARGS)
