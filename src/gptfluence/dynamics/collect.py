@@ -326,6 +326,20 @@ def cached_base_model(name: str) -> Path:
     return path
 
 
+def replay_config(dynamics: Dynamics) -> CollectConfig:
+    """The store's collection config for re-training its fine-tuning: for the default model, the
+    exact cached base model the store was collected with (its manifest's ``base_model``), never a
+    rebuilt one; `InputError` when the manifest names none or the cache lacks it."""
+    cfg = store_collect_config(dynamics)
+    if cfg.model == "default":
+        recorded = (dynamics.manifest.get("config") or {}).get("base_model")
+        if not recorded:
+            raise InputError(f"{dynamics.root or 'dynamics'}: manifest config has no 'base_model'; the fine-tuning "
+                             f"cannot be replayed")
+        cfg = dataclasses.replace(cfg, model=str(cached_base_model(str(recorded))))
+    return cfg
+
+
 def replay_run(dynamics: Dynamics, run_id: str, steps: Sequence[int], device: str = "cpu"
                ) -> Iterator[tuple[int, Any, Any]]:
     """Re-train run ``run_id`` of the store (its curriculum and seed, the store's collection
@@ -346,7 +360,7 @@ def train_curriculum(dynamics: Dynamics, curriculum: np.ndarray, seed: int, step
     and yield ``(step, model, tokenizer)`` at each of ``steps`` (0..T, increasing; 0 = the base
     model). A store run's own curriculum and seed reproduce that run (`replay_run`). The model is
     trained on after each yield: read it, do not keep it. ``label`` names the curriculum in errors."""
-    cfg = store_collect_config(dynamics)
+    cfg = replay_config(dynamics)
     cur = np.asarray(curriculum, dtype=np.int64)
     if cur.ndim != 2:
         raise InputError(f"{label}: a curriculum must be [steps, batch], got shape {cur.shape}")
@@ -354,12 +368,6 @@ def train_curriculum(dynamics: Dynamics, curriculum: np.ndarray, seed: int, step
     want = sorted({int(s) for s in steps})
     if not want or want[0] < 0 or want[-1] > T:
         raise InputError(f"replay of {label}: steps must lie in 0..{T}, got {list(steps)}")
-    if cfg.model == "default":  # exactly the base model the store was collected with, never a rebuilt one
-        recorded = (dynamics.manifest.get("config") or {}).get("base_model")
-        if not recorded:
-            raise InputError(f"{dynamics.root or 'dynamics'}: manifest config has no 'base_model'; the fine-tuning "
-                             f"cannot be replayed")
-        cfg = dataclasses.replace(cfg, model=str(cached_base_model(str(recorded))))
     collector = RunCollector(cfg, dynamics.task, device, threads=None, evaluate=False)
     for t, _ in collector.train(label, int(seed), cur):
         if t in want:
@@ -378,17 +386,11 @@ def train_and_evaluate(dynamics: Dynamics, curriculum: np.ndarray, seed: int, ta
     task's generation metrics). ``task``: the examples to train and test on (default: the store's);
     a task with edited training targets (e.g. fixed labels) keeps the store's ids, so the same
     curriculum selects the same examples."""
-    cfg = store_collect_config(dynamics)
+    cfg = replay_config(dynamics)
     task = dynamics.task if task is None else task
     cur = np.asarray(curriculum, dtype=np.int64)
     if cur.ndim != 2 or cur.shape[0] < 1:
         raise InputError(f"{label}: a curriculum must be [steps >= 1, batch], got shape {cur.shape}")
-    if cfg.model == "default":
-        recorded = (dynamics.manifest.get("config") or {}).get("base_model")
-        if not recorded:
-            raise InputError(f"{dynamics.root or 'dynamics'}: manifest config has no 'base_model'; the fine-tuning "
-                             f"cannot be replayed")
-        cfg = dataclasses.replace(cfg, model=str(cached_base_model(str(recorded))))
     collector = RunCollector(cfg, task, device, threads=None, evaluate=True)
     T = int(cur.shape[0])
     for _ in collector.train(label, int(seed), cur):
