@@ -401,10 +401,7 @@ def compare_selections(store: Any, choices: Sequence[Choice], out: str | Path, t
     seed the actual mean final target ``loss`` and, where recorded, ``accuracy`` (and the other
     generation metrics), plus a summary per choice (mean and sd over seeds; random choices
     ``random-*`` also pooled as ``random``). ``out`` must exist (checked by the caller)."""
-    from gptfluence.analysis.verify import _retrain_config
-    from gptfluence.config import save_json
-    from gptfluence.dynamics.collect import collect
-    from gptfluence.dynamics.curriculum import write_curriculum_lines
+    from gptfluence.analysis.verify import retrain_curricula
 
     out = Path(out)
     tids = resolve_test_ids(store, test_ids)
@@ -414,15 +411,8 @@ def compare_selections(store: Any, choices: Sequence[Choice], out: str | Path, t
     if len(set(ids)) != len(ids):
         raise InputError(f"two choices share the run id {next(i for i in ids if ids.count(i) > 1)!r}")
     lines = [(c.run_id, c.curriculum, c.choice, c.seed if c.train_seed is None else c.train_seed) for c in choices]
-    cfile = write_curriculum_lines(out / "curricula.jsonl", lines)
-    ccfg = _retrain_config(store, cfile)
     log(f"fine-tuning {len(lines)} chosen curricula into {out / 'retrain'}")
-    retrain = collect(ccfg, out / "retrain", runs=len(lines), workers=workers, progress=progress, log=log)
-    recorded = (store.manifest.get("config") or {}).get("base_model")
-    got = (retrain.manifest.get("config") or {}).get("base_model")
-    if recorded != got:
-        raise InputError(f"re-training used base model {got!r}, the store was collected with {recorded!r}")
-    save_json(ccfg, out / "retrain" / "collect_config.json")
+    retrain = retrain_curricula(store, lines, out, workers=workers, progress=progress, log=log)
     records = []
     for c in choices:
         r = retrain.run(c.run_id)

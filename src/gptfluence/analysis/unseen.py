@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gptfluence.dynamics.store import Dynamics, Run
+from gptfluence.dynamics.store import Dynamics
 from gptfluence.errors import GptfluenceError, InputError
 
 CASES = ("seen", "unseen_train", "unseen_test", "both")

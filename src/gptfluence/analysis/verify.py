@@ -137,6 +137,27 @@ def _retrain_config(store: Any, curriculum_file: Path) -> Any:
     return dataclasses.replace(cfg, curriculum_file=str(curriculum_file), record_steps="ends", capture_every=0)
 
 
+def retrain_curricula(store: Any, lines: Sequence[tuple[str, np.ndarray, str | None, int | None]], out: Path,
+                      workers: int = 0, progress: bool = False, log: Any = print) -> Any:
+    """Really fine-tune ``lines`` (``(run_id, curriculum [T, b], group, seed)``, written to
+    ``out/curricula.jsonl``) from the store's base model with its collection settings, metrics at
+    steps 0 and T only, into the store ``out/retrain`` (resumable: finished runs are kept); checks
+    that the same base model was used and saves the collection config beside it. Returns the store."""
+    from gptfluence.config import save_json
+    from gptfluence.dynamics.collect import collect
+    from gptfluence.dynamics.curriculum import write_curriculum_lines
+
+    cfile = write_curriculum_lines(out / "curricula.jsonl", lines)
+    ccfg = _retrain_config(store, cfile)
+    retrain = collect(ccfg, out / "retrain", runs=len(lines), workers=workers, progress=progress, log=log)
+    recorded = (store.manifest.get("config") or {}).get("base_model")
+    got = (retrain.manifest.get("config") or {}).get("base_model")
+    if recorded != got:
+        raise InputError(f"re-training used base model {got!r}, the store was collected with {recorded!r}")
+    save_json(ccfg, out / "retrain" / "collect_config.json")
+    return retrain
+
+
 def verify(simulator: Any, store: Any, run_id: str, out: str | Path, test_ids: Sequence[int] | None = None,
            config: VerifyConfig | None = None, progress: bool = False, log: Any = print) -> dict[str, Any]:
     """Verify ``simulator``'s influence ranking on run ``run_id`` of ``store`` by re-training
@@ -145,8 +166,6 @@ def verify(simulator: Any, store: Any, run_id: str, out: str | Path, test_ids: S
     ``out/verify.json``)."""
     from gptfluence.analysis.influence import LOWER_IS_BETTER, run_loo_influence
     from gptfluence.config import save_json, to_dict
-    from gptfluence.dynamics.collect import collect
-    from gptfluence.dynamics.curriculum import write_curriculum_lines
 
     cfg = config or VerifyConfig()
     out = Path(out)
@@ -183,16 +202,8 @@ def verify(simulator: Any, store: Any, run_id: str, out: str | Path, test_ids: S
     lines += [(f"remove-{g}", changed[g], g, seed) for g in GROUPS]
     lines += [(f"full-seed{s + 1}", run.curriculum, "noise-seed", seed + 1000 + s) for s in range(cfg.noise_seeds)]
     lines += [(f"reorder-{s + 1}", reorder(run.curriculum, rng), "noise-order", seed) for s in range(cfg.reorders)]
-    cfile = write_curriculum_lines(out / "curricula.jsonl", lines)
-    ccfg = _retrain_config(store, cfile)
     log(f"re-training {len(lines)} curricula of run {run_id!r} ({run.num_steps} steps each) into {out / 'retrain'}")
-    retrain = collect(ccfg, out / "retrain", runs=len(lines), workers=cfg.workers, progress=progress,
-                      log=log)
-    recorded = (store.manifest.get("config") or {}).get("base_model")
-    got = (retrain.manifest.get("config") or {}).get("base_model")
-    if recorded != got:
-        raise InputError(f"re-training used base model {got!r}, the store was collected with {recorded!r}")
-    save_json(ccfg, out / "retrain" / "collect_config.json")
+    retrain = retrain_curricula(store, lines, out, workers=cfg.workers, progress=progress, log=log)
 
     def final(rid: str) -> np.ndarray:
         r = retrain.run(rid)
