@@ -26,7 +26,6 @@ the surviving trajectories; tables show "diverged: k of N".
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -209,7 +208,8 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
     """
     from gptfluence.analysis.splits import split_runs
     from gptfluence.config import to_dict
-    from gptfluence.simulators import EncoderPool, default_method_names, make_simulator, method_config, method_spec
+    from gptfluence.simulators import (EncoderPool, default_method_names, heldout_configs, make_simulator,
+                                       method_config, method_spec)
     from gptfluence.outputs import slug
     from gptfluence.simulators.common import stack_curricula
     from gptfluence.simulators.engine import first_recorded_step
@@ -220,13 +220,9 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
     methods = list(methods or default_method_names())
     for m in methods:
         method_spec(m)  # names the unknown method
-    configs = {k: dict(v) for k, v in (configs or {}).items()}
-    for m in methods:
-        # held-out curricula may use training ids no fit run used; methods without parameters for
-        # them (Simfluence) let them contribute nothing in the comparison (recorded in the config)
-        cls = method_spec(m).config_cls
-        if cls is not None and "unseen" in {f.name for f in dataclasses.fields(cls)}:
-            configs.setdefault(m, {}).setdefault("unseen", "zero")
+    # held-out curricula may use training ids no fit run used; methods without parameters for
+    # them (Simfluence) let them contribute nothing in the comparison (recorded in the config)
+    configs = heldout_configs(methods, configs)
     for k in configs:
         if k not in methods:
             raise InputError(f"config given for method {k!r}, which is not evaluated")

@@ -231,31 +231,27 @@ def measure_lds(fit: Any, heldout: Any, methods: Sequence[str] | None = None, me
     """LDS of every method on the held-out curricula of ``heldout`` (see the module doc).
 
     Each method (default: every registered simulator, `gptfluence.simulators.METHODS`) is fitted
-    on ``fit`` (validation runs from `split_runs(fit.run_ids, seed)`, every other run fitted on),
+    on ``fit`` (validation runs from `fit_and_validation_runs(fit.run_ids, seed)`, every other run fitted on),
     prepared for the held-out examples and rolled out on every held-out curriculum from its
     recorded start; its final values are the prediction. ``references``: also the
     `similarity_sum` (encoder ``encoder``, a spec or object) and, for classification,
     `label_count` references. Results per (method, metric, variation); the variation is each
     held-out run's group label. Returns ``{"config", "results": [record...], "per_example"}``.
     """
-    import dataclasses
     import time
 
-    from gptfluence.analysis.splits import split_runs
+    from gptfluence.analysis.splits import fit_and_validation_runs
     from gptfluence.config import to_dict
     from gptfluence.features import embed_examples, resolve_encoder
-    from gptfluence.simulators import EncoderPool, default_method_names, make_simulator, method_config, method_spec
+    from gptfluence.simulators import (EncoderPool, default_method_names, heldout_configs, make_simulator,
+                                       method_config, method_spec)
 
     check_same_collection(fit, heldout)
     say = log or (lambda s: None)
     methods = list(methods or default_method_names())
     for m in methods:
         method_spec(m)
-    configs = {k: dict(v) for k, v in (configs or {}).items()}
-    for m in methods:  # held-out curricula may hold ids no fit run used (as evaluate does)
-        cls = method_spec(m).config_cls
-        if cls is not None and "unseen" in {f.name for f in dataclasses.fields(cls)}:
-            configs.setdefault(m, {}).setdefault("unseen", "zero")
+    configs = heldout_configs(methods, configs)  # held-out curricula may hold ids no fit run used
     full_cfg = {m: to_dict(c) for m in methods if (c := method_config(m, configs.get(m) or None)) is not None}
     task = heldout.task
     task_name = task.name or (heldout.root.name if heldout.root else "task")
@@ -266,8 +262,7 @@ def measure_lds(fit: Any, heldout: Any, methods: Sequence[str] | None = None, me
     groups = run_groups(heldout)
     if not heldout.run_ids:
         raise InputError(f"{heldout.root or 'held-out store'}: no runs")
-    sp = split_runs(fit.run_ids, seed, n_test=1)
-    fit_runs, val_runs = sp["fit"] + sp["test"], sp["val"]  # no test runs here: the held-out store is the test
+    fit_runs, val_runs = fit_and_validation_runs(fit.run_ids, seed)  # the held-out store is the test
     encoders = EncoderPool()
 
     all_ids = list(heldout.run_ids)

@@ -194,7 +194,7 @@ def rank_scores(dynamics: Any, config: MislabeledConfig | None = None, log: Any 
     import time
 
     from gptfluence.analysis.influence import loo_influence
-    from gptfluence.analysis.splits import split_runs
+    from gptfluence.analysis.splits import fit_and_validation_runs
     from gptfluence.dynamics.collect import store_collect_config, train_curriculum
     from gptfluence.lm import prepare_eval, target_losses
     from gptfluence.simulators import make_simulator
@@ -218,8 +218,7 @@ def rank_scores(dynamics: Any, config: MislabeledConfig | None = None, log: Any 
     if "training_loss" in cfg.methods:
         out["training_loss"] = {"scores": losses[T], "seconds": train_s}
     sims: dict[str, Any] = {}
-    sp = split_runs(dynamics.run_ids, cfg.split_seed, n_test=1)
-    fit_runs, val_runs = sp["fit"] + sp["test"], sp["val"]
+    fit_runs, val_runs = fit_and_validation_runs(dynamics.run_ids, cfg.split_seed)
     test_ids = np.asarray(dynamics.run(dynamics.run_ids[0]).test_ids)
     step0 = dynamics.run(dynamics.run_ids[0])
     if int(step0.steps[0]) != 0:

@@ -456,13 +456,13 @@ def summarize_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
 def fit_on_store(method: str, store: Any, metric: str = "loss", seed: int = 0, progress: bool = False,
                  encoder: Any = None) -> Any:
     """A ``method`` simulator fitted on every run of ``store`` but a seeded validation split
-    (`split_runs` with one test run folded into the fit runs, as `gptfluence lds` fits)."""
-    from gptfluence.analysis.splits import split_runs
+    (`fit_and_validation_runs`, as `gptfluence lds` fits)."""
+    from gptfluence.analysis.splits import fit_and_validation_runs
     from gptfluence.simulators import make_simulator
 
-    sp = split_runs(store.run_ids, seed, n_test=1)
+    fit_runs, val_runs = fit_and_validation_runs(store.run_ids, seed)
     sim = make_simulator(method, metric, encoder=encoder)
-    sim.fit(store, sp["fit"] + sp["test"], sp["val"], progress=progress)
+    sim.fit(store, fit_runs, val_runs, progress=progress)
     return sim
 
 

@@ -66,3 +66,11 @@ def split_runs(run_ids: Sequence[str], seed: int = 0, n_val: int | None = None, 
         raise InputError("no held-out test runs")
     order = {r: i for i, r in enumerate(ids)}
     return {k: sorted(out[k], key=order.__getitem__) for k in ("fit", "val", "test")}
+
+
+def fit_and_validation_runs(run_ids: Sequence[str], seed: int = 0) -> tuple[list[str], list[str]]:
+    """``(fit_runs, val_runs)`` for fitting on a whole store when the test runs live elsewhere
+    (held-out curricula: `gptfluence lds`, `evaluate-unseen`, `mislabeled`, `select`): the seeded
+    `split_runs` with one test run, that run folded back into the fit runs (after them)."""
+    sp = split_runs(run_ids, seed, n_test=1)
+    return sp["fit"] + sp["test"], sp["val"]

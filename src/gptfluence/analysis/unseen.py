@@ -75,7 +75,7 @@ def measure_unseen(fit: Dynamics, heldout: Dynamics, methods: Sequence[str] | No
                    configs: dict[str, dict[str, Any]] | None = None, progress: bool = False,
                    log: Any = None) -> dict[str, Any]:
     """Fit every method on ``fit`` (test examples outside `hidden_test_ids` only; validation runs
-    from `split_runs(fit.run_ids, seed)`), roll out every held-out run from its recorded first
+    from `fit_and_validation_runs(fit.run_ids, seed)`), roll out every held-out run from its recorded first
     step on every test example, and score each case of the module doc separately.
 
     Returns ``{"config", "seen_train_ids", "hidden_test_ids", "cases": {case: {"n_runs", "n_tests"}},
@@ -84,9 +84,9 @@ def measure_unseen(fit: Dynamics, heldout: Dynamics, methods: Sequence[str] | No
     """
     from gptfluence.analysis.evaluate import score, skipped_record
     from gptfluence.analysis.lds import check_same_collection
-    from gptfluence.analysis.splits import split_runs
+    from gptfluence.analysis.splits import fit_and_validation_runs
     from gptfluence.config import to_dict
-    from gptfluence.simulators import EncoderPool, make_simulator, method_config, method_spec
+    from gptfluence.simulators import EncoderPool, heldout_configs, make_simulator, method_config, method_spec
     from gptfluence.simulators.common import stack_curricula
     from gptfluence.simulators.engine import first_recorded_step
 
@@ -95,17 +95,12 @@ def measure_unseen(fit: Dynamics, heldout: Dynamics, methods: Sequence[str] | No
     methods = list(methods or ["gptfluence", "simfluence", "mean_curve", "constant"])
     for m in methods:
         method_spec(m)
-    configs = {k: dict(v) for k, v in (configs or {}).items()}
-    for m in methods:
-        cls = method_spec(m).config_cls
-        if cls is not None and "unseen" in {f.name for f in dataclasses.fields(cls)}:
-            configs.setdefault(m, {}).setdefault("unseen", "zero")
+    configs = heldout_configs(methods, configs)  # held-out curricula may hold ids no fit run used
     full_cfg = {m: to_dict(c) for m in methods if (c := method_config(m, configs.get(m) or None)) is not None}
     task = heldout.task.name or (heldout.root.name if heldout.root else "task")
     if not heldout.run_ids:
         raise InputError(f"{heldout.root or 'held-out store'}: no runs")
-    sp = split_runs(fit.run_ids, seed, n_test=1)
-    fit_runs, val_runs = sp["fit"] + sp["test"], sp["val"]
+    fit_runs, val_runs = fit_and_validation_runs(fit.run_ids, seed)
     seen_train = np.unique(np.concatenate([fit.run(r).curriculum.ravel() for r in fit_runs + val_runs]))
     seen_train = seen_train[seen_train >= 0]
     all_tids = np.asarray(fit.run(fit.run_ids[0]).test_ids)

@@ -15,9 +15,10 @@ configurations, `PAPER_PRESETS`), ``tracin_cp`` and ``grad_dot`` (gradient basel
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from gptfluence.dynamics.store import Dynamics
 from gptfluence.errors import ArtifactMismatchError, InputError
@@ -125,6 +126,20 @@ def method_config(method: str, config: Any = None, **overrides: Any) -> Any:
     if config is not None:
         base.update(config if isinstance(config, dict) else to_dict(config))
     return config_from(spec.config_cls, base, overrides, f"{method} config")
+
+
+def heldout_configs(methods: Sequence[str], configs: dict[str, dict[str, Any]] | None = None
+                    ) -> dict[str, dict[str, Any]]:
+    """Per-method config overrides for simulating held-out curricula: a copy of ``configs`` where
+    every method whose config has an ``unseen`` policy (Simfluence) gets ``unseen="zero"`` unless
+    given (held-out curricula may hold ids no fit run used; they then contribute nothing, and the
+    choice is recorded with the method's config)."""
+    out = {k: dict(v) for k, v in (configs or {}).items()}
+    for m in methods:
+        cls = method_spec(m).config_cls
+        if cls is not None and "unseen" in {f.name for f in dataclasses.fields(cls)}:
+            out.setdefault(m, {}).setdefault("unseen", "zero")
+    return out
 
 
 class EncoderPool:
