@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from gptfluence.errors import InputError, MethodUnavailable
+from gptfluence.features.per_example import eager_copy
 
 INSTALL_HINT = "make setup-peers (or: pip install -e '.[peers]' && pip install --no-deps kronfluence==1.0.1); see README, Peer libraries"
 
@@ -67,15 +68,6 @@ class PeerInputs:
         m = copy.deepcopy(self.model)
         m.eval()
         return m
-
-
-def eager_copy(model: Any) -> Any:
-    """A copy of ``model`` with eager attention (vmap and double backward work), eval mode."""
-    m = copy.deepcopy(model)
-    if hasattr(m, "set_attn_implementation"):
-        m.set_attn_implementation("eager")
-    m.eval()
-    return m
 
 
 def make_inputs(model: Any, tokenizer: Any, train_examples: Sequence[Any], test_examples: Sequence[Any],

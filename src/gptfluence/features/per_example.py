@@ -33,6 +33,18 @@ from gptfluence.errors import InputError
 DEFAULT_CHUNK = 32  # examples per vmap call
 
 
+def eager_copy(model: Any) -> Any:
+    """A copy of ``model`` with eager attention (vmap and double backward work through it), in
+    eval mode; the original keeps its own attention implementation."""
+    import copy
+
+    m = copy.deepcopy(model)
+    if hasattr(m, "set_attn_implementation"):
+        m.set_attn_implementation("eager")
+    m.eval()
+    return m
+
+
 def trainable_parameters(model: Any) -> dict[str, Any]:
     """``{name: tensor}`` of the parameters that require grad (detached), in ``named_parameters`` order."""
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

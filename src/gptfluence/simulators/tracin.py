@@ -221,11 +221,10 @@ class CheckpointDots:
     def _eager_copy(self, model: Any) -> Any:
         """A copy of ``model``'s weights in a model with eager attention (vmap-able; the replayed
         model keeps training with its own attention implementation, so its steps are unchanged)."""
-        import copy
+        from gptfluence.features.per_example import eager_copy
 
         if self._eager is None:
-            self._eager = copy.deepcopy(model)
-            self._eager.set_attn_implementation("eager")
+            self._eager = eager_copy(model)
         self._eager.load_state_dict(model.state_dict())
         self._eager.eval()
         return self._eager
