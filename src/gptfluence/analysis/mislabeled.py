@@ -172,11 +172,14 @@ def fixed_task(task: Any, ids: Sequence[int]) -> Any:
     return dataclasses.replace(task, train=train, metadata=dict(task.metadata or {}))
 
 
-def _curve_summary(scores: np.ndarray, flipped: np.ndarray, points: int) -> dict[str, Any]:
-    x, y = detection_curve(scores, flipped)
+def _thin_curve(x: np.ndarray, y: np.ndarray, points: int) -> dict[str, list[float]]:
+    """The curve at about ``points`` evenly spaced inspection counts (first and last kept)."""
     keep = np.unique(np.round(np.linspace(0, x.size - 1, max(2, points))).astype(int))
-    return {"auc": detection_auc(scores, flipped), "curve": {"fraction_inspected": x[keep].round(6).tolist(),
-                                                             "fraction_found": y[keep].round(6).tolist()}}
+    return {"fraction_inspected": x[keep].round(6).tolist(), "fraction_found": y[keep].round(6).tolist()}
+
+
+def _curve_summary(scores: np.ndarray, flipped: np.ndarray, points: int) -> dict[str, Any]:
+    return {"auc": detection_auc(scores, flipped), "curve": _thin_curve(*detection_curve(scores, flipped), points)}
 
 
 def _pseudo_tests(dynamics: Any) -> tuple[list[Any], np.ndarray]:
@@ -291,11 +294,8 @@ def measure_mislabeled(dynamics: Any, config: MislabeledConfig | None = None, lo
             draws = [rng.permutation(N).astype(np.float64) for _ in range(max(1, cfg.random_draws))]
             aucs = [detection_auc(d, flipped) for d in draws]
             ys = np.mean([detection_curve(d, flipped)[1] for d in draws], axis=0)
-            x = np.arange(N + 1) / N
-            keep = np.unique(np.round(np.linspace(0, N, max(2, cfg.curve_points))).astype(int))
             methods[m] = {"auc": float(np.mean(aucs)), "auc_sd": float(np.std(aucs)), "n_draws": len(draws),
-                          "curve": {"fraction_inspected": x[keep].round(6).tolist(),
-                                    "fraction_found": ys[keep].round(6).tolist()},
+                          "curve": _thin_curve(np.arange(N + 1) / N, ys, cfg.curve_points),
                           "found_at": {str(q): float(np.mean([found_at(d, flipped, [q])[0] for d in draws]))
                                        for q in fracs},
                           "seconds": 0.0, "description": RANKINGS[m]}
