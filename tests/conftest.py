@@ -11,6 +11,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# collection sizes of the tiny end-to-end tests (a 1-layer, 32-wide default model pre-trained 20 steps)
+TINY_COLLECT = dict(n_train=16, n_test=6, examples_per_run=8, batch_size=4, epochs=1, model_layers=1, model_hidden=32,
+                    model_pretrain_steps=20, gen_every=1, gen_max_new_tokens=8, max_length=64)
+
+
 @pytest.fixture
 def tiny_task():
     from gptfluence.types import Example, Task

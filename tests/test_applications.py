@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import collect_cli_flags, private_model_cache
+from conftest import TINY_COLLECT, collect_cli_flags, private_model_cache
 from gptfluence.analysis.mislabeled import (MislabeledConfig, detection_auc, detection_curve, fixed_task, found_at,
                                             inspection_order, perfect_auc)
 from gptfluence.analysis.unseen import case_of, hidden_test_ids, restrict_tests
@@ -19,9 +19,7 @@ from gptfluence.dynamics.curriculum import pool_part, read_curriculum_file
 from gptfluence.dynamics.store import Dynamics
 from gptfluence.errors import InputError
 
-TINY = CollectConfig(task="sentiment", n_train=16, n_test=6, examples_per_run=8, batch_size=4, epochs=1,
-                     model_layers=1, model_hidden=32, model_pretrain_steps=20, gen_every=1, gen_max_new_tokens=8,
-                     max_length=64)
+TINY = CollectConfig(task="sentiment", **TINY_COLLECT)
 
 
 # ---------------------------------------------------------------------------------------------

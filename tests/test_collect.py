@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import collect_cli_flags, private_model_cache
+from conftest import TINY_COLLECT, collect_cli_flags, private_model_cache
 from gptfluence.dynamics.collect import CheckpointCapture, CollectConfig, collect, load_task_for, model_spec, plan_runs
 from gptfluence.dynamics.store import STAGING_PREFIX, Dynamics
 from gptfluence.errors import ArtifactMismatchError, InputError
 
-TINY = dict(n_train=16, n_test=6, examples_per_run=8, batch_size=4, epochs=1, model_layers=1, model_hidden=32,
-            model_pretrain_steps=20, gen_every=1, gen_max_new_tokens=8, max_length=64)
+TINY = TINY_COLLECT
 SENT = CollectConfig(task="sentiment", **TINY)
 D2T = CollectConfig(task="data2text", **TINY)
 KILL_RUNS = 8  # runs of the reference collection and of the interrupted CLI collections

@@ -16,15 +16,14 @@ import time
 import numpy as np
 import pytest
 
-from conftest import private_model_cache
+from conftest import TINY_COLLECT, private_model_cache
 from gptfluence.dynamics.backends import batched
 from gptfluence.dynamics.backends.batched import BatchedTrainer, auto_runs_per_batch, bytes_per_run, plan_batches
 from gptfluence.dynamics.collect import CollectConfig, RunCollector, collect, load_task_for, plan_runs
 from gptfluence.dynamics.store import STAGING_PREFIX, Dynamics
 from gptfluence.errors import InputError
 
-TINY = dict(n_train=16, n_test=6, examples_per_run=8, batch_size=4, epochs=1, model_layers=1, model_hidden=32,
-            model_pretrain_steps=20, gen_every=1, gen_max_new_tokens=8, max_length=64)
+TINY = TINY_COLLECT
 SENT = CollectConfig(task="sentiment", **TINY)
 D2T = CollectConfig(task="data2text", **TINY)
 LOSS_TOL = 1e-4  # nats; measured max |diff| batched vs sequential: ~5e-7

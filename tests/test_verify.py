@@ -9,16 +9,14 @@ import json
 import numpy as np
 import pytest
 
-from conftest import collect_cli_flags, private_model_cache
+from conftest import TINY_COLLECT, collect_cli_flags, private_model_cache
 from gptfluence.cli import main
 from gptfluence.dynamics.collect import CollectConfig, collect, recorded_steps
 from gptfluence.dynamics.curriculum import write_curriculum_lines
 from gptfluence.dynamics.store import Dynamics
 from gptfluence.errors import InputError
 
-TINY = CollectConfig(task="sentiment", n_train=16, n_test=6, examples_per_run=8, batch_size=4, epochs=1,
-                     model_layers=1, model_hidden=32, model_pretrain_steps=20, gen_every=1, gen_max_new_tokens=8,
-                     max_length=64)
+TINY = CollectConfig(task="sentiment", **TINY_COLLECT)
 
 
 @pytest.fixture(scope="module", autouse=True)
