@@ -78,6 +78,7 @@ class CollectConfig:
     record_steps: str = arg("all", "steps at which test metrics are evaluated and recorded: 'all' (0..T), 'ends' (0 and T only: cheap held-out runs for LDS, training still runs every step) or a comma list of steps (0 and T always added; steps beyond a run's T are skipped)")
     gen_max_new_tokens: int = arg(24, "max new tokens of greedy decoding for generation tasks (label tasks use 3)")
     eval_batch_size: int = arg(128, "test examples per forward pass")
+    decode: str = arg("auto", "greedy decoding: auto (= loop), loop (lean loop, dynamic KV cache), static (lean loop, static KV cache), compile (static cache + torch.compile of the one-token step, for CUDA) or hf (Hugging Face generate); all give the same tokens, so not part of the store's identity")
     capture_every: int = arg(0, "save a weights checkpoint into the run's captures/ every k steps (0 = off; for TracIn-CP)")
     device: str = arg("auto", "auto, cpu or cuda")
 
@@ -98,6 +99,9 @@ class CollectConfig:
         if not 0.0 <= self.flip_fraction <= 1.0:
             raise InputError(f"--flip-fraction must be in [0, 1] (got {self.flip_fraction})")
         recorded_steps(self.record_steps, 1)  # names a malformed --record-steps before anything runs
+        from gptfluence.lm.decoding import resolve_decode
+
+        resolve_decode(self.decode)  # names a bad --decode
         if not self.curriculum_file and self.examples_per_run > self.n_train:
             raise InputError(f"--examples-per-run {self.examples_per_run} exceeds the pool size --n-train {self.n_train}")
 
@@ -222,8 +226,8 @@ class RunCollector:
         out = {"loss": np.asarray(target_losses(self.model, self.eval_set, batch_size=self.cfg.eval_batch_size))}
         k = self.cfg.gen_every
         if k > 0 and (step % k == 0 or step == T):
-            preds = greedy_generate(self.model, self.tokenizer, self.eval_set,
-                                    max_new_tokens=self.gen_tokens, batch_size=self.cfg.eval_batch_size)
+            preds = greedy_generate(self.model, self.tokenizer, self.eval_set, max_new_tokens=self.gen_tokens,
+                                    batch_size=self.cfg.eval_batch_size, decode=self.cfg.decode)
             scores = generation_metrics(preds, self.eval_set.references, self.task.kind)
             for m in self.gen_metrics:
                 out[m] = np.asarray(scores[m])
@@ -489,7 +493,7 @@ def _worker_run(run_id: str, seed: int, curriculum: np.ndarray, group: str | Non
 # ---------------------------------------------------------------------------------------------
 # the whole collection
 
-NON_IDENTITY_FIELDS = ("device",)
+NON_IDENTITY_FIELDS = ("device", "decode")  # how, not what: a store resumes under another device or decoding
 
 
 def curriculum_groups(cfg: CollectConfig) -> dict[str, str]:

@@ -5,7 +5,7 @@
 the LM head only where a target token is predicted; per example it returns the mean
 cross-entropy over the target's tokens (no eos), the same value as the Hugging Face loss of that
 example alone. `greedy_generate` decodes greedily from left-padded prompts with the KV cache and
-stops at eos or at a newline. Both run under ``torch.inference_mode`` with the model in eval mode
+stops at eos or at a newline (the lean loop of `gptfluence.lm.decoding`, or ``model.generate``). Both run under ``torch.inference_mode`` with the model in eval mode
 and put the model back in train mode afterwards if it was in train mode.
 """
 
@@ -168,33 +168,59 @@ def _decode(tokenizer, seq: list[int], stop: set[int]) -> str:
 
 
 def greedy_generate(model, tokenizer, eval_set: EvalSet, max_new_tokens: int = 24,
-                    batch_size: int = 128) -> list[str]:
-    """Greedy continuations of every prompt (batched, left padded, KV cache), cut at eos/newline."""
-    from transformers import GenerationConfig
+                    batch_size: int = 128, decode: str = "auto") -> list[str]:
+    """Greedy continuations of every prompt (batched, left padded, KV cache), cut at eos/newline.
+
+    ``decode`` (`gptfluence.lm.decoding.DECODE_MODES`): ``hf`` runs ``model.generate`` per batch;
+    ``loop`` / ``static`` / ``compile`` the lean loop `gptfluence.lm.decoding.greedy_tokens`
+    (dynamic cache / static cache / static cache + torch.compile), which gives the same tokens;
+    ``auto`` = ``loop``. A model the lean loop cannot drive falls back to ``hf`` with a warning."""
+    from gptfluence.lm.decoding import greedy_tokens, lean_decode_unsupported, resolve_decode, warn_fallback
 
     if batch_size < 1 or max_new_tokens < 1:
         raise InputError(f"batch_size and max_new_tokens must be positive, got {batch_size}, {max_new_tokens}")
+    mode = resolve_decode(decode)
+    cache, compile_step = ("static", mode == "compile") if mode in ("static", "compile") else ("dynamic", False)
+    if mode != "hf":
+        reason = lean_decode_unsupported(model, cache, compile_step)
+        if reason:
+            warn_fallback(f"{reason} (--decode {decode})")
+            mode = "hf"
     device = _device(model)
     stop = list(eval_set.stop_token_ids)
     stop_set = set(stop)
     pad = eval_set.pad_token_id
-    gcfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                            eos_token_id=stop, pad_token_id=pad, use_cache=True)
     plen = np.array([len(p) for p in eval_set.prompt_ids])
     order = np.argsort(-plen, kind="stable")
+    # compiled decoding: one prompt width for every batch, so that every batch has the same shapes
+    fixed_width = int(plen.max()) if compile_step else 0
     out: list[str] = [""] * len(eval_set)
     with evaluating(model):
         for rows in _chunks(order, batch_size):
-            width = int(plen[rows].max())
+            width = max(fixed_width, int(plen[rows].max()))
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for j, r in enumerate(rows):
                 p = eval_set.prompt_ids[r]
                 ids[j, width - len(p):] = torch.tensor(p, dtype=torch.long)
                 mask[j, width - len(p):] = 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=gcfg)
-            new = gen[:, width:].tolist()
+            if mode == "hf":
+                new = _hf_generate(model, ids.to(device), mask.to(device), max_new_tokens, stop, pad)
+            else:
+                new = greedy_tokens(model, ids.to(device), mask.to(device), max_new_tokens, stop, pad,
+                                    cache=cache, compile=compile_step)
+            new = new.tolist()
             for j, r in enumerate(rows):
                 out[int(r)] = _decode(tokenizer, new[j], stop_set)
     return out
+
+
+def _hf_generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stop: list[int],
+                 pad: int) -> torch.Tensor:
+    """New tokens ``[B, n]`` of Hugging Face greedy ``generate`` from left-padded ``ids``."""
+    from transformers import GenerationConfig
+
+    gcfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                            eos_token_id=stop, pad_token_id=pad, use_cache=True)
+    gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gcfg)
+    return gen[:, ids.shape[1]:]

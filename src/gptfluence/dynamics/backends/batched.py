@@ -352,7 +352,7 @@ def run_batch(collector: Any, trainer: BatchedTrainer, items: Sequence[tuple[str
                         with collector.autocast():
                             preds = greedy_generate(collector.model, collector.tokenizer, collector.eval_set,
                                                     max_new_tokens=collector.gen_tokens,
-                                                    batch_size=cfg.eval_batch_size)
+                                                    batch_size=cfg.eval_batch_size, decode=cfg.decode)
                         scores = generation_metrics(preds, collector.eval_set.references, collector.task.kind)
                         for m in collector.gen_metrics:
                             values[r][m][t] = np.asarray(scores[m])
