@@ -107,8 +107,11 @@ def test_lean_loop_gives_the_tokens_of_hf_generate(which, cache, base, tuned):
         got = lean_tokens(model, ids, mask, n, es, cache=cache)
         assert got.dtype == torch.long and got.shape == want.shape, (got.shape, want.shape)
         assert torch.equal(got, want)
-        # the same tokens when the stop flags are looked at only every 3 tokens
+        # the same tokens when the stop flags are looked at only every 3 tokens, and whether stopped
+        # rows leave the batch as soon as one stops (compact=1), at the default fraction, or never (0)
         assert torch.equal(lean_tokens(model, ids, mask, n, es, cache=cache, stop_check_every=3), want)
+        for compact in (0.0, 1.0):
+            assert torch.equal(lean_tokens(model, ids, mask, n, es, cache=cache, compact=compact), want)
     if which == "tuned":
         # the fine-tuned model ends most continuations: rows stop early (then pad) before other rows end
         rows = want.tolist()
@@ -165,6 +168,8 @@ def test_bad_arguments(tuned):
         lean_tokens(model, ids, mask, 4, es, cache="dynamic", compile=True)
     with pytest.raises(InputError, match="max_new_tokens"):
         lean_tokens(model, ids, mask, 0, es)
+    with pytest.raises(InputError, match="compact"):
+        lean_tokens(model, ids, mask, 4, es, compact=1.5)
     with pytest.raises(InputError, match="left padded"):
         lean_tokens(model, ids, mask.flip(1), 4, es)
     with pytest.raises(InputError, match=r"\[B, W\]"):

@@ -137,7 +137,8 @@ def _compiled_call(model, device: torch.device):
 
 def greedy_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                   stop_token_ids: Sequence[int], pad_token_id: int, cache: str = "dynamic",
-                  compile: bool = False, stop_check_every: int | None = None) -> torch.Tensor:
+                  compile: bool = False, stop_check_every: int | None = None,
+                  compact: float = 0.75) -> torch.Tensor:
     """Greedy new tokens ``[B, n]`` (int64, on the model's device; n <= ``max_new_tokens``) of the
     left-padded prompts ``input_ids [B, W]`` / ``attention_mask [B, W]`` (1 = token, 0 = padding).
 
@@ -147,13 +148,17 @@ def greedy_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     context for bf16). ``cache``: ``"dynamic"`` or ``"static"``; ``compile``: torch.compile the
     one-token step (static cache only). ``stop_check_every``: look at the stop flags on the host
     every k tokens (default 1 on CPU, 8 on other devices, where each look waits for the device);
-    it changes no token. `InputError` for bad arguments or a model the loop cannot drive
+    it changes no token. ``compact`` (dynamic cache): when at such a look at most this fraction of
+    the rows in the batch is still running, the stopped rows leave the batch and the KV cache
+    (0 = never), so the rest decode with less work. `InputError` for bad arguments or a model the loop cannot drive
     (`lean_decode_unsupported`).
     """
     if cache not in CACHE_MODES:
         raise InputError(f"cache must be one of {', '.join(CACHE_MODES)} (got {cache!r})")
     if compile and cache != "static":
         raise InputError("compile=True needs cache='static' (compiled decoding needs fixed shapes)")
+    if not 0.0 <= compact <= 1.0:
+        raise InputError(f"compact must be in [0, 1] (got {compact})")
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape or input_ids.shape[1] < 1:
@@ -198,16 +203,26 @@ def greedy_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     logits = out.logits[:, -1]
     del out
     tokens = torch.full((B, max_new_tokens), int(pad_token_id), dtype=torch.long, device=device)
+    live = torch.arange(B, device=device)  # row of `tokens` of each row still in the batch
     alive = torch.ones(B, dtype=torch.bool, device=device)
     any_alive = torch.ones(max_new_tokens, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
         nxt = logits.float().argmax(-1)
         nxt = torch.where(alive, nxt, pad)
-        tokens[:, i] = nxt
+        tokens[live, i] = nxt
         alive &= ~torch.isin(nxt, stop)
         any_alive[i] = alive.any()
-        if i + 1 == max_new_tokens or ((i + 1) % every == 0 and not bool(any_alive[i])):
+        if i + 1 == max_new_tokens:
             break
+        if (i + 1) % every == 0:
+            n_alive = int(alive.sum())
+            if n_alive == 0:
+                break
+            if cache == "dynamic" and compact and n_alive <= compact * len(live):
+                # drop the stopped rows from the batch and from the KV cache (their tokens stay pad)
+                keep = alive.nonzero()[:, 0]
+                kv.batch_select_indices(keep)
+                live, alive, nxt, mask, next_pos = live[keep], alive[keep], nxt[keep], mask[keep], next_pos[keep]
         ids = nxt[:, None]
         p = next_pos + i
         if cache == "static":
