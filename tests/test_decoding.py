@@ -36,6 +36,16 @@ def make_examples(n: int, seed: int, start: int = 0) -> list[Example]:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread, as in a collection worker (tiny ops on a shared machine's busy cores are
+    far slower with more); the caller's setting comes back after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """The tiny pre-trained model (1 layer, 32 wide) and its tokenizer."""
