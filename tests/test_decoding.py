@@ -78,7 +78,7 @@ def tuned(base):
     return model, tok
 
 
-def left_padded(tok, examples, es):
+def left_padded(es):
     """``input_ids``, ``attention_mask`` [B, W] of the eval set's prompts, left padded."""
     width = max(len(p) for p in es.prompt_ids)
     ids = torch.full((len(es), width), es.pad_token_id, dtype=torch.long)
@@ -109,7 +109,7 @@ def test_lean_loop_gives_the_tokens_of_hf_generate(which, cache, base, tuned):
     model, tok = base if which == "base" else tuned
     exs = make_examples(10, seed=7, start=500)
     es = prepare_eval(tok, exs, max_length=48)
-    ids, mask = left_padded(tok, exs, es)
+    ids, mask = left_padded(es)
     assert len(set(mask.sum(1).tolist())) > 2  # prompts of several lengths: real left padding
     stop = set(es.stop_token_ids)
     for n in (3, 16):
@@ -138,7 +138,7 @@ def test_lean_loop_ends_when_every_row_has_stopped(tuned):
     model, tok = tuned
     exs = make_examples(6, seed=9, start=700)
     es = prepare_eval(tok, exs, max_length=48)
-    ids, mask = left_padded(tok, exs, es)
+    ids, mask = left_padded(es)
     want = hf_tokens(model, ids, mask, 40, es)
     assert want.shape[1] < 40  # every row stopped before the limit: generate ended early
     for cache in ("dynamic", "static"):
@@ -166,7 +166,7 @@ def test_greedy_generate_modes_give_the_same_texts(decode, tuned):
 def test_bad_arguments(tuned):
     model, tok = tuned
     es = prepare_eval(tok, make_examples(4, seed=3), max_length=48)
-    ids, mask = left_padded(tok, None, es)
+    ids, mask = left_padded(es)
     with pytest.raises(InputError, match="--decode"):
         resolve_decode("beam")
     with pytest.raises(InputError, match="--decode"):
@@ -203,7 +203,7 @@ def test_a_model_the_loop_cannot_drive_falls_back_to_generate(tuned):
     assert "position_ids" in lean_decode_unsupported(odd)
     assert lean_decode_unsupported(model) is None and lean_decode_unsupported(model, "static") is None
     es = prepare_eval(tok, make_examples(5, seed=4), max_length=48)
-    ids, mask = left_padded(tok, None, es)
+    ids, mask = left_padded(es)
     with pytest.raises(InputError, match="position_ids"):
         lean_tokens(odd, ids, mask, 4, es)
     with warnings.catch_warnings(record=True) as caught:
@@ -211,6 +211,20 @@ def test_a_model_the_loop_cannot_drive_falls_back_to_generate(tuned):
         got = greedy_generate(odd, tok, es, max_new_tokens=6, decode="loop")
     assert any("falls back to Hugging Face generate" in str(w.message) for w in caught)
     assert got == greedy_generate(odd, tok, es, max_new_tokens=6, decode="hf")
+
+
+def test_a_copied_model_does_not_share_the_compiled_step_or_caches(base):
+    from gptfluence.lm.decoding import _state
+
+    model, _ = base
+    st = _state(model)
+    st.caches[("probe",)] = torch.zeros(1)
+    try:
+        twin = copy.deepcopy(model)
+        assert _state(twin) is not st and not _state(twin).caches and _state(twin).compiled is None
+        assert _state(model) is st
+    finally:
+        st.caches.pop(("probe",))
 
 
 # ---------------------------------------------------------------------------------------------
