@@ -475,6 +475,38 @@ def test_rollout_objective_fits_and_its_loss_is_the_rollout_mse(synth, fitted):
         make_simulator("gptfluence", "loss", encoder=enc, objective="magic", **FAST)
 
 
+@pytest.mark.parametrize("extra, rollout_wins", [({}, True), ({"lr": 3e-2}, False)])
+def test_teacher_forcing_then_rollout_starts_from_the_teacher_forced_fit_and_never_validates_worse(synth, extra, rollout_wins):
+    """The default objective: its first phase is exactly a teacher-forced fit (same seed, same
+    history); the rollout phase starts from that fit's best weights and keeps them unless a rollout
+    epoch validates better, so its best validation MSE is never above the teacher-forced one; the
+    epoch bookkeeping spans both phases (best_epoch 0 would mean untrained)."""
+    dyn, enc, fit, val, test = synth
+    kw = {**FAST, "epochs": 12, "patience": 4, "order": 2, **extra}
+    tf = make_simulator("gptfluence", "loss", encoder=enc, objective="teacher_forcing", **kw)
+    h_tf = tf.fit(dyn, fit, val)
+    two = make_simulator("gptfluence", "loss", encoder=enc, **kw)
+    assert two.config.objective == "teacher_forcing_then_rollout"  # the default
+    h = two.fit(dyn, fit, val)
+    first = h["teacher_forcing"]
+    assert first["val_mse"] == h_tf["val_mse"] and first["best_epoch"] == h_tf["best_epoch"]
+    n1 = first["epochs_run"]
+    assert h["epochs_run"] == len(h["train_loss"]) == len(h["val_mse"]) > n1
+    assert h["val_mse"][:n1] == h_tf["val_mse"] and h["val_mse_init"] == h_tf["val_mse_init"]
+    assert h["best_val_mse"] <= h_tf["best_val_mse"]
+    mse_tf, pred_tf = _heldout_mse(tf, dyn, test)
+    mse_two, pred_two = _heldout_mse(two, dyn, test)
+    assert (h["rollout_phase_best_epoch"] > 0) == rollout_wins  # both branches are exercised
+    if h["rollout_phase_best_epoch"] == 0:  # teacher-forced weights kept: the same simulator
+        assert h["best_epoch"] == h_tf["best_epoch"]
+        np.testing.assert_allclose(pred_two, pred_tf, rtol=1e-5, atol=1e-6)
+    else:
+        assert h["best_epoch"] == n1 + h["rollout_phase_best_epoch"]
+        assert h["best_val_mse"] < h_tf["best_val_mse"]
+        assert h["val_mse"][h["best_epoch"] - 1] == h["best_val_mse"]
+    assert np.isfinite(mse_two)
+
+
 def test_rollout_loss_ignores_unrecorded_targets_in_the_gradient():
     """A NaN target (metric not recorded at that step) must not turn gradients into NaN."""
     import torch

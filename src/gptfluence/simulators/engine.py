@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -36,7 +36,7 @@ import torch
 from gptfluence.errors import InputError
 
 FactorFn = Callable[[], torch.Tensor]
-OBJECTIVES = ("teacher_forcing", "rollout")
+OBJECTIVES = ("teacher_forcing", "rollout", "teacher_forcing_then_rollout")
 OPTIMIZERS = ("adamw", "adam_l2")
 LR_SCHEDULES = ("warmup_constant", "warmup_linear_decay")
 EARLY_STOPPING = ("patience", "consecutive_increases")
@@ -410,6 +410,8 @@ def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val:
     """
     if opt.objective not in OBJECTIVES:
         raise InputError(f"objective must be one of {OBJECTIVES}, got {opt.objective!r}")
+    if opt.objective == "teacher_forcing_then_rollout":
+        return _fit_two_phase(module, factor_fn, fit, val, opt, progress, desc, penalty)
     check_choice("history_padding", opt.history_padding, HISTORY_PADDINGS)
     zh = opt.history_padding == "zeros"
     torch.manual_seed(opt.seed)
@@ -498,6 +500,40 @@ def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val:
                    best_val_mse=best_val if val is not None and math.isfinite(best_val) else None,
                    seconds=time.perf_counter() - t0)
     return history
+
+
+def _fit_two_phase(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val: RunBlock | None,
+                   opt: FitOptions, progress: bool, desc: str,
+                   penalty: Callable[[], torch.Tensor] | None) -> dict[str, Any]:
+    """``objective="teacher_forcing_then_rollout"``: a teacher-forced fit (to its early-stopping
+    best), then, from those weights, a rollout fit (``rollout_runs`` whole fit runs per step,
+    backpropagated through time) with the same options. The rollout phase's early stopping counts
+    the teacher-forced weights as its start, so they are kept unless a rollout epoch beats them on
+    the validation runs (rule ``"patience"``).
+
+    History: per-epoch ``train_loss`` / ``val_mse`` of both phases in order; ``epochs_run`` and
+    ``best_epoch`` count epochs over both phases (0 = the untrained start);
+    ``rollout_phase_best_epoch`` (0 = the teacher-forced weights were kept); the teacher-forced
+    phase's own history under ``"teacher_forcing"``."""
+    first = fit_engine(module, factor_fn, fit, val, replace(opt, objective="teacher_forcing"),
+                       progress, desc + " (teacher forcing)", penalty)
+    second = fit_engine(module, factor_fn, fit, val, replace(opt, objective="rollout"),
+                        progress, desc + " (rollout)", penalty)
+    n1 = first["epochs_run"]
+    kept_first = val is not None and second["best_epoch"] == 0
+    hist = dict(second)
+    hist.update(
+        train_loss=first["train_loss"] + second["train_loss"],
+        val_mse=first["val_mse"] + second["val_mse"],
+        epochs_run=n1 + second["epochs_run"],
+        best_epoch=first["best_epoch"] if kept_first else n1 + second["best_epoch"],
+        rollout_phase_best_epoch=second["best_epoch"],
+        seconds=first["seconds"] + second["seconds"],
+        teacher_forcing=first,
+    )
+    if "val_mse_init" in first:
+        hist["val_mse_init"] = first["val_mse_init"]
+    return hist
 
 
 def iter_chunks(n: int, size: int) -> Iterable[slice]:

@@ -82,6 +82,25 @@ def run_task(cfg_json: str, store_path: str, device: str, run_id: str, seed: int
             "skipped": False}
 
 
+def _wait_for_staging_writers(store_path: str, timeout: float) -> None:
+    """After cancelling tasks: wait (up to ``timeout`` s) until no process that is still alive on
+    this machine owns a staging folder of the store. A force-cancelled worker can outlive
+    ``ray.wait`` on a loaded machine; its folder then looks in use to the next collection's
+    clean-up, which would leave it behind."""
+    from gptfluence.dynamics.store import STAGING_PREFIX, _writer_alive
+
+    runs = os.path.join(store_path, "runs")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            names = [n for n in os.listdir(runs) if n.startswith(STAGING_PREFIX)]
+        except OSError:
+            return
+        if not any(_writer_alive(n) for n in names):
+            return
+        time.sleep(0.2)
+
+
 def collect_ray(cfg: Any, store_path: str, device: str, todo: Sequence[tuple[str, int, np.ndarray]],
                 address: str | None = None, workers: int = 0, gpus_per_run: float = 0.0, max_retries: int | None = None,
                 on_step: Callable[[int], None] | None = None, on_run: Callable[[int], None] | None = None,
@@ -150,6 +169,7 @@ def collect_ray(cfg: Any, store_path: str, device: str, todo: Sequence[tuple[str
             # folders belong to dead writers and the next collection removes them
             with contextlib.suppress(Exception):
                 ray.wait(list(pending), num_returns=len(pending), timeout=10.0)
+            _wait_for_staging_writers(store_abs, timeout=60.0)
             raise
         return results
     finally:
