@@ -80,13 +80,17 @@ evaluate-paper: setup
 # the 32-run fit stores of evaluate-builtin, and per task LDS_N held-out curricula per design (both,
 # membership, order) collected with --record-steps ends (metrics at steps 0 and T only).
 # Smaller: make lds-builtin BUILTIN_TASKS=data2text LDS_FIT_RUNS=16 BUILTIN_DIR=runs/lds16 LDS_OUT=lds_data2text_16fit (one task)
+# Another draw of the task data (benchmarks/results/lds_draw1.*, loss only): make lds-builtin
+#   BUILTIN_TASKS="data2text yesno" BUILTIN_DIR=runs/draw1 LDS_DIR=runs/draw1 LDS_OUT=lds_draw1
+#   LDS_COLLECT_ARGS="--task-seed 1 --gen-every 0"
+LDS_COLLECT_ARGS ?=
 LDS_N ?= 48
 LDS_FIT_RUNS ?= 32
 LDS_DIR ?= runs/lds-builtin
 LDS_OUT ?= lds_builtin
 lds-builtin: setup
 	for t in $(BUILTIN_TASKS); do \
-		$(BIN)/gptfluence collect --quiet --task $$t --runs $(LDS_FIT_RUNS) --out $(BUILTIN_DIR)/$$t || exit 1; \
+		$(BIN)/gptfluence collect --quiet --task $$t $(LDS_COLLECT_ARGS) --runs $(LDS_FIT_RUNS) --out $(BUILTIN_DIR)/$$t || exit 1; \
 		$(BIN)/gptfluence curricula --dynamics $(BUILTIN_DIR)/$$t --design both membership order --n $(LDS_N) \
 			--out $(LDS_DIR)/$$t-heldout.jsonl || exit 1; \
 		$(BIN)/gptfluence collect --quiet --config $(BUILTIN_DIR)/$$t/collect_config.json \

@@ -528,6 +528,7 @@ def _fit_two_phase(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, 
         epochs_run=n1 + second["epochs_run"],
         best_epoch=first["best_epoch"] if kept_first else n1 + second["best_epoch"],
         rollout_phase_best_epoch=second["best_epoch"],
+        transitions=first["transitions"],  # teacher-forcing transitions (the rollout phase counts runs)
         seconds=first["seconds"] + second["seconds"],
         teacher_forcing=first,
     )
