@@ -35,7 +35,7 @@ def main() -> int:
     from gptfluence.analysis.verify import CONFIG_FORMAT, VerifyConfig, verify
     from gptfluence.config import save_json, to_dict, write_text_atomic
     from gptfluence.dynamics.store import Dynamics
-    from gptfluence.simulators import load_simulator, make_simulator, method_names, method_spec
+    from gptfluence.simulators import load_simulator, make_simulator, method_config, method_names, method_spec
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("stores", nargs="+", help="task stores (runs/builtin/<task>)")
@@ -65,12 +65,17 @@ def main() -> int:
             work = Path(a.work) / store.task.name / method
             sim_dir = work / "simulator"
             t0 = time.time()
-            if (sim_dir / "config.json").exists():
+            sim = None
+            if (sim_dir / "config.json").exists():  # reuse a fitted simulator only at today's config
                 sim = load_simulator(sim_dir, dynamics=store)
-            else:
+                want = method_config(method, **over) if spec.config_cls is not None else None
+                if want is not None and to_dict(sim.config) != to_dict(want):
+                    print(f"{sim_dir}: fitted with another config than the current default; refitting", flush=True)
+                    sim = None
+            if sim is None:
                 sim = make_simulator(method, a.metric, **over)
                 sim.fit(store, sp["fit"], sp["val"])
-                sim.save(sim_dir)
+                sim.save(sim_dir, overwrite=True)
             fit_s = time.time() - t0
             cfg = VerifyConfig(k=a.k, noise_seeds=a.noise_seeds, reorders=a.reorders, fill=a.fill)
             out = work / ("verify" if a.fill == "pad" else f"verify-{a.fill}")
