@@ -72,9 +72,11 @@ evaluate-ablations: setup
 # paper's batch 128 and up to 300 epochs, gptfluence_paper costs ~16 CPU-s per epoch per task here
 # (938 steps of 384-384-384 MLPs over the 300-example pool): up to 80 min per task (300 epochs) on one
 # thread; --device auto uses a GPU when there is one.
+# One task at a time: make evaluate-paper BUILTIN_TASKS=sentiment PAPER_OUT=evaluate_paper_presets_sentiment
+PAPER_OUT ?= evaluate_paper_presets
 evaluate-paper: setup
 	$(EVAL_LOSS) --methods gptfluence_paper simfluence_paper mean_curve --device auto \
-		--out $(R)/evaluate_paper_presets.json --markdown $(R)/evaluate_paper_presets.md
+		--out $(R)/$(PAPER_OUT).json --markdown $(R)/$(PAPER_OUT).md
 
 # LDS on the built-in tasks (benchmarks/results/lds_builtin.{json,md}; README, "Checking attribution"):
 # the 32-run fit stores of evaluate-builtin, and per task LDS_N held-out curricula per design (both,
