@@ -83,8 +83,10 @@ evaluate-paper: setup
 # membership, order) collected with --record-steps ends (metrics at steps 0 and T only).
 # Smaller: make lds-builtin BUILTIN_TASKS=data2text LDS_FIT_RUNS=16 BUILTIN_DIR=runs/lds16 LDS_OUT=lds_data2text_16fit (one task)
 # Another draw of the task data (benchmarks/results/lds_draw1.*, loss only): make lds-builtin
-#   BUILTIN_TASKS="data2text yesno" BUILTIN_DIR=runs/draw1 LDS_DIR=runs/draw1 LDS_OUT=lds_draw1
-#   LDS_COLLECT_ARGS="--task-seed 1 --gen-every 0"
+#   BUILTIN_TASKS="sentiment yesno data2text translation" BUILTIN_DIR=runs/draw1 LDS_DIR=runs/draw1
+#   LDS_OUT=lds_draw1 LDS_COLLECT_ARGS="--task-seed 1 --gen-every 0"; lds_draw1_teacher_forcing.*: the
+#   same stores, `gptfluence lds FIT HELDOUT --methods gptfluence --no-references --objective
+#   teacher_forcing` per task, merged with benchmarks/merge_lds.py
 LDS_COLLECT_ARGS ?=
 LDS_N ?= 48
 LDS_FIT_RUNS ?= 32
