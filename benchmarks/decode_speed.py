@@ -46,23 +46,11 @@ from gptfluence.lm import causal_lm_loss, ensure_default_model, load_model, make
 from gptfluence.lm.decoding import greedy_tokens  # noqa: E402
 from gptfluence.lm.evaluation import _hf_generate, evaluating, greedy_generate  # noqa: E402
 
+from collect_scale import machine  # noqa: E402  (the machine's name, as collect_scale.json records it)
+
 HERE = Path(__file__).resolve().parent
 # model name -> CollectConfig fields (the default collection model; the tests' tiny model)
 MODELS = {"default": {}, "tiny": dict(model_layers=1, model_hidden=32, model_pretrain_steps=20)}
-
-
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    name = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} cores)"
 
 
 def batches(es, batch_size: int):
