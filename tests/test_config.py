@@ -37,3 +37,27 @@ def test_cli_flags_override_base():
     ns = p.parse_args(["--steps", "5", "--flag", "--ids", "4", "5"])
     c = from_namespace(Cfg, ns, Cfg(name="base"))
     assert to_dict(c) == {"lr": 1e-3, "steps": 5, "name": "base", "flag": True, "ids": [4, 5]}
+
+
+def test_percent_sign_in_help_text_is_shown_literally(capsys):
+    @dataclass
+    class WithPercent:
+        rate: float = arg(0.5, "up to 17 % higher (50% by default)")
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, WithPercent)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    assert "17 % higher (50% by default)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_every_subcommand_help_renders(capsys):
+    """`gptfluence COMMAND --help` must print, not crash inside argparse (a '%' in a help text once did)."""
+    from gptfluence.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert len(sub.choices) >= 10
+    for name, subparser in sub.choices.items():
+        text = subparser.format_help()
+        assert "usage:" in text, name

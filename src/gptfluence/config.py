@@ -193,6 +193,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         help_text = f"{help_text} (default: {default!r})" if help_text else f"(default: {default!r})"
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help strings; a literal '17 %' broke --help
         base = tp
         if typing.get_origin(tp) is typing.Union or str(typing.get_origin(tp)) == "<class 'types.UnionType'>":
             base = next(a for a in typing.get_args(tp) if a is not type(None))
