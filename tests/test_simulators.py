@@ -507,6 +507,31 @@ def test_teacher_forcing_then_rollout_starts_from_the_teacher_forced_fit_and_nev
     assert np.isfinite(mse_two)
 
 
+def test_rollout_phase_keep_best_epoch_keeps_a_rollout_epoch_even_where_it_validates_worse(synth):
+    """rollout_phase_keep='best_epoch': the rollout phase's best *trained* epoch is kept, also where
+    the teacher-forced weights validate better (the lr=3e-2 case above, where 'if_better' keeps
+    them); the first phase is unchanged and the kept epoch is the rollout phase's lowest MSE."""
+    dyn, enc, fit, val, test = synth
+    kw = {**FAST, "epochs": 12, "patience": 4, "order": 2, "lr": 3e-2}
+    keep = make_simulator("gptfluence", "loss", encoder=enc, **kw)
+    h_keep = keep.fit(dyn, fit, val)
+    assert h_keep["rollout_phase_best_epoch"] == 0  # if_better: the teacher-forced weights win
+    best = make_simulator("gptfluence", "loss", encoder=enc, rollout_phase_keep="best_epoch", **kw)
+    h = best.fit(dyn, fit, val)
+    n1 = h["teacher_forcing"]["epochs_run"]
+    assert h["teacher_forcing"]["val_mse"] == h_keep["teacher_forcing"]["val_mse"]
+    r = h["rollout_phase_best_epoch"]
+    assert r >= 1 and h["best_epoch"] == n1 + r
+    rollout_val = h["val_mse"][n1:]
+    assert h["best_val_mse"] == min(rollout_val) == rollout_val[r - 1]
+    assert h["best_val_mse"] > h_keep["best_val_mse"]  # worse on validation, kept anyway
+    mse_keep, pred_keep = _heldout_mse(keep, dyn, test)
+    mse_best, pred_best = _heldout_mse(best, dyn, test)
+    assert np.isfinite(mse_best) and not np.allclose(pred_best, pred_keep)
+    with pytest.raises(InputError, match=r"--rollout-phase-keep \(rollout_phase_keep\) must be one of"):
+        make_simulator("gptfluence", "loss", encoder=enc, rollout_phase_keep="sometimes", **FAST)
+
+
 def test_rollout_loss_ignores_unrecorded_targets_in_the_gradient():
     """A NaN target (metric not recorded at that step) must not turn gradients into NaN."""
     import torch

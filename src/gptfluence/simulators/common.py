@@ -45,6 +45,7 @@ class FitConfig:
     detrend: bool = arg(True, "fit deviations from the fit runs' mean trajectory (per test example and step) and add that trend back when simulating; false = the paper's model of the raw values")
     objective: str = arg("teacher_forcing", "fitting loss: teacher_forcing (the paper: one-step MSE from true previous values), rollout (MSE of whole autoregressive rollouts of the fit runs, backpropagated through time; what evaluation measures) or teacher_forcing_then_rollout (teacher forcing to its best validation epoch, then rollout from those weights; kept only if a rollout epoch beats them on the validation runs)")
     rollout_runs: int = arg(8, "objective=rollout / the rollout phase: fit runs per optimizer step (0 = all)")
+    rollout_phase_keep: str = arg("if_better", "objective=teacher_forcing_then_rollout: if_better (keep the rollout phase's best epoch only if it beats the teacher-forced weights on the validation runs) or best_epoch (always keep the rollout phase's best validation epoch)")
     normalize: bool = arg(True, "fit on metric / scale (scale = mean |value| over the fit runs); outputs stay in metric units")
     optimizer: str = arg("adamw", "adamw (decoupled weight decay) or adam_l2 (Adam with coupled weight decay, the authors' code)")
     lr_schedule: str = arg("warmup_constant", "warmup_constant (linear warmup, then constant) or warmup_linear_decay (linear warmup from 0, then linear decay to 0 at the last epoch; the authors' code)")
@@ -63,7 +64,8 @@ class FitConfig:
             if getattr(self, name) < 0:
                 raise config_error(self, name, ">= 0")
         for name, allowed in (("objective", engine.OBJECTIVES), ("optimizer", engine.OPTIMIZERS),
-                              ("lr_schedule", engine.LR_SCHEDULES), ("early_stopping", engine.EARLY_STOPPING)):
+                              ("lr_schedule", engine.LR_SCHEDULES), ("early_stopping", engine.EARLY_STOPPING),
+                              ("rollout_phase_keep", engine.ROLLOUT_PHASE_KEEP)):
             engine.check_choice(flag_name(name), getattr(self, name), allowed)
 
 
@@ -415,7 +417,8 @@ class RecurrenceSimulator(SimulatorBase):
                                  min_steps_per_epoch=c.min_steps_per_epoch,
                                  warmup_steps=c.warmup_steps, patience=c.patience, seed=c.seed, device=device,
                                  residual=self.residual, order=self.order, bridge_gaps=c.bridge_gaps,
-                                 objective=c.objective, rollout_runs=c.rollout_runs, optimizer=c.optimizer,
+                                 objective=c.objective, rollout_runs=c.rollout_runs,
+                                 rollout_phase_keep=c.rollout_phase_keep, optimizer=c.optimizer,
                                  lr_schedule=c.lr_schedule, early_stopping=c.early_stopping,
                                  history_padding=self.history_padding)
         hist = engine.fit_engine(self.module, fn, fit_block, val_block, opts, progress=progress,

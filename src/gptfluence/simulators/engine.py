@@ -37,6 +37,7 @@ from gptfluence.errors import InputError
 
 FactorFn = Callable[[], torch.Tensor]
 OBJECTIVES = ("teacher_forcing", "rollout", "teacher_forcing_then_rollout")
+ROLLOUT_PHASE_KEEP = ("if_better", "best_epoch")
 OPTIMIZERS = ("adamw", "adam_l2")
 LR_SCHEDULES = ("warmup_constant", "warmup_linear_decay")
 EARLY_STOPPING = ("patience", "consecutive_increases")
@@ -330,6 +331,7 @@ class FitOptions:
     bridge_gaps: bool = True
     objective: str = "teacher_forcing"
     rollout_runs: int = 8
+    rollout_phase_keep: str = "if_better"
     optimizer: str = "adamw"
     lr_schedule: str = "warmup_constant"
     early_stopping: str = "patience"
@@ -397,7 +399,7 @@ class EarlyStopping:
 
 def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val: RunBlock | None,
                opt: FitOptions, progress: bool = False, desc: str = "fit",
-               penalty: Callable[[], torch.Tensor] | None = None) -> dict[str, Any]:
+               penalty: Callable[[], torch.Tensor] | None = None, start_competes: bool = True) -> dict[str, Any]:
     """Teacher-forced MSE fitting (targets from `RunBlock.transitions`) with ``opt.optimizer``
     (AdamW, decoupled weight decay as the L2 term, or Adam with coupled weight decay), the
     ``opt.lr_schedule`` (linear warmup, then constant or linear decay to 0 at the last epoch),
@@ -405,6 +407,8 @@ def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val:
 
     ``factor_fn()`` must return ``F [n+1, N, M]`` computed from ``module``'s parameters;
     ``penalty()``, when given, is added to every minibatch loss (Simfluence's unsquared L2 term).
+    ``start_competes=False``: with the ``"patience"`` rule, the weights the fit starts from are not
+    a candidate for the best epoch (a trained epoch is always kept).
     Returns a history dict (per-epoch train loss, penalty included, and validation MSE in
     normalised units).
     """
@@ -447,7 +451,7 @@ def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val:
         with torch.no_grad():
             v0 = rollout_mse(pad_factors(factor_fn()), val, opt.residual, zh)
         history["val_mse_init"] = v0
-    stopper = EarlyStopping(opt.early_stopping, opt.patience, v0)
+    stopper = EarlyStopping(opt.early_stopping, opt.patience, v0 if start_competes else None)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -509,7 +513,8 @@ def _fit_two_phase(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, 
     best), then, from those weights, a rollout fit (``rollout_runs`` whole fit runs per step,
     backpropagated through time) with the same options. The rollout phase's early stopping counts
     the teacher-forced weights as its start, so they are kept unless a rollout epoch beats them on
-    the validation runs (rule ``"patience"``).
+    the validation runs (rule ``"patience"``), or, with ``opt.rollout_phase_keep="best_epoch"``,
+    the rollout phase's best validation epoch is kept even where it validates worse than them.
 
     History: per-epoch ``train_loss`` / ``val_mse`` of both phases in order; ``epochs_run`` and
     ``best_epoch`` count epochs over both phases (0 = the untrained start);
@@ -517,8 +522,10 @@ def _fit_two_phase(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, 
     phase's own history under ``"teacher_forcing"``."""
     first = fit_engine(module, factor_fn, fit, val, replace(opt, objective="teacher_forcing"),
                        progress, desc + " (teacher forcing)", penalty)
+    check_choice("rollout_phase_keep", opt.rollout_phase_keep, ROLLOUT_PHASE_KEEP)
     second = fit_engine(module, factor_fn, fit, val, replace(opt, objective="rollout"),
-                        progress, desc + " (rollout)", penalty)
+                        progress, desc + " (rollout)", penalty,
+                        start_competes=opt.rollout_phase_keep == "if_better")
     n1 = first["epochs_run"]
     kept_first = val is not None and second["best_epoch"] == 0
     hist = dict(second)
