@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper lds-builtin verify-builtin applications-builtin
+.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper lds-builtin lds-splits verify-builtin applications-builtin
 
 setup: $(VENV)/.installed
 
@@ -103,6 +103,14 @@ lds-builtin: setup
 	done
 	$(BIN)/python benchmarks/merge_lds.py $(foreach t,$(BUILTIN_TASKS),$(LDS_DIR)/$(t)-lds.json) \
 		--out $(R)/$(LDS_OUT).json --markdown $(R)/$(LDS_OUT).md
+
+# GPTfluence's loss LDS per validation split (seeds 0, 1, 2) and fitting objective (default, teacher
+# forcing only, rollout phase always kept), on the stores of lds-builtin (benchmarks/results/lds_splits.*;
+# README "What raised LDS (1)"). Sentiment's held-out store is in runs/lds-builtin, the others' in
+# runs/lds-builtin-full (see lds_builtin.json's configs).
+lds-splits: setup
+	$(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
+		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --out $(R)/lds_splits.json --markdown $(R)/lds_splits.md
 
 # Verification by re-training on the built-in tasks (benchmarks/results/verify_builtin.json): per task
 # and method, remove the top-k helpful / harmful / k random examples of held-out run run-0002 for the

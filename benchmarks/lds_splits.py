@@ -1,0 +1,120 @@
+"""LDS of GPTfluence's fitting objectives over several validation splits (benchmarks/results/lds_splits.*).
+
+The default objective (``teacher_forcing_then_rollout``) keeps its rollout phase only when a
+rollout epoch beats the teacher-forced weights on the 2 validation runs, so whether its LDS gain
+appears depends on the split. This runs ``gptfluence lds`` (loss, GPTfluence only, no references)
+for each task, split seed and objective variant, on the stores of ``make lds-builtin``, and tables
+LDS per design, marking the runs whose per-example Spearman values equal teacher forcing only's
+exactly (the rollout phase was not kept). Resumable: a variant whose output exists is not re-run.
+
+    python benchmarks/lds_splits.py --work runs/lds-splits --out benchmarks/results/lds_splits.json \
+        --markdown benchmarks/results/lds_splits.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from gptfluence.config import write_text_atomic  # noqa: E402
+
+VARIANTS = {
+    "default": [],
+    "teacher_forcing": ["--objective", "teacher_forcing"],
+    "rollout_phase_keep_best_epoch": ["--rollout-phase-keep", "best_epoch"],
+}
+DESIGNS = ("both", "membership", "order")
+
+
+def heldout_store(task: str, lds_dirs: dict[str, str]) -> str:
+    return f"{lds_dirs.get(task, lds_dirs['*'])}/{task}-heldout"
+
+
+def run_one(task: str, seed: int, variant: str, args: argparse.Namespace, lds_dirs: dict[str, str]) -> Path:
+    out = Path(args.work) / f"{task}_seed{seed}_{variant}.json"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "gptfluence", "lds", f"{args.builtin_dir}/{task}", heldout_store(task, lds_dirs),
+           "--methods", "gptfluence", "--metrics", "loss", "--no-references", "--no-progress", "--threads", "1",
+           "--seed", str(seed), "--out", str(out), *VARIANTS[variant]]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def per_design(path: Path) -> dict[str, dict]:
+    d = json.loads(path.read_text())
+    recs = {r["variation"]: r for r in d["results"] if r["method"] == "gptfluence" and r["metric"] == "loss"}
+    per = {p["variation"]: p["spearman"] for p in d["per_example"] if p["method"] == "gptfluence" and p["metric"] == "loss"}
+    return {v: {"lds_mean": recs[v]["lds_mean"], "lds_ci_low": recs[v]["lds_ci_low"], "lds_ci_high": recs[v]["lds_ci_high"],
+                "n_curricula": recs[v]["n_curricula"], "spearman": per[v]} for v in recs}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", nargs="+", default=["sentiment", "entailment", "yesno", "data2text", "translation"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--builtin-dir", default="runs/builtin")
+    p.add_argument("--lds-dir", action="append", default=[],
+                   help="TASK=DIR of the held-out store DIR/TASK-heldout; '*=DIR' for the rest (default runs/lds-builtin)")
+    p.add_argument("--work", default="runs/lds-splits")
+    p.add_argument("--out", required=True)
+    p.add_argument("--markdown", default=None)
+    a = p.parse_args()
+    lds_dirs = {"*": "runs/lds-builtin"}
+    lds_dirs.update(dict(s.split("=", 1) for s in a.lds_dir))
+    results, rows = [], []
+    for task in a.tasks:
+        for seed in a.seeds:
+            got = {v: per_design(run_one(task, seed, v, a, lds_dirs)) for v in a.variants}
+            tf = got.get("teacher_forcing")
+            for v, des in got.items():
+                same = tf is not None and v != "teacher_forcing" and all(
+                    des[d]["spearman"] == tf[d]["spearman"] for d in des if d in tf)
+                rec = {"task": task, "split_seed": seed, "variant": v, "method": "gptfluence", "metric": "loss",
+                       "equals_teacher_forcing": bool(same),
+                       **{f"lds_{d}": des[d]["lds_mean"] for d in DESIGNS if d in des},
+                       **{f"lds_{d}_ci": [des[d]["lds_ci_low"], des[d]["lds_ci_high"]] for d in DESIGNS if d in des},
+                       "n_curricula": {d: des[d]["n_curricula"] for d in des}}
+                results.append(rec)
+    means = {}
+    for v in a.variants:
+        for d in DESIGNS:
+            vals = [r[f"lds_{d}"] for r in results if r["variant"] == v and r.get(f"lds_{d}") is not None]
+            means[f"{v}/{d}"] = sum(vals) / len(vals) if vals else None
+    out = {"benchmark": "GPTfluence loss LDS per validation split and fitting objective (gptfluence lds --seed S)",
+           "variants": {v: VARIANTS[v] for v in a.variants}, "seeds": a.seeds, "tasks": a.tasks,
+           "heldout_stores": {t: heldout_store(t, lds_dirs) for t in a.tasks},
+           "definition": "lds_<design>: mean over test examples of the Spearman across held-out curricula of simulated "
+                         "vs true final loss; equals_teacher_forcing: every per-example Spearman equals the "
+                         "teacher-forcing-only fit's on the same split (the rollout phase was not kept)",
+           "results": results, "mean_over_tasks_and_splits": means}
+    write_text_atomic(a.out, json.dumps(out, indent=1) + "\n")
+    if a.markdown:
+        lines = ["| task | split seed | " + " | ".join(a.variants) + " |", "| --- | --- |" + " --- |" * len(a.variants)]
+        for task in a.tasks:
+            for seed in a.seeds:
+                cells = []
+                for v in a.variants:
+                    r = next(r for r in results if r["task"] == task and r["split_seed"] == seed and r["variant"] == v)
+                    s = " / ".join(f"{r[f'lds_{d}']:.3f}" if r.get(f"lds_{d}") is not None else "n/a" for d in DESIGNS)
+                    cells.append(s + (" (= TF)" if r["equals_teacher_forcing"] else ""))
+                lines.append(f"| {task} | {seed} | " + " | ".join(cells) + " |")
+        lines.append("| **mean** | | " + " | ".join(" / ".join(f"{means[f'{v}/{d}']:.3f}" for d in DESIGNS)
+                                                    for v in a.variants) + " |")
+        lines += ["", "Loss LDS random / membership-only / order-only curricula; (= TF): per-example values identical "
+                  "to teacher forcing only (the rollout phase was not kept on that split)."]
+        write_text_atomic(a.markdown, "\n".join(lines) + "\n")
+    print(json.dumps(means, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
