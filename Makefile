@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper lds-builtin lds-splits verify-builtin applications-builtin
+.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper lds-builtin lds-splits lds-kfac verify-builtin applications-builtin
 
 setup: $(VENV)/.installed
 
@@ -111,6 +111,12 @@ lds-builtin: setup
 lds-splits: setup
 	$(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
 		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --out $(R)/lds_splits.json --markdown $(R)/lds_splits.md
+
+# K-FAC-whitened gradient features (split seed 0; benchmarks/results/lds_kfac.*; README "What raised LDS")
+lds-kfac: setup
+	$(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
+		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --seeds 0 \
+		--variants default teacher_forcing rollout kfac kfac_rollout --out $(R)/lds_kfac.json --markdown $(R)/lds_kfac.md
 
 # Verification by re-training on the built-in tasks (benchmarks/results/verify_builtin.json): per task
 # and method, remove the top-k helpful / harmful / k random examples of held-out run run-0002 for the

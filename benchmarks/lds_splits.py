@@ -1,4 +1,4 @@
-"""LDS of GPTfluence's fitting objectives over several validation splits (benchmarks/results/lds_splits.*).
+"""LDS of GPTfluence's fitting objectives and features over validation splits (benchmarks/results/lds_splits.*, lds_kfac.*).
 
 The default objective (``teacher_forcing_then_rollout``) keeps its rollout phase only when a
 rollout epoch beats the teacher-forced weights on the 2 validation runs, so whether its LDS gain
@@ -6,6 +6,9 @@ appears depends on the split. This runs ``gptfluence lds`` (loss, GPTfluence onl
 for each task, split seed and objective variant, on the stores of ``make lds-builtin``, and tables
 LDS per design, marking the runs whose per-example Spearman values equal teacher forcing only's
 exactly (the rollout phase was not kept). Resumable: a variant whose output exists is not re-run.
+Variants (``--variants``): the default, teacher forcing only, the rollout phase always kept,
+rollout only, and K-FAC-whitened gradient features (``--similarity-preconditioner kfac``) with the
+default objective or rollout only.
 
     python benchmarks/lds_splits.py --work runs/lds-splits --out benchmarks/results/lds_splits.json \
         --markdown benchmarks/results/lds_splits.md
@@ -27,6 +30,9 @@ VARIANTS = {
     "default": [],
     "teacher_forcing": ["--objective", "teacher_forcing"],
     "rollout_phase_keep_best_epoch": ["--rollout-phase-keep", "best_epoch"],
+    "rollout": ["--objective", "rollout", "--rollout-runs", "8"],
+    "kfac": ["--similarity-preconditioner", "kfac"],
+    "kfac_rollout": ["--similarity-preconditioner", "kfac", "--objective", "rollout", "--rollout-runs", "8"],
 }
 DESIGNS = ("both", "membership", "order")
 
@@ -60,7 +66,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=["sentiment", "entailment", "yesno", "data2text", "translation"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["default", "teacher_forcing", "rollout_phase_keep_best_epoch"],
+                   choices=list(VARIANTS))
     p.add_argument("--builtin-dir", default="runs/builtin")
     p.add_argument("--lds-dir", action="append", default=[],
                    help="TASK=DIR of the held-out store DIR/TASK-heldout; '*=DIR' for the rest (default runs/lds-builtin)")

@@ -525,3 +525,104 @@ def test_gradient_features_are_cached_on_disk(ref, tmp_path, monkeypatch):
                                   .embed(ex[::-1], cache_dir=tmp_path), first[::-1])
     with pytest.raises(pytest.fail.Exception, match="recomputed"):  # another run to replay: another key
         LossGradientEncoder.for_dynamics(ref, dim=32, checkpoints=2, run_id="run-0002").embed(ex, cache_dir=tmp_path)
+
+
+def test_kfac_whiten_is_the_damped_kronecker_inverse():
+    """`kfac_whiten`: inner products of whitened gradients equal vec(G_i)^T (S (x) A + lambda I)^{-1}
+    vec(G_m), lambda = damping x the mean eigenvalue product (checked against an explicit inverse)."""
+    import torch
+
+    from gptfluence.features.gradients import kfac_whiten
+
+    gen = torch.Generator().manual_seed(0)
+    out_f, in_f, n = 3, 4, 5
+    Xa, Xs = torch.randn(in_f, 9, generator=gen, dtype=torch.float64), torch.randn(out_f, 7, generator=gen, dtype=torch.float64)
+    A, S = Xa @ Xa.T / 9, Xs @ Xs.T / 7
+    G = torch.randn(n, out_f, in_f, generator=gen, dtype=torch.float64)
+    W = kfac_whiten(G, A, S, damping=0.1).double()
+    lam = 0.1 * torch.outer(torch.linalg.eigvalsh(S), torch.linalg.eigvalsh(A)).mean()
+    K = torch.kron(S, A) + lam * torch.eye(out_f * in_f, dtype=torch.float64)  # vec row-major: G[o, i] -> o * in + i
+    vec = G.reshape(n, -1)
+    want = vec @ torch.linalg.solve(K, vec.T)
+    np.testing.assert_allclose((W @ W.T).numpy(), want.numpy(), rtol=1e-4, atol=1e-8)
+
+
+def test_kfac_gradient_features_match_hand_computed_kfac_influence(ref):
+    """`LossGradientEncoder(preconditioner="kfac")`: its projected features' inner products match
+    K-FAC influences computed here by hand from exact per-example gradients of the Linear layers
+    and the factors (up to the projection's error); the bias column of A is the mean of 1 (= 1);
+    the spec records the preconditioner and the pool; no pool is a clean error."""
+    import torch
+
+    from gptfluence.features import LossGradientEncoder
+    from gptfluence.features.gradients import kfac_factors, kfac_whiten
+    from gptfluence.lm import load_model, tokenize_examples
+    from gptfluence.lm.metrics import masked_target_loss
+
+    enc = LossGradientEncoder.for_dynamics(ref, dim=8192, preconditioner="kfac", damping=0.1)
+    spec = enc.spec()
+    assert spec["preconditioner"]["kind"] == "kfac" and spec["preconditioner"]["n_factor_examples"] == len(ref.task.train)
+    assert spec != LossGradientEncoder.for_dynamics(ref, dim=8192).spec()  # another cache key
+    ex = ref.task.train[:5]
+    F = enc.encode_examples(ex).astype(np.float64)
+    model, tok = load_model(enc._path(), progress=False)
+    factors = kfac_factors(model, tok, ref.task.train, enc.max_length)
+    lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert set(factors) == set(lins)
+    for m, (A, S) in factors.items():
+        if m.bias is not None:
+            assert abs(float(A[-1, -1]) - 1.0) < 1e-9
+        assert float(torch.linalg.eigvalsh(A).min()) > -1e-9 and float(torch.linalg.eigvalsh(S).min()) > -1e-9
+    toks = tokenize_examples(tok, ex, enc.max_length)
+    blocks = []
+    for i in range(len(ex)):
+        model.zero_grad()
+        n = int(toks.lengths[i])
+        masked_target_loss(model(input_ids=toks.input_ids[i:i + 1, :n]).logits, toks.labels[i:i + 1, :n])[0].backward()
+        per_layer = []
+        for m in lins:
+            g = m.weight.grad.double()
+            if m.bias is not None:
+                g = torch.cat([g, m.bias.grad.double()[:, None]], 1)
+            per_layer.append(g)
+        blocks.append(per_layer)
+    exact = torch.cat([torch.cat([kfac_whiten(b[j][None], *factors[m], damping=0.1).double() for b in blocks])
+                       for j, m in enumerate(lins)], 1).numpy()
+    gram, gram_proj = exact @ exact.T, F @ F.T
+    scale = np.sqrt(np.outer(np.diag(gram), np.diag(gram)))
+    assert np.abs(gram_proj - gram).max() / scale.max() < 0.1
+    assert np.corrcoef(gram[np.triu_indices(5, 1)], gram_proj[np.triu_indices(5, 1)])[0, 1] > 0.95
+    plain = LossGradientEncoder.for_dynamics(ref, dim=8192).encode_examples(ex).astype(np.float64)
+    assert np.abs(np.corrcoef((plain @ plain.T)[np.triu_indices(5, 1)], gram[np.triu_indices(5, 1)])[0, 1]) < 0.999
+    with pytest.raises(InputError, match="factor_examples"):
+        LossGradientEncoder(enc.model_id, preconditioner="kfac")
+    with pytest.raises(InputError, match="preconditioner must be one of"):
+        LossGradientEncoder(enc.model_id, preconditioner="ekfac")
+
+
+def test_gptfluence_with_kfac_similarity_reloads_with_identical_predictions(ref, tmp_path):
+    """similarity_preconditioner='kfac': the fitted simulator records the preconditioner, reloads
+    (curvature pool found in the store given) with identical predictions, and embeds new examples
+    with the same K-FAC features as a fresh encoder."""
+    from gptfluence.features import LossGradientEncoder
+    from gptfluence.simulators import GPTfluenceSimulator, load_simulator
+    from gptfluence.types import Example
+
+    fit, val = ["run-0003", "run-0000", "run-0001", "run-0002", "run-0004"], ["run-0005"]
+    sim = GPTfluenceSimulator("loss", encoder="bow:64", epochs=2, similarity_dim=64, similarity_checkpoints=2,
+                              similarity_preconditioner="kfac")
+    sim.fit(ref, fit, val)
+    assert sim.similarity_spec["preconditioner"]["kind"] == "kfac"
+    run = ref.run("run-0006")
+    start = run.values["loss"][0]
+    want = sim.simulate(run.curriculum[None], np.asarray(run.test_ids), start[None])
+    loaded = load_simulator(sim.save(tmp_path / "sim"), dynamics=ref)
+    np.testing.assert_allclose(loaded.simulate(run.curriculum[None], np.asarray(run.test_ids), start[None]), want,
+                               rtol=1e-6, atol=1e-7)
+    new = Example(10_000, ref.task.train[0].prompt, ref.task.train[0].target + " indeed")
+    loaded.set_examples([new], [])
+    direct = LossGradientEncoder.for_dynamics(ref, dim=64, checkpoints=2, run_id="run-0003",
+                                              preconditioner="kfac").encode_examples([new])
+    np.testing.assert_allclose(loaded.sim_train_features.get([10_000], "t"), direct, rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match="similarity-preconditioner"):
+        GPTfluenceSimulator("loss", encoder="bow:64", similarity_preconditioner="ekfac")

@@ -14,6 +14,16 @@ the K projected gradients are concatenated, ``[N, K * dim]`` (block c = checkpoi
 their norms are kept). The fine-tuned model is what the training examples act on after the first
 steps; the base model's gradients alone miss how that changes.
 
+K-FAC preconditioning (``preconditioner="kfac"``): each ``nn.Linear`` layer's gradient G (out x
+in, the bias as an extra input column of ones) is whitened by that layer's Kronecker-factored
+curvature at the same checkpoint, ``S^{-1/2} G A^{-1/2}`` in the factors' eigenbases with damping:
+``Q_S^T G Q_A / sqrt(lambda_S lambda_A^T + damping * mean(lambda_S lambda_A^T))``, where A is the
+mean over tokens of the layer's input outer products and S the mean over examples of the outer
+products of the gradients at its output, both over ``factor_examples`` (the store's training pool).
+Inner products of whitened gradients are then ``g_i^T (S (x) A + damping)^{-1} g_m``, the K-FAC
+influence (as kronfluence's ``kfac`` strategy, here with the empirical Fisher of the true targets);
+only the Linear layers' parameters enter (embeddings and layer norms are left out).
+
 Cost: one forward and backward pass per example and checkpoint plus ``params x dim`` multiply-adds
 per checkpoint (the default 2-layer base model: 231k parameters, ~2 s for 300 examples on 2 cores
 at dim 1024), and for checkpoints one replayed run without evaluation (~1 s for the default).
@@ -89,9 +99,20 @@ class LossGradientEncoder:
     kind = "loss-gradient"
 
     def __init__(self, model: str, dim: int = 1024, max_length: int = 64, seed: int = 0, device: str = "cpu",
-                 replay: CheckpointReplay | None = None) -> None:
+                 replay: CheckpointReplay | None = None, preconditioner: str = "none", damping: float = 0.1,
+                 factor_examples: Sequence[Example] | None = None) -> None:
         if dim < 1:
             raise InputError(f"gradient features: dim must be >= 1, got {dim}")
+        if preconditioner not in PRECONDITIONERS:
+            raise InputError(f"gradient features: preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+        if not (np.isfinite(damping) and damping > 0):
+            raise InputError(f"gradient features: damping must be > 0, got {damping}")
+        if preconditioner == "kfac" and not factor_examples:
+            raise InputError("gradient features: preconditioner='kfac' needs the examples its curvature is "
+                             "estimated on (factor_examples: the store's training pool)")
+        self.preconditioner = preconditioner
+        self.damping = float(damping)
+        self.factor_examples = list(factor_examples or []) if preconditioner != "none" else []
         self.model_id = str(model)
         self.dim = int(dim)
         self.max_length = int(max_length)
@@ -110,6 +131,11 @@ class LossGradientEncoder:
     def spec(self) -> dict[str, Any]:
         out = {"kind": self.kind, "model": self.model_id, "dim": self.dim, "max_length": self.max_length,
                "seed": self.seed, "params": "all"}
+        if self.preconditioner != "none":
+            out["params"] = "linear layers"
+            out["preconditioner"] = {"kind": self.preconditioner, "damping": self.damping,
+                                     "factor_examples_sha256": examples_sha256(self.factor_examples),
+                                     "n_factor_examples": len(self.factor_examples)}
         if self.replay is not None:  # CUDA replays train under bf16 autocast: other checkpoints
             out["checkpoints"] = {**self.replay.spec(), "device": "cuda" if str(self.device).startswith("cuda") else "cpu",
                                   "blocks": "concatenated projected gradients"}
@@ -117,7 +143,8 @@ class LossGradientEncoder:
 
     @classmethod
     def for_dynamics(cls, dynamics: Any, dim: int = 1024, seed: int = 0, checkpoints: int = 1,
-                     run_id: str | None = None, device: str = "cpu") -> "LossGradientEncoder":
+                     run_id: str | None = None, device: str = "cpu", preconditioner: str = "none",
+                     damping: float = 0.1) -> "LossGradientEncoder":
         """The encoder for a store's base model and tokenisation length; ``checkpoints`` > 1: at
         that many steps evenly spaced over run ``run_id`` (one of the runs a simulator is fitted
         on), re-trained with the store's settings."""
@@ -136,7 +163,9 @@ class LossGradientEncoder:
             if run_id is None:
                 raise InputError("gradient features at checkpoints need the id of the run to replay")
             replay = CheckpointReplay.evenly_spaced(dynamics, run_id, checkpoints)
-        return cls(model, dim=dim, max_length=int(cfg.get("max_length", 64)), seed=seed, device=device, replay=replay)
+        return cls(model, dim=dim, max_length=int(cfg.get("max_length", 64)), seed=seed, device=device, replay=replay,
+                   preconditioner=preconditioner, damping=damping,
+                   factor_examples=list(dynamics.task.train) if preconditioner != "none" else None)
 
     # -- model ----------------------------------------------------------------------------------
     def _path(self) -> str:
@@ -177,8 +206,13 @@ class LossGradientEncoder:
         sizes = [len(g) for g in groups]
         if not sum(sizes):
             return [np.zeros((0, self.out_dim), dtype=np.float32) for _ in groups]
-        blocks = [self._project(torch.cat([self._gradients(model, tok, g) for g in groups if g]))
-                  for model, tok in self._models()]
+        blocks = []
+        for model, tok in self._models():
+            grads = torch.cat([self._gradients(model, tok, g) for g in groups if g])
+            if self.preconditioner == "kfac":
+                grads = kfac_whiten_gradients(model, grads, kfac_factors(model, tok, self.factor_examples, self.max_length),
+                                              self.damping)
+            blocks.append(self._project(grads))
         out = torch.cat(blocks, 1).numpy()
         return list(np.split(out, np.cumsum(sizes)[:-1]))
 
@@ -246,6 +280,101 @@ class LossGradientEncoder:
 
     def __repr__(self) -> str:
         return f"LossGradientEncoder({self.spec()})"
+
+
+PRECONDITIONERS = ("none", "kfac")
+
+
+def examples_sha256(examples: Sequence[Example]) -> str:
+    """Hash of the examples' (prompt, target) texts, in order."""
+    return hashlib.sha256(json.dumps([[e.prompt, e.target] for e in examples], ensure_ascii=False).encode()).hexdigest()
+
+
+def _linear_layers(model: Any) -> list[Any]:
+    import torch
+
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad]
+
+
+def kfac_factors(model: Any, tokenizer: Any, examples: Sequence[Example], max_length: int) -> dict[Any, tuple[Any, Any]]:
+    """``{linear layer: (A, S)}`` float64: A = mean over all tokens of ``[a, 1] [a, 1]^T`` (the
+    layer's input, with a 1 for the bias when it has one), S = mean over examples of the sum over
+    tokens of ``d d^T`` (d = gradient of the example's mean target loss at the layer's output)."""
+    import torch
+
+    from gptfluence.lm import tokenize_examples
+    from gptfluence.lm.metrics import masked_target_loss
+
+    layers = _linear_layers(model)
+    A = {m: torch.zeros(m.in_features + (m.bias is not None), m.in_features + (m.bias is not None), dtype=torch.float64)
+         for m in layers}
+    S = {m: torch.zeros(m.out_features, m.out_features, dtype=torch.float64) for m in layers}
+    inputs: dict[Any, Any] = {}
+
+    def forward_hook(mod: Any, inp: Any, out: Any) -> None:
+        inputs[mod] = inp[0].detach()
+
+    def backward_hook(mod: Any, grad_in: Any, grad_out: Any) -> None:
+        a = inputs[mod].reshape(-1, mod.in_features).double().cpu()
+        if mod.bias is not None:
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+        d = grad_out[0].detach().reshape(-1, mod.out_features).double().cpu()
+        A[mod] += a.T @ a
+        S[mod] += d.T @ d
+
+    hooks = [h for m in layers for h in (m.register_forward_hook(forward_hook), m.register_full_backward_hook(backward_hook))]
+    toks = tokenize_examples(tokenizer, list(examples), max_length)
+    dev = next(model.parameters()).device
+    n_tokens = 0
+    try:
+        for i in range(len(examples)):
+            model.zero_grad(set_to_none=True)
+            n = int(toks.lengths[i])
+            n_tokens += n
+            logits = model(input_ids=toks.input_ids[i:i + 1, :n].to(dev),
+                           attention_mask=toks.attention_mask[i:i + 1, :n].to(dev)).logits
+            loss = masked_target_loss(logits, toks.labels[i:i + 1, :n].to(dev))[0]
+            if torch.isfinite(loss):
+                loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    return {m: (A[m] / max(n_tokens, 1), S[m] / max(len(examples), 1)) for m in layers}
+
+
+def kfac_whiten(G: Any, A: Any, S: Any, damping: float) -> Any:
+    """``G [N, out, in] -> [N, out * in]``: ``Q_S^T G Q_A / sqrt(l_S l_A^T + damping * mean(l_S l_A^T))``
+    (eigendecompositions A = Q_A diag(l_A) Q_A^T, S likewise; negative eigenvalues clipped to 0), so
+    that ``<whiten(G_i), whiten(G_m)> = vec(G_i)^T (S (x) A + lambda I)^{-1} vec(G_m)`` with
+    lambda = damping x the mean eigenvalue product."""
+    import torch
+
+    la, qa = torch.linalg.eigh(A.double())
+    ls, qs = torch.linalg.eigh(S.double())
+    lam = torch.outer(ls.clamp(min=0), la.clamp(min=0))
+    scale = (lam + damping * lam.mean() + 1e-30).rsqrt()
+    out = (qs.T @ G.double() @ qa) * scale
+    return out.reshape(G.shape[0], -1).float()
+
+
+def kfac_whiten_gradients(model: Any, grads: Any, factors: dict[Any, tuple[Any, Any]], damping: float) -> Any:
+    """Flat per-example gradients ``[N, params]`` (in ``model.parameters()`` order) -> the
+    K-FAC-whitened gradients of the Linear layers, concatenated ``[N, sum out x (in + bias)]``."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    offsets = np.cumsum([0] + [p.numel() for p in params])
+    where = {id(p): (int(offsets[k]), int(offsets[k + 1])) for k, p in enumerate(params)}
+    parts = []
+    for m, (A, S) in factors.items():
+        s, e = where[id(m.weight)]
+        G = grads[:, s:e].reshape(-1, m.out_features, m.in_features)
+        if m.bias is not None:
+            s, e = where[id(m.bias)]
+            G = torch.cat([G, grads[:, s:e].reshape(-1, m.out_features, 1)], 2)
+        parts.append(kfac_whiten(G, A, S, damping))
+    return torch.cat(parts, 1)
 
 
 class _PromptTargetTexts:

@@ -91,6 +91,8 @@ class GPTfluenceConfig(FitConfig):
     similarity: str = arg("auto", "a learned-weight similarity term in every factor: 'grad' (cosine of the GPT's projected loss gradients, the first-order estimate of how training on one example moves another's loss), 'features' (cosine of the encoder features), 'none' (the paper's factors); 'auto' = 'grad' when the store records the model it was collected with, else 'features'")
     similarity_dim: int = arg(1024, "similarity='grad': dimensions of the random projection of the gradients (per checkpoint)")
     similarity_norms: bool = arg(True, "similarity='grad': besides each checkpoint's cosine, a learned-weight term on the dot product of gradients scaled by their pool's mean norm (keeps how strongly an example moves or is moved, which the cosine drops)")
+    similarity_preconditioner: str = arg("none", "similarity='grad': none (raw projected gradients) or kfac (each Linear layer's gradient whitened by its K-FAC curvature over the training pool at the same checkpoint, so that dot products are K-FAC influences; only Linear layers; see gptfluence.features.gradients)")
+    similarity_damping: float = arg(0.1, "similarity_preconditioner='kfac': damping, as a fraction of the mean eigenvalue product of each layer's factors")
     similarity_checkpoints: int = arg(4, "similarity='grad': gradients at this many steps evenly spaced over the first fit run (its fine-tuning re-trained with the store's settings), one learned-weight cosine term per checkpoint (TracIn-CP sums over checkpoints); 1 = the base model only")
     objective: str = arg("teacher_forcing_then_rollout", "fitting loss: teacher_forcing (the paper: one-step MSE from true previous values), rollout (MSE of whole autoregressive rollouts of the fit runs, backpropagated through time) or teacher_forcing_then_rollout (teacher forcing to its best validation epoch, then rollout from those weights, kept only if a rollout epoch beats them on the validation runs). The two-phase default raises loss LDS over held-out curricula on the built-in tasks (mean over the five tasks, random curricula 0.384 -> 0.440, membership-only 0.414 -> 0.459, order-only 0.262 -> 0.311; benchmarks/results/lds_builtin.json) at a held-out trajectory MSE that is lower or equal on 8 of the 12 (task, metric) rows and up to 17 % higher on sentiment (README \"Accuracy on the built-in tasks\"); teacher_forcing keeps the lower MSE there")
     rollout_runs: int = arg(4, "objective=rollout / the rollout phase: fit runs per optimizer step (0 = all)")
@@ -112,7 +114,12 @@ class GPTfluenceConfig(FitConfig):
                 raise config_error(self, name, f">= {low}")
         if not self.init_std > 0:
             raise config_error(self, "init_std", "> 0")
-        for name, allowed in (("similarity", SIMILARITIES), ("init", INITS), ("history_padding", engine.HISTORY_PADDINGS)):
+        if not self.similarity_damping > 0:
+            raise config_error(self, "similarity_damping", "> 0")
+        from gptfluence.features.gradients import PRECONDITIONERS
+
+        for name, allowed in (("similarity", SIMILARITIES), ("init", INITS), ("history_padding", engine.HISTORY_PADDINGS),
+                              ("similarity_preconditioner", PRECONDITIONERS)):
             engine.check_choice(flag_name(name), getattr(self, name), allowed)
 
 
@@ -377,7 +384,8 @@ class GPTfluenceSimulator(RecurrenceSimulator):
                 raise InputError(f"gptfluence: similarity_checkpoints must be >= 1, got {c.similarity_checkpoints}")
             self.similarity_encoder = LossGradientEncoder.for_dynamics(
                 dynamics, dim=c.similarity_dim, seed=c.seed, checkpoints=c.similarity_checkpoints,
-                run_id=fit_runs[0], device=self.device)
+                run_id=fit_runs[0], device=self.device, preconditioner=c.similarity_preconditioner,
+                damping=c.similarity_damping)
             self.similarity_spec = self.similarity_encoder.spec()
         self.similarity_kind = kind
 
@@ -403,9 +411,26 @@ class GPTfluenceSimulator(RecurrenceSimulator):
                                      f"at {ck.get('store')} (moved or changed) and not the store given; give that "
                                      f"store as dynamics (load_simulator(path, dynamics=...), --dynamics)")
                 replay = CheckpointReplay(source, ck["run_id"], [int(x) for x in ck["steps"]])
+            pre = spec.get("preconditioner") or {}
+            factor_examples = None
+            if pre:  # the curvature's examples: the training pool of the store given or recorded
+                from gptfluence.features.gradients import examples_sha256
+
+                pools = [replay.dynamics] if replay is not None else []
+                if dynamics is not None:
+                    pools.append(dynamics)
+                factor_examples = next((list(d.task.train) for d in pools
+                                        if examples_sha256(list(d.task.train)) == pre.get("factor_examples_sha256")), None)
+                if factor_examples is None:
+                    raise InputError("gptfluence: K-FAC gradient features of new examples need the training pool the "
+                                     "curvature was estimated on (the store the simulator was fitted on); give that "
+                                     "store as dynamics (load_simulator(path, dynamics=...), --dynamics)")
             self.similarity_encoder = LossGradientEncoder(spec["model"], dim=int(spec["dim"]),
                                                           max_length=int(spec["max_length"]), seed=int(spec["seed"]),
-                                                          device=self.device, replay=replay)
+                                                          device=self.device, replay=replay,
+                                                          preconditioner=pre.get("kind", "none"),
+                                                          damping=float(pre.get("damping", 0.1)),
+                                                          factor_examples=factor_examples)
         return self.similarity_encoder
 
     def _add_gradients(self, train: Sequence[Example], test: Sequence[Example]) -> None:
