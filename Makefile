@@ -116,7 +116,8 @@ lds-splits: setup
 lds-kfac: setup
 	$(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
 		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --seeds 0 \
-		--variants default teacher_forcing rollout kfac kfac_rollout --out $(R)/lds_kfac.json --markdown $(R)/lds_kfac.md
+		--variants default teacher_forcing rollout kfac kfac_rollout raw_and_kfac raw_and_kfac_rollout \
+		--out $(R)/lds_kfac.json --markdown $(R)/lds_kfac.md
 
 # Verification by re-training on the built-in tasks (benchmarks/results/verify_builtin.json): per task
 # and method, remove the top-k helpful / harmful / k random examples of held-out run run-0002 for the

@@ -33,6 +33,8 @@ VARIANTS = {
     "rollout": ["--objective", "rollout", "--rollout-runs", "8"],
     "kfac": ["--similarity-preconditioner", "kfac"],
     "kfac_rollout": ["--similarity-preconditioner", "kfac", "--objective", "rollout", "--rollout-runs", "8"],
+    "raw_and_kfac": ["--similarity-preconditioner", "none+kfac"],
+    "raw_and_kfac_rollout": ["--similarity-preconditioner", "none+kfac", "--objective", "rollout", "--rollout-runs", "8"],
 }
 DESIGNS = ("both", "membership", "order")
 

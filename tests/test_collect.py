@@ -626,3 +626,20 @@ def test_gptfluence_with_kfac_similarity_reloads_with_identical_predictions(ref,
     np.testing.assert_allclose(loaded.sim_train_features.get([10_000], "t"), direct, rtol=1e-4, atol=1e-5)
     with pytest.raises(InputError, match="similarity-preconditioner"):
         GPTfluenceSimulator("loss", encoder="bow:64", similarity_preconditioner="ekfac")
+
+
+def test_raw_and_kfac_gradient_features_concatenate_both_blocks_per_checkpoint(ref):
+    """preconditioner='none+kfac': per checkpoint the raw block, then the K-FAC block, each equal
+    to the single-kind encoder's."""
+    from gptfluence.features import LossGradientEncoder
+
+    kw = dict(dim=32, checkpoints=2, run_id="run-0001")
+    both = LossGradientEncoder.for_dynamics(ref, preconditioner="none+kfac", **kw)
+    ex = ref.task.train[:3]
+    F = both.encode_examples(ex)
+    assert F.shape == (3, 4 * 32) and both.out_dim == 4 * 32
+    raw = LossGradientEncoder.for_dynamics(ref, **kw).encode_examples(ex)
+    kf = LossGradientEncoder.for_dynamics(ref, preconditioner="kfac", **kw).encode_examples(ex)
+    blocks = F.reshape(3, 2, 2, 32)
+    np.testing.assert_allclose(blocks[:, :, 0].reshape(3, -1), raw, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(blocks[:, :, 1].reshape(3, -1), kf, rtol=1e-5, atol=1e-6)

@@ -125,14 +125,19 @@ class LossGradientEncoder:
 
     @property
     def out_dim(self) -> int:
-        """Width of the features: ``dim`` per checkpoint."""
-        return self.dim * (len(self.replay.steps) if self.replay is not None else 1)
+        """Width of the features: ``dim`` per checkpoint (twice that with ``"none+kfac"``: the raw
+        and the whitened block of each checkpoint, in that order)."""
+        return self.dim * (len(self.replay.steps) if self.replay is not None else 1) * self.blocks_per_checkpoint
+
+    @property
+    def blocks_per_checkpoint(self) -> int:
+        return 2 if self.preconditioner == "none+kfac" else 1
 
     def spec(self) -> dict[str, Any]:
         out = {"kind": self.kind, "model": self.model_id, "dim": self.dim, "max_length": self.max_length,
                "seed": self.seed, "params": "all"}
         if self.preconditioner != "none":
-            out["params"] = "linear layers"
+            out["params"] = "linear layers" if self.preconditioner == "kfac" else "all, then linear layers (K-FAC)"
             out["preconditioner"] = {"kind": self.preconditioner, "damping": self.damping,
                                      "factor_examples_sha256": examples_sha256(self.factor_examples),
                                      "n_factor_examples": len(self.factor_examples)}
@@ -209,10 +214,11 @@ class LossGradientEncoder:
         blocks = []
         for model, tok in self._models():
             grads = torch.cat([self._gradients(model, tok, g) for g in groups if g])
-            if self.preconditioner == "kfac":
-                grads = kfac_whiten_gradients(model, grads, kfac_factors(model, tok, self.factor_examples, self.max_length),
-                                              self.damping)
-            blocks.append(self._project(grads))
+            if self.preconditioner != "kfac":
+                blocks.append(self._project(grads))
+            if self.preconditioner in ("kfac", "none+kfac"):
+                blocks.append(self._project(kfac_whiten_gradients(
+                    model, grads, kfac_factors(model, tok, self.factor_examples, self.max_length), self.damping)))
         out = torch.cat(blocks, 1).numpy()
         return list(np.split(out, np.cumsum(sizes)[:-1]))
 
@@ -282,7 +288,7 @@ class LossGradientEncoder:
         return f"LossGradientEncoder({self.spec()})"
 
 
-PRECONDITIONERS = ("none", "kfac")
+PRECONDITIONERS = ("none", "kfac", "none+kfac")
 
 
 def examples_sha256(examples: Sequence[Example]) -> str:
