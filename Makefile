@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper lds-builtin lds-splits lds-kfac verify-builtin applications-builtin
+.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper lds-builtin lds-splits lds-kfac lds-kfac-generation verify-builtin applications-builtin
 
 setup: $(VENV)/.installed
 
@@ -118,6 +118,32 @@ lds-kfac: setup
 		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --seeds 0 \
 		--variants default teacher_forcing rollout kfac kfac_rollout raw_and_kfac raw_and_kfac_rollout \
 		--out $(R)/lds_kfac.json --markdown $(R)/lds_kfac.md
+
+# K-FAC features on the generation tasks, every metric, with references (lds_kfac_generation.*: default
+# objective; lds_kfac_rollout_generation.*: rollout only), and rollout only on the second task-data
+# draw of lds_draw1 (lds_kfac_rollout_draw1.*; the draw1 stores as in the lds-builtin comment above).
+KFAC = --similarity-preconditioner kfac
+lds-kfac-generation: setup
+	mkdir -p runs/lds-kfac-gen runs/lds-kfac-draw1
+	for t in data2text translation; do \
+		$(BIN)/gptfluence lds $(BUILTIN_DIR)/$$t runs/lds-builtin-full/$$t-heldout --methods gptfluence --no-progress $(KFAC) \
+			--out runs/lds-kfac-gen/$$t-kfac.json || exit 1; \
+		$(BIN)/gptfluence lds $(BUILTIN_DIR)/$$t runs/lds-builtin-full/$$t-heldout --methods gptfluence --no-progress $(KFAC) \
+			--objective rollout --rollout-runs 8 --out runs/lds-kfac-gen/$$t-kfac_rollout.json || exit 1; \
+	done
+	$(BIN)/python benchmarks/merge_lds.py runs/lds-kfac-gen/data2text-kfac.json runs/lds-kfac-gen/translation-kfac.json \
+		--out $(R)/lds_kfac_generation.json --markdown $(R)/lds_kfac_generation.md
+	$(BIN)/python benchmarks/merge_lds.py runs/lds-kfac-gen/data2text-kfac_rollout.json runs/lds-kfac-gen/translation-kfac_rollout.json \
+		--out $(R)/lds_kfac_rollout_generation.json --markdown $(R)/lds_kfac_rollout_generation.md
+	for t in data2text translation sentiment yesno; do \
+		$(BIN)/gptfluence lds runs/draw1/$$t runs/draw1/$$t-heldout --methods gptfluence --metrics loss --no-progress $(KFAC) \
+			--objective rollout --rollout-runs 8 --out runs/lds-kfac-draw1/$$t.json || exit 1; \
+	done
+	$(BIN)/python benchmarks/merge_lds.py $(foreach t,data2text translation sentiment yesno,runs/lds-kfac-draw1/$(t).json) \
+		--out $(R)/lds_kfac_rollout_draw1.json --markdown $(R)/lds_kfac_rollout_draw1.md
+	$(BIN)/gptfluence evaluate $(BUILTIN_DIR)/data2text $(BUILTIN_DIR)/translation $(BUILTIN_DIR)/sentiment --methods gptfluence mean_curve \
+		--no-progress --no-trajectories $(KFAC) --objective rollout --rollout-runs 8 \
+		--out $(R)/evaluate_kfac_rollout.json --markdown $(R)/evaluate_kfac_rollout.md
 
 # Verification by re-training on the built-in tasks (benchmarks/results/verify_builtin.json): per task
 # and method, remove the top-k helpful / harmful / k random examples of held-out run run-0002 for the
