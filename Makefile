@@ -118,6 +118,9 @@ lds-kfac: setup
 		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --seeds 0 \
 		--variants default teacher_forcing rollout kfac kfac_rollout raw_and_kfac raw_and_kfac_rollout \
 		--out $(R)/lds_kfac.json --markdown $(R)/lds_kfac.md
+	$(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
+		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --seeds 1 2 \
+		--variants default teacher_forcing kfac_rollout raw_and_kfac --out $(R)/lds_kfac_splits.json --markdown $(R)/lds_kfac_splits.md
 
 # K-FAC features on the generation tasks, every metric, with references (lds_kfac_generation.*: default
 # objective; lds_kfac_rollout_generation.*: rollout only), and rollout only on the second task-data
