@@ -144,6 +144,13 @@ lds-kfac-generation: setup
 	done
 	$(BIN)/python benchmarks/merge_lds.py $(foreach t,data2text translation sentiment yesno,runs/lds-kfac-draw1/$(t).json) \
 		--out $(R)/lds_kfac_rollout_draw1.json --markdown $(R)/lds_kfac_rollout_draw1.md
+	mkdir -p runs/lds-rawkfac-draw1
+	for t in data2text translation sentiment yesno; do \
+		$(BIN)/gptfluence lds runs/draw1/$$t runs/draw1/$$t-heldout --methods gptfluence --metrics loss --no-progress \
+			--similarity-preconditioner none+kfac --out runs/lds-rawkfac-draw1/$$t.json || exit 1; \
+	done
+	$(BIN)/python benchmarks/merge_lds.py $(foreach t,data2text translation sentiment yesno,runs/lds-rawkfac-draw1/$(t).json) \
+		--out $(R)/lds_raw_and_kfac_draw1.json --markdown $(R)/lds_raw_and_kfac_draw1.md
 	$(BIN)/gptfluence evaluate $(BUILTIN_DIR)/data2text $(BUILTIN_DIR)/translation $(BUILTIN_DIR)/sentiment --methods gptfluence mean_curve \
 		--no-progress --no-trajectories $(KFAC) --objective rollout --rollout-runs 8 \
 		--out $(R)/evaluate_kfac_rollout.json --markdown $(R)/evaluate_kfac_rollout.md
