@@ -79,7 +79,7 @@ def main() -> int:
     a = p.parse_args()
     lds_dirs = {"*": "runs/lds-builtin"}
     lds_dirs.update(dict(s.split("=", 1) for s in a.lds_dir))
-    results, rows = [], []
+    results = []
     for task in a.tasks:
         for seed in a.seeds:
             got = {v: per_design(run_one(task, seed, v, a, lds_dirs)) for v in a.variants}

@@ -565,12 +565,15 @@ def test_kfac_gradient_features_match_hand_computed_kfac_influence(ref):
     assert spec != LossGradientEncoder.for_dynamics(ref, dim=8192).spec()  # another cache key
     ex = ref.task.train[:5]
     F = enc.encode_examples(ex).astype(np.float64)
+    np.testing.assert_allclose(enc.encode_examples(ex[:2]), F[:2], rtol=1e-5, atol=1e-6)  # factors reused (matmul order only)
+    assert len(enc._kfac) == 1  # one checkpoint: its factors computed once for both calls
     model, tok = load_model(enc._path(), progress=False)
     factors = kfac_factors(model, tok, ref.task.train, enc.max_length)
-    lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert set(factors) == set(lins)
-    for m, (A, S) in factors.items():
-        if m.bias is not None:
+    named = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    lins = [m for _, m in named]
+    assert set(factors) == {name for name, _ in named}
+    for name, (A, S) in factors.items():
+        if dict(named)[name].bias is not None:
             assert abs(float(A[-1, -1]) - 1.0) < 1e-9
         assert float(torch.linalg.eigvalsh(A).min()) > -1e-9 and float(torch.linalg.eigvalsh(S).min()) > -1e-9
     toks = tokenize_examples(tok, ex, enc.max_length)
@@ -586,16 +589,17 @@ def test_kfac_gradient_features_match_hand_computed_kfac_influence(ref):
                 g = torch.cat([g, m.bias.grad.double()[:, None]], 1)
             per_layer.append(g)
         blocks.append(per_layer)
-    exact = torch.cat([torch.cat([kfac_whiten(b[j][None], *factors[m], damping=0.1).double() for b in blocks])
-                       for j, m in enumerate(lins)], 1).numpy()
+    exact = torch.cat([torch.cat([kfac_whiten(b[j][None], *factors[name], damping=0.1).double() for b in blocks])
+                       for j, (name, _) in enumerate(named)], 1).numpy()
     gram, gram_proj = exact @ exact.T, F @ F.T
     scale = np.sqrt(np.outer(np.diag(gram), np.diag(gram)))
     assert np.abs(gram_proj - gram).max() / scale.max() < 0.1
     assert np.corrcoef(gram[np.triu_indices(5, 1)], gram_proj[np.triu_indices(5, 1)])[0, 1] > 0.95
     plain = LossGradientEncoder.for_dynamics(ref, dim=8192).encode_examples(ex).astype(np.float64)
     assert np.abs(np.corrcoef((plain @ plain.T)[np.triu_indices(5, 1)], gram[np.triu_indices(5, 1)])[0, 1]) < 0.999
-    with pytest.raises(InputError, match="factor_examples"):
-        LossGradientEncoder(enc.model_id, preconditioner="kfac")
+    for kind in ("kfac", "none+kfac"):
+        with pytest.raises(InputError, match="factor_examples"):
+            LossGradientEncoder(enc.model_id, preconditioner=kind)
     with pytest.raises(InputError, match="preconditioner must be one of"):
         LossGradientEncoder(enc.model_id, preconditioner="ekfac")
 

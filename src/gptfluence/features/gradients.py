@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gptfluence.errors import InputError
-from gptfluence.types import Example
+from gptfluence.types import Example, examples_sha256
 
 PROJECTION_CHUNK = 4096  # parameters per generated block of the projection
 
@@ -107,9 +107,9 @@ class LossGradientEncoder:
             raise InputError(f"gradient features: preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
         if not (np.isfinite(damping) and damping > 0):
             raise InputError(f"gradient features: damping must be > 0, got {damping}")
-        if preconditioner == "kfac" and not factor_examples:
-            raise InputError("gradient features: preconditioner='kfac' needs the examples its curvature is "
-                             "estimated on (factor_examples: the store's training pool)")
+        if preconditioner != "none" and not factor_examples:
+            raise InputError(f"gradient features: preconditioner={preconditioner!r} needs the examples its curvature "
+                             "is estimated on (factor_examples: the store's training pool)")
         self.preconditioner = preconditioner
         self.damping = float(damping)
         self.factor_examples = list(factor_examples or []) if preconditioner != "none" else []
@@ -122,16 +122,13 @@ class LossGradientEncoder:
         self._model: Any = None
         self._tok: Any = None
         self._checkpoints: list[dict[str, Any]] | None = None  # replayed weights (CPU state dicts), kept
+        self._kfac: list[dict[str, tuple[Any, Any]]] = []  # K-FAC factors per checkpoint, computed once
 
     @property
     def out_dim(self) -> int:
         """Width of the features: ``dim`` per checkpoint (twice that with ``"none+kfac"``: the raw
         and the whitened block of each checkpoint, in that order)."""
-        return self.dim * (len(self.replay.steps) if self.replay is not None else 1) * self.blocks_per_checkpoint
-
-    @property
-    def blocks_per_checkpoint(self) -> int:
-        return 2 if self.preconditioner == "none+kfac" else 1
+        return self.dim * (len(self.replay.steps) if self.replay is not None else 1) * blocks_per_checkpoint(self.preconditioner)
 
     def spec(self) -> dict[str, Any]:
         out = {"kind": self.kind, "model": self.model_id, "dim": self.dim, "max_length": self.max_length,
@@ -212,13 +209,14 @@ class LossGradientEncoder:
         if not sum(sizes):
             return [np.zeros((0, self.out_dim), dtype=np.float32) for _ in groups]
         blocks = []
-        for model, tok in self._models():
+        for c, (model, tok) in enumerate(self._models()):
             grads = torch.cat([self._gradients(model, tok, g) for g in groups if g])
             if self.preconditioner != "kfac":
                 blocks.append(self._project(grads))
-            if self.preconditioner in ("kfac", "none+kfac"):
-                blocks.append(self._project(kfac_whiten_gradients(
-                    model, grads, kfac_factors(model, tok, self.factor_examples, self.max_length), self.damping)))
+            if self.preconditioner != "none":
+                if c == len(self._kfac):  # checkpoint c's factors: computed on the first call only
+                    self._kfac.append(kfac_factors(model, tok, self.factor_examples, self.max_length))
+                blocks.append(self._project(kfac_whiten_gradients(model, grads, self._kfac[c], self.damping)))
         out = torch.cat(blocks, 1).numpy()
         return list(np.split(out, np.cumsum(sizes)[:-1]))
 
@@ -248,19 +246,9 @@ class LossGradientEncoder:
         """Unprojected gradients ``[N, params]`` float32 of each example's mean target loss."""
         import torch
 
-        from gptfluence.lm import tokenize_examples
-        from gptfluence.lm.metrics import masked_target_loss
-
         params = [p for p in model.parameters() if p.requires_grad]
-        toks = tokenize_examples(tokenizer, examples, self.max_length)
         grads = torch.empty(len(examples), sum(p.numel() for p in params), dtype=torch.float32)
-        dev = next(model.parameters()).device
-        for i in range(len(examples)):
-            model.zero_grad(set_to_none=True)
-            n = int(toks.lengths[i])
-            logits = model(input_ids=toks.input_ids[i:i + 1, :n].to(dev),
-                           attention_mask=toks.attention_mask[i:i + 1, :n].to(dev)).logits
-            loss = masked_target_loss(logits, toks.labels[i:i + 1, :n].to(dev))[0]
+        for i, loss in per_example_losses(model, tokenizer, examples, self.max_length):
             if not torch.isfinite(loss):
                 raise InputError(f"example id {examples[i].meta.get('id', examples[i].id)}: no target tokens within "
                                  f"max_length={self.max_length}")
@@ -291,9 +279,25 @@ class LossGradientEncoder:
 PRECONDITIONERS = ("none", "kfac", "none+kfac")
 
 
-def examples_sha256(examples: Sequence[Example]) -> str:
-    """Hash of the examples' (prompt, target) texts, in order."""
-    return hashlib.sha256(json.dumps([[e.prompt, e.target] for e in examples], ensure_ascii=False).encode()).hexdigest()
+def blocks_per_checkpoint(preconditioner: str) -> int:
+    """Feature blocks per checkpoint: 2 with ``"none+kfac"`` (raw, then whitened), else 1."""
+    return 2 if preconditioner == "none+kfac" else 1
+
+
+def per_example_losses(model: Any, tokenizer: Any, examples: Sequence[Example], max_length: int) -> Any:
+    """Yield ``(i, loss)``: example i's mean target loss (a 0-d tensor with a graph, NaN when no
+    target token fits in ``max_length``), one forward pass at a time, gradients zeroed before each."""
+    from gptfluence.lm import tokenize_examples
+    from gptfluence.lm.metrics import masked_target_loss
+
+    toks = tokenize_examples(tokenizer, list(examples), max_length)
+    dev = next(model.parameters()).device
+    for i in range(len(examples)):
+        model.zero_grad(set_to_none=True)
+        n = int(toks.lengths[i])
+        logits = model(input_ids=toks.input_ids[i:i + 1, :n].to(dev),
+                       attention_mask=toks.attention_mask[i:i + 1, :n].to(dev)).logits
+        yield i, masked_target_loss(logits, toks.labels[i:i + 1, :n].to(dev))[0]
 
 
 def _linear_layers(model: Any) -> list[Any]:
@@ -302,20 +306,20 @@ def _linear_layers(model: Any) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad]
 
 
-def kfac_factors(model: Any, tokenizer: Any, examples: Sequence[Example], max_length: int) -> dict[Any, tuple[Any, Any]]:
-    """``{linear layer: (A, S)}`` float64: A = mean over all tokens of ``[a, 1] [a, 1]^T`` (the
-    layer's input, with a 1 for the bias when it has one), S = mean over examples of the sum over
-    tokens of ``d d^T`` (d = gradient of the example's mean target loss at the layer's output)."""
+def kfac_factors(model: Any, tokenizer: Any, examples: Sequence[Example], max_length: int) -> dict[str, tuple[Any, Any]]:
+    """``{linear layer's name in model.named_modules(): (A, S)}`` float64: A = mean over all
+    tokens of ``[a, 1] [a, 1]^T`` (the layer's input, with a 1 for the bias when it has one), S =
+    mean over examples of the sum over tokens of ``d d^T`` (d = gradient of the example's mean
+    target loss at the layer's output). Keyed by name, so the factors of a checkpoint apply to any
+    model object holding its weights."""
     import torch
-
-    from gptfluence.lm import tokenize_examples
-    from gptfluence.lm.metrics import masked_target_loss
 
     layers = _linear_layers(model)
     A = {m: torch.zeros(m.in_features + (m.bias is not None), m.in_features + (m.bias is not None), dtype=torch.float64)
          for m in layers}
     S = {m: torch.zeros(m.out_features, m.out_features, dtype=torch.float64) for m in layers}
     inputs: dict[Any, Any] = {}
+    n_tokens = {m: 0 for m in layers}
 
     def forward_hook(mod: Any, inp: Any, out: Any) -> None:
         inputs[mod] = inp[0].detach()
@@ -327,26 +331,19 @@ def kfac_factors(model: Any, tokenizer: Any, examples: Sequence[Example], max_le
         d = grad_out[0].detach().reshape(-1, mod.out_features).double().cpu()
         A[mod] += a.T @ a
         S[mod] += d.T @ d
+        n_tokens[mod] += a.shape[0]
 
     hooks = [h for m in layers for h in (m.register_forward_hook(forward_hook), m.register_full_backward_hook(backward_hook))]
-    toks = tokenize_examples(tokenizer, list(examples), max_length)
-    dev = next(model.parameters()).device
-    n_tokens = 0
     try:
-        for i in range(len(examples)):
-            model.zero_grad(set_to_none=True)
-            n = int(toks.lengths[i])
-            n_tokens += n
-            logits = model(input_ids=toks.input_ids[i:i + 1, :n].to(dev),
-                           attention_mask=toks.attention_mask[i:i + 1, :n].to(dev)).logits
-            loss = masked_target_loss(logits, toks.labels[i:i + 1, :n].to(dev))[0]
+        for _, loss in per_example_losses(model, tokenizer, examples, max_length):
             if torch.isfinite(loss):
                 loss.backward()
     finally:
         for h in hooks:
             h.remove()
         model.zero_grad(set_to_none=True)
-    return {m: (A[m] / max(n_tokens, 1), S[m] / max(len(examples), 1)) for m in layers}
+    names = {m: name for name, m in model.named_modules()}
+    return {names[m]: (A[m] / max(n_tokens[m], 1), S[m] / max(len(examples), 1)) for m in layers}
 
 
 def kfac_whiten(G: Any, A: Any, S: Any, damping: float) -> Any:
@@ -364,7 +361,7 @@ def kfac_whiten(G: Any, A: Any, S: Any, damping: float) -> Any:
     return out.reshape(G.shape[0], -1).float()
 
 
-def kfac_whiten_gradients(model: Any, grads: Any, factors: dict[Any, tuple[Any, Any]], damping: float) -> Any:
+def kfac_whiten_gradients(model: Any, grads: Any, factors: dict[str, tuple[Any, Any]], damping: float) -> Any:
     """Flat per-example gradients ``[N, params]`` (in ``model.parameters()`` order) -> the
     K-FAC-whitened gradients of the Linear layers, concatenated ``[N, sum out x (in + bias)]``."""
     import torch
@@ -372,8 +369,10 @@ def kfac_whiten_gradients(model: Any, grads: Any, factors: dict[Any, tuple[Any, 
     params = [p for p in model.parameters() if p.requires_grad]
     offsets = np.cumsum([0] + [p.numel() for p in params])
     where = {id(p): (int(offsets[k]), int(offsets[k + 1])) for k, p in enumerate(params)}
+    modules = dict(model.named_modules())
     parts = []
-    for m, (A, S) in factors.items():
+    for name, (A, S) in factors.items():
+        m = modules[name]
         s, e = where[id(m.weight)]
         G = grads[:, s:e].reshape(-1, m.out_features, m.in_features)
         if m.bias is not None:

@@ -520,9 +520,9 @@ def _fit_two_phase(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, 
     ``best_epoch`` count epochs over both phases (0 = the untrained start);
     ``rollout_phase_best_epoch`` (0 = the teacher-forced weights were kept); the teacher-forced
     phase's own history under ``"teacher_forcing"``."""
+    check_choice("rollout_phase_keep", opt.rollout_phase_keep, ROLLOUT_PHASE_KEEP)  # before any fitting
     first = fit_engine(module, factor_fn, fit, val, replace(opt, objective="teacher_forcing"),
                        progress, desc + " (teacher forcing)", penalty)
-    check_choice("rollout_phase_keep", opt.rollout_phase_keep, ROLLOUT_PHASE_KEEP)
     second = fit_engine(module, factor_fn, fit, val, replace(opt, objective="rollout"),
                         progress, desc + " (rollout)", penalty,
                         start_competes=opt.rollout_phase_keep == "if_better")

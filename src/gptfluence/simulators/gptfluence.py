@@ -97,7 +97,7 @@ class GPTfluenceConfig(FitConfig):
     similarity_dim: int = arg(1024, "similarity='grad': dimensions of the random projection of the gradients (per checkpoint)")
     similarity_norms: bool = arg(True, "similarity='grad': besides each checkpoint's cosine, a learned-weight term on the dot product of gradients scaled by their pool's mean norm (keeps how strongly an example moves or is moved, which the cosine drops)")
     similarity_preconditioner: str = arg("none", "similarity='grad': none (raw projected gradients), kfac (each Linear layer's gradient whitened by its K-FAC curvature over the training pool at the same checkpoint, so that dot products are K-FAC influences; only Linear layers; see gptfluence.features.gradients) or none+kfac (both, each with its own terms)")
-    similarity_damping: float = arg(0.1, "similarity_preconditioner='kfac': damping, as a fraction of the mean eigenvalue product of each layer's factors")
+    similarity_damping: float = arg(0.1, "similarity_preconditioner kfac / none+kfac: damping, as a fraction of the mean eigenvalue product of each layer's factors")
     similarity_checkpoints: int = arg(4, "similarity='grad': gradients at this many steps evenly spaced over the first fit run (its fine-tuning re-trained with the store's settings), one learned-weight cosine term per checkpoint (TracIn-CP sums over checkpoints); 1 = the base model only")
     objective: str = arg("teacher_forcing_then_rollout", "fitting loss: teacher_forcing (the paper: one-step MSE from true previous values), rollout (MSE of whole autoregressive rollouts of the fit runs, backpropagated through time) or teacher_forcing_then_rollout (teacher forcing to its best validation epoch, then rollout from those weights, kept only if a rollout epoch beats them on the validation runs). The two-phase default raises loss LDS over held-out curricula on the built-in tasks (mean over the five tasks, random curricula 0.384 -> 0.440, membership-only 0.414 -> 0.459, order-only 0.262 -> 0.311; benchmarks/results/lds_builtin.json) at a held-out trajectory MSE that is lower or equal on 8 of the 12 (task, metric) rows and up to 17 % higher on sentiment (README \"Accuracy on the built-in tasks\"); teacher_forcing keeps the lower MSE there")
     rollout_runs: int = arg(4, "objective=rollout / the rollout phase: fit runs per optimizer step (0 = all)")
@@ -419,7 +419,7 @@ class GPTfluenceSimulator(RecurrenceSimulator):
             pre = spec.get("preconditioner") or {}
             factor_examples = None
             if pre:  # the curvature's examples: the training pool of the store given or recorded
-                from gptfluence.features.gradients import examples_sha256
+                from gptfluence.types import examples_sha256
 
                 pools = [replay.dynamics] if replay is not None else []
                 if dynamics is not None:
@@ -458,8 +458,10 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         """Blocks of the similarity features, each with its own centre, scale and learned weight:
         one per checkpoint for checkpoint gradients, else 1."""
         ck = (self.similarity_spec or {}).get("checkpoints") if self.similarity_kind == "grad" else None
-        per = 2 if ((self.similarity_spec or {}).get("preconditioner") or {}).get("kind") == "none+kfac" else 1
-        return (len(ck["steps"]) if ck else 1) * per
+        from gptfluence.features.gradients import blocks_per_checkpoint
+
+        pre = ((self.similarity_spec or {}).get("preconditioner") or {}).get("kind", "none")
+        return (len(ck["steps"]) if ck else 1) * blocks_per_checkpoint(pre)
 
     def _sim_norms(self) -> bool:
         """Norm-keeping dot-product terms: for gradient features (encoder features are unit vectors)."""
