@@ -484,7 +484,7 @@ def test_gptfluence_checkpoint_similarity_artifact(ref, tmp_path):
     sim.fit(ref, fit, val)
     assert sim.similarity_kind == "grad"
     assert sim.similarity_spec["checkpoints"]["run_id"] == "run-0003"
-    assert sim.sim_train_features.dim == 2 * 64
+    assert sim.sim_train_features.dim == 2 * 64 * 2  # 2 checkpoints x (raw, K-FAC) blocks: the default none+kfac
     run = ref.run("run-0006")
     start = run.values["loss"][0]
     want = sim.simulate(run.curriculum[None], np.asarray(run.test_ids), start[None])
@@ -498,7 +498,8 @@ def test_gptfluence_checkpoint_similarity_artifact(ref, tmp_path):
 
     new = Example(10_000, ref.task.train[0].prompt, ref.task.train[0].target + " indeed")
     loaded.set_examples([new], [])  # gradients from the run of the store the spec records
-    direct = LossGradientEncoder.for_dynamics(ref, dim=64, checkpoints=2, run_id="run-0003").encode_examples([new])
+    direct = LossGradientEncoder.for_dynamics(ref, dim=64, checkpoints=2, run_id="run-0003",
+                                              preconditioner="none+kfac").encode_examples([new])
     np.testing.assert_allclose(loaded.sim_train_features.get([10_000], "t"), direct, atol=1e-5)
     moved = load_simulator(path)
     moved.similarity_spec["checkpoints"]["store"] = str(tmp_path / "gone")

@@ -111,6 +111,12 @@ def test_similarity_term_matrix_form_equals_loop(order, blocks, norms):
                                          True, bridge_gaps=True)
     gslow = torch.autograd.grad(slow_loss, [module.sim_weight])
     torch.testing.assert_close(gfast[0], gslow[0], rtol=1e-4, atol=1e-7)
+    with torch.no_grad():  # the similarity computed once (what a fit does) gives the same factors and gradients
+        pre = module.similarity(s_tr, s_te)
+    pred_pre, _ = block.predict(engine.pad_factors(module(htr, hte, similarity=pre)), tr, order, True)
+    gpre = torch.autograd.grad(torch.mean((pred_pre - target) ** 2), [module.sim_weight])
+    torch.testing.assert_close(pred_pre, pred.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(gpre[0], gfast[0], rtol=0, atol=0)
     with pytest.raises(InputError, match="similarity"):
         module(htr, hte)
 

@@ -82,6 +82,9 @@ from gptfluence.types import Example
 
 SIMILARITIES = ("auto", "grad", "features", "none")
 INITS = ("scaled", "pytorch_default")
+# Largest similarity tensor [terms, N, M] (elements) that `_factor_fn` computes once and keeps
+# (64 Mi elements = 256 MiB in float32); larger pools recompute it on every call.
+SIMILARITY_PRECOMPUTE_MAX = 64 * 2**20
 
 
 @dataclasses.dataclass
@@ -96,7 +99,7 @@ class GPTfluenceConfig(FitConfig):
     similarity: str = arg("auto", "a learned-weight similarity term in every factor: 'grad' (cosine of the GPT's projected loss gradients, the first-order estimate of how training on one example moves another's loss), 'features' (cosine of the encoder features), 'none' (the paper's factors); 'auto' = 'grad' when the store records the model it was collected with, else 'features'")
     similarity_dim: int = arg(1024, "similarity='grad': dimensions of the random projection of the gradients (per checkpoint)")
     similarity_norms: bool = arg(True, "similarity='grad': besides each checkpoint's cosine, a learned-weight term on the dot product of gradients scaled by their pool's mean norm (keeps how strongly an example moves or is moved, which the cosine drops)")
-    similarity_preconditioner: str = arg("none", "similarity='grad': none (raw projected gradients), kfac (each Linear layer's gradient whitened by its K-FAC curvature over the training pool at the same checkpoint, so that dot products are K-FAC influences; only Linear layers; see gptfluence.features.gradients) or none+kfac (both, each with its own terms)")
+    similarity_preconditioner: str = arg("none+kfac", "similarity='grad': none (raw projected gradients), kfac (each Linear layer's gradient whitened by its K-FAC curvature over the training pool at the same checkpoint, so that dot products are K-FAC influences; only Linear layers; see gptfluence.features.gradients) or none+kfac (both, each with its own terms). The default none+kfac raises loss LDS over held-out curricula against none (mean over the five built-in tasks and three validation splits, random curricula 0.433 -> 0.492, membership-only 0.453 -> 0.522) and lowers it on order-only curricula (0.287 -> 0.248); benchmarks/results/lds_kfac*.md")
     similarity_damping: float = arg(0.1, "similarity_preconditioner kfac / none+kfac: damping, as a fraction of the mean eigenvalue product of each layer's factors")
     similarity_checkpoints: int = arg(4, "similarity='grad': gradients at this many steps evenly spaced over the first fit run (its fine-tuning re-trained with the store's settings), one learned-weight cosine term per checkpoint (TracIn-CP sums over checkpoints); 1 = the base model only")
     objective: str = arg("teacher_forcing_then_rollout", "fitting loss: teacher_forcing (the paper: one-step MSE from true previous values), rollout (MSE of whole autoregressive rollouts of the fit runs, backpropagated through time) or teacher_forcing_then_rollout (teacher forcing to its best validation epoch, then rollout from those weights, kept only if a rollout epoch beats them on the validation runs). The two-phase default raises loss LDS over held-out curricula on the built-in tasks (mean over the five tasks, random curricula 0.384 -> 0.440, membership-only 0.414 -> 0.459, order-only 0.262 -> 0.311; benchmarks/results/lds_builtin.json) at a held-out trajectory MSE that is lower or equal on 8 of the 12 (task, metric) rows and up to 17 % higher on sentiment (README \"Accuracy on the built-in tasks\"); teacher_forcing keeps the lower MSE there")
@@ -206,14 +209,18 @@ class FeaturizedFactors(nn.Module):
         return torch.einsum("ntd,mtd->tnm", a, self._views(s_test, "test")) / self.sim_scale[:, None, None]
 
     def forward(self, h_train: torch.Tensor, h_test: torch.Tensor, s_train: torch.Tensor | None = None,
-                s_test: torch.Tensor | None = None) -> torch.Tensor:
+                s_test: torch.Tensor | None = None, similarity: torch.Tensor | None = None) -> torch.Tensor:
+        """``similarity``: ``self.similarity(s_train, s_test)`` computed beforehand (it has no
+        learned parameters, so a fit computes it once instead of on every step)."""
         out = self._projected(h_train, h_test)
         if self.bias is not None:
             out = out + self.bias[:, None, None]
         if self.sim_dim:
-            if s_train is None or s_test is None:
-                raise InputError("gptfluence: this simulator has a similarity term; give s_train and s_test")
-            out = out + torch.einsum("kb,bnm->knm", self.sim_weight, self.similarity(s_train, s_test))
+            if similarity is None:
+                if s_train is None or s_test is None:
+                    raise InputError("gptfluence: this simulator has a similarity term; give s_train and s_test")
+                similarity = self.similarity(s_train, s_test)
+            out = out + torch.einsum("kb,bnm->knm", self.sim_weight, similarity)
         return out
 
     def _projected(self, h_train: torch.Tensor, h_test: torch.Tensor) -> torch.Tensor:
@@ -539,7 +546,11 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         str_, ste_ = self._sim_tables()
         s_tr = torch.as_tensor(str_.get(train_ids, "training (similarity)"), device=dev)
         s_te = torch.as_tensor(ste_.get(test_ids, "test (similarity)"), device=dev)
-        return lambda: module(htr, hte, s_tr, s_te)
+        if module.sim_terms * len(train_ids) * len(test_ids) > SIMILARITY_PRECOMPUTE_MAX:
+            return lambda: module(htr, hte, s_tr, s_te)
+        with torch.no_grad():  # fixed buffers only: the same tensor on every call
+            sim = module.similarity(s_tr, s_te)
+        return lambda: module(htr, hte, similarity=sim)
 
     # -- artifacts ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
