@@ -104,23 +104,26 @@ lds-builtin: setup
 	$(BIN)/python benchmarks/merge_lds.py $(foreach t,$(BUILTIN_TASKS),$(LDS_DIR)/$(t)-lds.json) \
 		--out $(R)/$(LDS_OUT).json --markdown $(R)/$(LDS_OUT).md
 
-# GPTfluence's loss LDS per validation split (seeds 0, 1, 2) and fitting objective (default, teacher
-# forcing only, rollout phase always kept), on the stores of lds-builtin (benchmarks/results/lds_splits.*;
+# GPTfluence's loss LDS per validation split (seeds 0, 1, 2): fitting objectives with raw gradient
+# features (the default objective, teacher forcing only, rollout phase always kept) and today's
+# default (raw_and_kfac = none+kfac), on the stores of lds-builtin (benchmarks/results/lds_splits.*;
 # README "What raised LDS (1)"). Sentiment's held-out store is in runs/lds-builtin, the others' in
 # runs/lds-builtin-full (see lds_builtin.json's configs).
 lds-splits: setup
 	$(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
-		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --out $(R)/lds_splits.json --markdown $(R)/lds_splits.md
+		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits \
+		--variants raw_gradients teacher_forcing rollout_phase_keep_best_epoch raw_and_kfac \
+		--out $(R)/lds_splits.json --markdown $(R)/lds_splits.md
 
 # K-FAC-whitened gradient features (split seed 0; benchmarks/results/lds_kfac.*; README "What raised LDS")
 lds-kfac: setup
 	$(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
 		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --seeds 0 \
-		--variants default teacher_forcing rollout kfac kfac_rollout raw_and_kfac raw_and_kfac_rollout \
+		--variants raw_gradients teacher_forcing rollout kfac kfac_rollout raw_and_kfac raw_and_kfac_rollout \
 		--out $(R)/lds_kfac.json --markdown $(R)/lds_kfac.md
 	$(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
 		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --seeds 1 2 \
-		--variants default teacher_forcing kfac_rollout raw_and_kfac --out $(R)/lds_kfac_splits.json --markdown $(R)/lds_kfac_splits.md
+		--variants raw_gradients teacher_forcing kfac_rollout raw_and_kfac --out $(R)/lds_kfac_splits.json --markdown $(R)/lds_kfac_splits.md
 
 # K-FAC features on the generation tasks, every metric, with references (lds_kfac_generation.*: default
 # objective; lds_kfac_rollout_generation.*: rollout only), and rollout only on the second task-data
@@ -154,11 +157,19 @@ lds-kfac-generation: setup
 	$(BIN)/gptfluence evaluate $(BUILTIN_DIR)/data2text $(BUILTIN_DIR)/translation $(BUILTIN_DIR)/sentiment --methods gptfluence mean_curve \
 		--no-progress --no-trajectories $(KFAC) --objective rollout --rollout-runs 8 \
 		--out $(R)/evaluate_kfac_rollout.json --markdown $(R)/evaluate_kfac_rollout.md
+	mkdir -p runs/lds-gen-exp
+	for t in data2text translation; do \
+		$(BIN)/gptfluence lds $(BUILTIN_DIR)/$$t runs/lds-builtin-full/$$t-heldout --methods gptfluence --no-references \
+			--metrics bleu rougeL --no-progress --objective rollout --rollout-runs 8 --out runs/lds-gen-exp/$$t-rollout.json || exit 1; \
+	done
+	$(BIN)/python benchmarks/merge_lds.py runs/lds-gen-exp/data2text-rollout.json runs/lds-gen-exp/translation-rollout.json \
+		--out $(R)/lds_generation_metrics_rollout.json --markdown $(R)/lds_generation_metrics_rollout.md
 
 # Verification by re-training on the built-in tasks (benchmarks/results/verify_builtin.json): per task
 # and method, remove the top-k helpful / harmful / k random examples of held-out run run-0002 for the
 # whole test set, simulate and re-train (plus the noise floor: other seeds, other orders); removed
 # slots padded (verify_builtin.json) or filled with unseen pool examples (verify_builtin_pool.json).
+# --by-label (label tasks): the same per label, the test set restricted to that label (verify_builtin_by_label.json).
 VERIFY_METHODS ?= gptfluence simfluence
 VERIFY_K ?= 10
 verify-builtin: setup
@@ -167,6 +178,8 @@ verify-builtin: setup
 		--work runs/verify-builtin --out $(R)/verify_builtin.json
 	$(BIN)/python benchmarks/verify_builtin.py $(STORES) --methods $(VERIFY_METHODS) --k $(VERIFY_K) --fill pool \
 		--work runs/verify-builtin --out $(R)/verify_builtin_pool.json
+	$(BIN)/python benchmarks/verify_builtin.py $(STORES) --methods $(VERIFY_METHODS) --k $(VERIFY_K) --by-label \
+		--work runs/verify-builtin --out $(R)/verify_builtin_by_label.json
 
 # The paper's applications (benchmarks/results/applications_builtin.json; README, "Applications"):
 # mislabelled data (sentiment, 40% of the training labels flipped), unseen data (fit curricula from 75%

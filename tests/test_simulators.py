@@ -673,13 +673,13 @@ def test_artifacts_that_predate_a_config_field_load_with_the_behaviour_they_were
         fitted[method].save(tmp_path / method)
         cfg_path = tmp_path / method / "config.json"
         meta = json.loads(cfg_path.read_text())
-        for k in ("detrend", "center_features"):
+        for k in ("detrend", "center_features", "similarity_preconditioner"):
             meta["config"].pop(k, None)
         cfg_path.write_text(json.dumps(meta))
         back = load_simulator(tmp_path / method)
         assert back.config.detrend is False
-        if method == "gptfluence":
-            assert back.config.center_features is False
+        if method == "gptfluence":  # raw gradients only before the preconditioner field (default now none+kfac)
+            assert back.config.center_features is False and back.config.similarity_preconditioner == "none"
 
 
 # ---------------------------------------------------------------------------------------------

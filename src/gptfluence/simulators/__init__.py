@@ -65,7 +65,8 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 register_method(MethodSpec(
     "gptfluence", GPTfluenceSimulator, GPTfluenceConfig, takes_encoder=True,
     description="GPTfluence, this library's variant (see GPTfluenceConfig: linear separate projections of centred "
-                "MiniLM features, gradient-similarity terms at checkpoints, detrended, normalised)"))
+                "MiniLM features, raw and K-FAC-whitened gradient-similarity terms at checkpoints, detrended, "
+                "normalised, teacher forcing then rollouts)"))
 register_method(MethodSpec("simfluence", SimfluenceSimulator, SimfluenceConfig,
                            description="Simfluence-Linear, this library's variant (zero init, detrended, normalised)"))
 register_method(MethodSpec("constant", ConstantSimulator, description="reference: the start value at every step"))
