@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
-def test_groups(store, by_label: bool) -> list[tuple[str, list[int] | None]]:
+def verify_test_groups(store, by_label: bool) -> list[tuple[str, list[int] | None]]:
     """[(test_group, test ids or None = the whole test set)]: the whole set, or with ``by_label`` one
     group per label of a classification task's test examples (none for a generation task)."""
     if not by_label:
@@ -104,7 +104,7 @@ def main() -> int:
             # one re-training folder per simulator config: a refit (new defaults) ranks other examples,
             # and a store refuses curricula it was not created with
             tag = hashlib.sha256(json.dumps(to_dict(sim.config), sort_keys=True).encode()).hexdigest()[:10]
-            for test_group, test_ids in test_groups(store, a.by_label):
+            for test_group, test_ids in verify_test_groups(store, a.by_label):
                 out = work / ((f"verify-{tag}" if a.fill == "pad" else f"verify-{a.fill}-{tag}")
                               + ("" if test_ids is None else f"-{test_group}"))
                 out.mkdir(parents=True, exist_ok=True)
