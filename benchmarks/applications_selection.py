@@ -99,7 +99,7 @@ def main() -> int:
     import torch
 
     from gptfluence.analysis.evaluate import _sanitize
-    from gptfluence.analysis.selection import SelectConfig, fit_on_store, resolve_test_ids
+    from gptfluence.analysis.selection import SelectConfig, fit_on_store, resolve_test_ids, selection_fit_overrides
     from gptfluence.config import to_dict, write_text_atomic
     from gptfluence.dynamics.store import Dynamics
     from gptfluence.simulators import method_names
@@ -124,8 +124,20 @@ def main() -> int:
     p.add_argument("--eval-orders", type=int, default=8)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--work", default="runs/selection", help="folder for the fine-tuning store (resumable)")
+    p.add_argument("--fit-preset", default="selection", choices=("selection", "default"),
+                   help="config of the main (first) method, as `gptfluence select --fit-preset` fits it")
+    p.add_argument("--main-config", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="config fields of the main method over --fit-preset's, VALUE as JSON or a string, "
+                        "e.g. similarity_preconditioner=none")
     p.add_argument("--out", default="benchmarks/results/applications_parts/selection.json")
     a = p.parse_args()
+    main_config = selection_fit_overrides(a.methods[0], a.fit_preset)
+    for item in a.main_config:
+        key, _, raw = item.partition("=")
+        try:
+            main_config[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            main_config[key] = raw
     torch.set_num_threads(1)
     t_all = time.time()
     store = Dynamics.open(a.store)
@@ -133,7 +145,7 @@ def main() -> int:
     for m in a.methods:
         t0 = time.time()
         print(f"fitting {m}", flush=True)
-        sims[m] = fit_on_store(m, store, a.metric, seed=0)
+        sims[m] = fit_on_store(m, store, a.metric, seed=0, **(main_config if m == a.methods[0] else {}))
         fit_s[m] = time.time() - t0
     cfg = SelectConfig(budget=a.budget, metric=a.metric, reference_passes=a.reference_passes, orders=a.orders,
                        start_random=a.start_random, swap_rounds=a.swap_rounds, swap_proposals=a.swap_proposals,
@@ -160,7 +172,7 @@ def main() -> int:
            "task": store.task.name, "store": a.store, "metric": a.metric, "budget": a.budget,
            "pool_size": int(len(store.train_ids)), "methods": a.methods,
            "better": "lower" if a.metric == "loss" else "higher",
-           "select_config": to_dict(cfg), "seeds": a.seeds, "random_subsets": a.random_subsets,
+           "select_config": to_dict(cfg), "fit_preset": a.fit_preset, "main_config": to_dict(sims[a.methods[0]].config), "seeds": a.seeds, "random_subsets": a.random_subsets,
            "seed_meaning": "seed s: the selection seed (reference curricula, subset search, candidate orders), the "
                            "random subsets' seed and the training seed",
            "vs_random_definition": "every record of a choice paired with every random-subset record of the same seed "

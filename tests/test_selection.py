@@ -10,7 +10,8 @@ import pytest
 
 from conftest import collect_cli_flags, make_run, private_model_cache
 from gptfluence.analysis.selection import (Choice, SelectConfig, SelectionShape, best_index, check_budget,
-                                           reference_curricula, select, subset_curriculum, summarize_records, top_k)
+                                           fit_on_store, reference_curricula, select, selection_fit_overrides,
+                                           subset_curriculum, summarize_records, top_k)
 from gptfluence.cli import main
 from gptfluence.dynamics.collect import CollectConfig
 from gptfluence.dynamics.curriculum import read_curriculum_file
@@ -248,3 +249,25 @@ def test_cli_select_test_ids_file(tiny_store, tmp_path):
     assert sel["search"]["swaps_accepted"] == 0
     cf = read_curriculum_file(out / "curriculum.jsonl")
     assert cf.seeds == {"selection": 0}
+
+
+def test_select_fit_preset(tiny_store, tmp_path, capsys):
+    """`select` fits gptfluence with the 'selection' preset (teacher forcing, raw gradients) unless
+    --fit-preset default; other methods keep their defaults; the overrides reach the fit and are
+    recorded; a bad preset is a clean error before anything is written."""
+    assert selection_fit_overrides("gptfluence", "selection") == {"objective": "teacher_forcing",
+                                                                  "similarity_preconditioner": "none"}
+    assert selection_fit_overrides("gptfluence", "default") == {}
+    assert selection_fit_overrides("simfluence", "selection") == {}
+    with pytest.raises(InputError, match="fit-preset"):
+        selection_fit_overrides("gptfluence", "best")
+    sim = fit_on_store("simfluence", Dynamics.open(tiny_store), "loss", seed=0, epochs=1)
+    assert sim.config.epochs == 1
+    out = tmp_path / "sel"
+    base = ["select", str(tiny_store), "--method", "constant", "--budget", "3", "--orders", "1", "--no-progress"]
+    assert main(base + ["--out", str(out)]) == 0
+    cfg = json.loads((out / "select_config.json").read_text())
+    assert cfg["fit_preset"] == "selection" and cfg["simulator"]["config_overrides"] == {}
+    assert main(base + ["--fit-preset", "best", "--out", str(tmp_path / "bad")]) == 2
+    assert "--fit-preset must be one of" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -64,6 +64,7 @@ class SelectConfig:
     seed: int = arg(0, "seed of the reference curricula and the candidate orders (also the training seed written to the curriculum file)")
     chunk: int = arg(256, "curricula per simulate call")
     method: str = arg("gptfluence", "simulator method fitted on the store (all its runs but a seeded validation split) when no --simulator folder is given")
+    fit_preset: str = arg("selection", "config of the simulator fitted here (not of a --simulator folder): 'selection' = for gptfluence teacher forcing only and raw gradient features (objective=teacher_forcing, similarity_preconditioner=none; SELECTION_FIT_OVERRIDES), 'default' = the method's defaults. The search visits extreme subsets (e.g. one label only); on the built-in sentiment task the default gptfluence (rollout phase, K-FAC features) predicts those far too well (0.8 vs an actual loss of 2.6) and its choices were worse than random subsets, the 'selection' config's were not (README \"Choosing training data\")")
     verify: bool = arg(False, "check the choice by really fine-tuning: the choice, --random-subsets random subsets of the same size and the --baselines' choices, for --seeds seeds each (into OUT/verify, resumable)")
     baselines: list[str] = arg([], "verify: other simulator methods whose choices are fine-tuned too (e.g. grad_dot tracin_cp; fitted on the store)")
     random_subsets: int = arg(3, "verify: random subsets of --budget examples (random order) per seed")
@@ -453,15 +454,30 @@ def summarize_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
     return out
 
 
+# Config fields over a method's defaults for the simulator `gptfluence select` fits itself
+# (SelectConfig.fit_preset "selection"); methods not listed use their defaults.
+SELECTION_FIT_OVERRIDES: dict[str, dict[str, Any]] = {
+    "gptfluence": {"objective": "teacher_forcing", "similarity_preconditioner": "none"},
+}
+FIT_PRESETS = ("selection", "default")
+
+
+def selection_fit_overrides(method: str, preset: str) -> dict[str, Any]:
+    """The config overrides of ``method`` under ``SelectConfig.fit_preset`` ``preset``."""
+    if preset not in FIT_PRESETS:
+        raise InputError(f"--fit-preset must be one of {', '.join(FIT_PRESETS)} (got {preset!r})")
+    return dict(SELECTION_FIT_OVERRIDES.get(method, {})) if preset == "selection" else {}
+
+
 def fit_on_store(method: str, store: Any, metric: str = "loss", seed: int = 0, progress: bool = False,
-                 encoder: Any = None) -> Any:
-    """A ``method`` simulator fitted on every run of ``store`` but a seeded validation split
-    (`fit_and_validation_runs`, as `gptfluence lds` fits)."""
+                 encoder: Any = None, **overrides: Any) -> Any:
+    """A ``method`` simulator (config fields ``overrides`` over its defaults) fitted on every run of
+    ``store`` but a seeded validation split (`fit_and_validation_runs`, as `gptfluence lds` fits)."""
     from gptfluence.analysis.splits import fit_and_validation_runs
     from gptfluence.simulators import make_simulator
 
     fit_runs, val_runs = fit_and_validation_runs(store.run_ids, seed)
-    sim = make_simulator(method, metric, encoder=encoder)
+    sim = make_simulator(method, metric, encoder=encoder, **overrides)
     sim.fit(store, fit_runs, val_runs, progress=progress)
     return sim
 

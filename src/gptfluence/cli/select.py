@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from gptfluence.analysis.selection import (SelectConfig, Choice, check_budget, compare_selections, fit_on_store,
-                                               resolve_test_ids, selection_choices)
+                                               resolve_test_ids, selection_choices, selection_fit_overrides)
     from gptfluence.config import to_dict, write_text_atomic
     from gptfluence.dynamics.curriculum import write_curriculum_lines
     from gptfluence.dynamics.store import Dynamics
@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     tids = resolve_test_ids(store, ids)
     for m in [cfg.method] + list(cfg.baselines):
         method_spec(m)  # names an unknown method before anything runs
+    overrides = selection_fit_overrides(cfg.method, cfg.fit_preset)
     log = (lambda s: print(s, file=sys.stderr)) if not args.no_progress else (lambda s: None)
     torch.set_num_threads(1)
     if args.simulator:
@@ -99,9 +100,11 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--metric {cfg.metric}: the simulator {args.simulator} simulates {sim.metric!r}")
         source = {"simulator": str(args.simulator), "method": sim.method}
     else:
-        log(f"fitting {cfg.method} ({cfg.metric}) on {args.dynamics}")
-        sim = fit_on_store(cfg.method, store, cfg.metric, seed=0)
-        source = {"fitted_on": str(args.dynamics), "method": cfg.method, "split_seed": 0}
+        log(f"fitting {cfg.method} ({cfg.metric}) on {args.dynamics}"
+            + (f" with {overrides} (--fit-preset {cfg.fit_preset})" if overrides else ""))
+        sim = fit_on_store(cfg.method, store, cfg.metric, seed=0, **overrides)
+        source = {"fitted_on": str(args.dynamics), "method": cfg.method, "split_seed": 0,
+                  "fit_preset": cfg.fit_preset, "config_overrides": overrides}
     prepare_output_dir(out, "selection", is_own, inputs=inputs)
     save_json({"format": CONFIG_FORMAT, **to_dict(cfg), "dynamics": str(args.dynamics), "simulator": source,
                "test_ids": tids.tolist()}, out / "select_config.json")
