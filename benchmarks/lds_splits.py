@@ -41,6 +41,7 @@ VARIANTS = {
     "kfac_rollout": ["--similarity-preconditioner", "kfac", "--objective", "rollout", "--rollout-runs", "8"],
     "raw_and_kfac": ["--similarity-preconditioner", "none+kfac"],
     "raw_and_kfac_rollout": ["--similarity-preconditioner", "none+kfac", "--objective", "rollout", "--rollout-runs", "8"],
+    "raw_and_kfac_8checkpoints": ["--similarity-preconditioner", "none+kfac", "--similarity-checkpoints", "8"],
 }
 DESIGNS = ("both", "membership", "order")
 
