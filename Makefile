@@ -124,6 +124,10 @@ lds-kfac: setup
 	$(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
 		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --seeds 1 2 \
 		--variants raw_gradients teacher_forcing kfac_rollout raw_and_kfac --out $(R)/lds_kfac_splits.json --markdown $(R)/lds_kfac_splits.md
+	$(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
+		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --seeds 0 \
+		--variants raw_gradients raw_and_kfac raw_and_kfac_8checkpoints \
+		--out $(R)/lds_kfac_8checkpoints.json --markdown $(R)/lds_kfac_8checkpoints.md
 
 # K-FAC features on the generation tasks, every metric, with references (lds_kfac_generation.*: default
 # objective; lds_kfac_rollout_generation.*: rollout only), and rollout only on the second task-data
