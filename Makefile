@@ -128,6 +128,10 @@ lds-kfac: setup
 		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --seeds 0 \
 		--variants raw_gradients raw_and_kfac raw_and_kfac_8checkpoints \
 		--out $(R)/lds_kfac_8checkpoints.json --markdown $(R)/lds_kfac_8checkpoints.md
+	$(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
+		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --seeds 0 \
+		--variants raw_gradients raw_and_kfac raw_and_kfac_damping1 \
+		--out $(R)/lds_kfac_damping.json --markdown $(R)/lds_kfac_damping.md
 
 # K-FAC features on the generation tasks, every metric, with references (lds_kfac_generation.*: default
 # objective; lds_kfac_rollout_generation.*: rollout only), and rollout only on the second task-data

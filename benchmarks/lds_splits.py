@@ -42,6 +42,7 @@ VARIANTS = {
     "raw_and_kfac": ["--similarity-preconditioner", "none+kfac"],
     "raw_and_kfac_rollout": ["--similarity-preconditioner", "none+kfac", "--objective", "rollout", "--rollout-runs", "8"],
     "raw_and_kfac_8checkpoints": ["--similarity-preconditioner", "none+kfac", "--similarity-checkpoints", "8"],
+    "raw_and_kfac_damping1": ["--similarity-preconditioner", "none+kfac", "--similarity-damping", "1.0"],
 }
 DESIGNS = ("both", "membership", "order")
 
