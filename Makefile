@@ -109,27 +109,24 @@ lds-builtin: setup
 # default (raw_and_kfac = none+kfac), on the stores of lds-builtin (benchmarks/results/lds_splits.*;
 # README "What raised LDS (1)"). Sentiment's held-out store is in runs/lds-builtin, the others' in
 # runs/lds-builtin-full (see lds_builtin.json's configs).
+LDS_SPLITS = $(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
+	--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits
 lds-splits: setup
-	$(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
-		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits \
+	$(LDS_SPLITS) \
 		--variants raw_gradients teacher_forcing rollout_phase_keep_best_epoch raw_and_kfac \
 		--out $(R)/lds_splits.json --markdown $(R)/lds_splits.md
 
 # K-FAC-whitened gradient features (split seed 0; benchmarks/results/lds_kfac.*; README "What raised LDS")
 lds-kfac: setup
-	$(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
-		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --seeds 0 \
+	$(LDS_SPLITS) --seeds 0 \
 		--variants raw_gradients teacher_forcing rollout kfac kfac_rollout raw_and_kfac raw_and_kfac_rollout \
 		--out $(R)/lds_kfac.json --markdown $(R)/lds_kfac.md
-	$(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
-		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --seeds 1 2 \
+	$(LDS_SPLITS) --seeds 1 2 \
 		--variants raw_gradients teacher_forcing kfac_rollout raw_and_kfac --out $(R)/lds_kfac_splits.json --markdown $(R)/lds_kfac_splits.md
-	$(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
-		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --seeds 0 \
+	$(LDS_SPLITS) --seeds 0 \
 		--variants raw_gradients raw_and_kfac raw_and_kfac_8checkpoints \
 		--out $(R)/lds_kfac_8checkpoints.json --markdown $(R)/lds_kfac_8checkpoints.md
-	$(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
-		--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --seeds 0 \
+	$(LDS_SPLITS) --seeds 0 \
 		--variants raw_gradients raw_and_kfac raw_and_kfac_damping1 \
 		--out $(R)/lds_kfac_damping.json --markdown $(R)/lds_kfac_damping.md
 

@@ -24,9 +24,9 @@ strongly an example moves or is moved). To first order one SGD step on i changes
 ``-lr <g_i, g_m>``, which is what B has to learn, and a low-rank projection of sentence features
 cannot express such an identity-like inner product. ``similarity_preconditioner="kfac"``: the
 gradients are first whitened by each Linear layer's K-FAC curvature over the training pool (dot
-products = K-FAC influences, as kronfluence's), ``"none+kfac"`` keeps both kinds of terms; on the
-built-in tasks K-FAC features with ``objective="rollout"`` rank curricula that differ in membership
-far better on the generation tasks and worse on order-only ones (README, "What raises LDS (3)").
+products = K-FAC influences, as kronfluence's); ``"none+kfac"`` (default) keeps both kinds of
+terms, which ranks held-out curricula better on the built-in generation tasks and somewhat worse
+on order-only ones than raw gradients (``"none"``) (README, "What raised LDS (3)").
 ``"features"``: the cosine of h itself.
 ``"none"``: the paper's factors. ``"auto"`` (default): grad when the store names its model.
 
