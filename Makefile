@@ -53,13 +53,15 @@ evaluate-builtin: setup
 		--out benchmarks/results/evaluate_builtin.json --markdown benchmarks/results/evaluate_builtin.md
 
 # Loss only, on the stores evaluate-builtin collected: other splits (seeds 1, 2) and the ablations
-# of GPTfluence's defaults (README, "Accuracy on the built-in tasks").
+# of GPTfluence's defaults (README, "Accuracy on the built-in tasks"); evaluate_builtin_raw_gradients.*: every metric.
 R := benchmarks/results
 STORES = $(addprefix $(BUILTIN_DIR)/,$(BUILTIN_TASKS))
 EVAL_LOSS = $(BIN)/gptfluence evaluate $(STORES) --metrics loss --no-progress --no-trajectories
 evaluate-ablations: setup
 	for s in 1 2; do $(EVAL_LOSS) --seed $$s --out $(R)/evaluate_builtin_seed$$s.json --markdown $(R)/evaluate_builtin_seed$$s.md || exit 1; done
 	$(BIN)/python benchmarks/compare_splits.py $(R)/evaluate_builtin.json $(R)/evaluate_builtin_seed1.json $(R)/evaluate_builtin_seed2.json
+	$(BIN)/gptfluence evaluate $(STORES) --no-progress --no-trajectories --similarity-preconditioner none \
+		--out $(R)/evaluate_builtin_raw_gradients.json --markdown $(R)/evaluate_builtin_raw_gradients.md
 	$(EVAL_LOSS) --methods gptfluence mean_curve --similarity none --out $(R)/evaluate_no_similarity.json --markdown $(R)/evaluate_no_similarity.md
 	$(EVAL_LOSS) --methods gptfluence mean_curve --similarity-checkpoints 1 --no-similarity-norms --out $(R)/evaluate_base_model_gradients.json --markdown $(R)/evaluate_base_model_gradients.md
 	$(EVAL_LOSS) --methods gptfluence mean_curve --no-similarity-norms --out $(R)/evaluate_no_similarity_norms.json --markdown $(R)/evaluate_no_similarity_norms.md
