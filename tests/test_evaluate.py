@@ -132,6 +132,9 @@ def test_evaluate_json_format(tmp_path):
     assert t["true"][0] == t["predicted"][0]  # rollouts start from the true first value
     by = {r["method"]: r for r in d["results"]}
     assert by["constant"]["mse_mean"] > by["mean_curve"]["mse_mean"]
+    # the fitting objective that ran (gptfluence's "auto" resolved for loss), none for unfitted methods
+    assert by["gptfluence"]["objective"] == "teacher_forcing_then_rollout"
+    assert by["simfluence"]["objective"] == "teacher_forcing" and by["mean_curve"]["objective"] is None
     md = (tmp_path / "r.md").read_text()
     assert md.count("\n") == 2 + 4 and "| synthetic | loss | gptfluence |" in md
     assert "n/a" in format_markdown(d)

@@ -492,8 +492,9 @@ def test_teacher_forcing_then_rollout_starts_from_the_teacher_forced_fit_and_nev
     tf = make_simulator("gptfluence", "loss", encoder=enc, objective="teacher_forcing", **kw)
     h_tf = tf.fit(dyn, fit, val)
     two = make_simulator("gptfluence", "loss", encoder=enc, **kw)
-    assert two.config.objective == "teacher_forcing_then_rollout"  # the default
+    assert two.config.objective == "auto"  # the default: the two-phase objective on loss
     h = two.fit(dyn, fit, val)
+    assert h["objective"] == "teacher_forcing_then_rollout" and h_tf["objective"] == "teacher_forcing"
     first = h["teacher_forcing"]
     assert first["val_mse"] == h_tf["val_mse"] and first["best_epoch"] == h_tf["best_epoch"]
     n1 = first["epochs_run"]
@@ -511,6 +512,30 @@ def test_teacher_forcing_then_rollout_starts_from_the_teacher_forced_fit_and_nev
         assert h["best_val_mse"] < h_tf["best_val_mse"]
         assert h["val_mse"][h["best_epoch"] - 1] == h["best_val_mse"]
     assert np.isfinite(mse_two)
+
+
+def test_objective_auto_fits_metrics_of_decoded_text_by_rollout():
+    """objective='auto' (GPTfluence's default) is rollout for bleu, rougeL and accuracy and the
+    two-phase objective for loss and any other metric name; an explicit objective is kept; the fit
+    history records the objective that ran, and a fit under 'auto' on a 'bleu' store is exactly the
+    rollout fit (same seed, same weights)."""
+    from gptfluence.simulators.common import resolve_objective
+
+    assert resolve_objective("auto", "loss") == "teacher_forcing_then_rollout"
+    assert [resolve_objective("auto", m) for m in ("bleu", "rougeL", "accuracy")] == ["rollout"] * 3
+    assert resolve_objective("auto", "perplexity") == "teacher_forcing_then_rollout"
+    assert resolve_objective("teacher_forcing", "bleu") == "teacher_forcing"
+    dyn, enc = synthetic_dynamics(n_runs=6, n_steps=12, n_train=20, n_test=6, dim=16, eta=0.06, seed=5, metric="bleu")
+    ids = dyn.run_ids
+    kw = {**FAST, "epochs": 3}
+    auto = make_simulator("gptfluence", "bleu", encoder=enc, **kw)
+    ro = make_simulator("gptfluence", "bleu", encoder=enc, objective="rollout", **kw)
+    h_auto, h_ro = auto.fit(dyn, ids[:4], ids[4:5]), ro.fit(dyn, ids[:4], ids[4:5])
+    assert h_auto["objective"] == h_ro["objective"] == "rollout" and "teacher_forcing" not in h_auto
+    assert h_auto["val_mse"] == h_ro["val_mse"]
+    _, p_auto = _heldout_mse(auto, dyn, ids[5:])
+    _, p_ro = _heldout_mse(ro, dyn, ids[5:])
+    np.testing.assert_array_equal(p_auto, p_ro)
 
 
 def test_rollout_phase_keep_best_epoch_keeps_a_rollout_epoch_even_where_it_validates_worse(synth):

@@ -178,7 +178,7 @@ def skipped_record(method: str, task: str, metric: str, reason: str, n_runs: int
     rec.update({k: nan for k in ("mse_mean", "mse_std", "mae_mean", "mae_std", "spearman_final_mean",
                                  "spearman_final_std", "curriculum_spearman_mean", "curriculum_spearman_std")})
     rec.update(n_trajectories=0, n_nonfinite=0, mse_by_step=[], steps=[], n_runs=n_runs, n_test_examples=n_tests,
-               fit_seconds=0.0, simulate_seconds=0.0, first_step=None, epochs_run=None, best_epoch=None)
+               fit_seconds=0.0, simulate_seconds=0.0, first_step=None, objective=None, epochs_run=None, best_epoch=None)
     return rec
 
 
@@ -279,7 +279,8 @@ def evaluate(dynamics: Dynamics | Sequence[Dynamics], methods: Sequence[str] | N
                 rec.update(hist.get("record") or {})  # method-specific fields (e.g. scores: "loss-gradient")
                 rec.update(n_runs=len(sp["test"]), n_test_examples=int(tids.size), fit_seconds=fit_s,
                            simulate_seconds=sim_s, steps=steps[f0:].tolist(), first_step=f0,
-                           epochs_run=hist.get("epochs_run"), best_epoch=hist.get("best_epoch"))
+                           objective=hist.get("objective"), epochs_run=hist.get("epochs_run"),
+                           best_epoch=hist.get("best_epoch"))
                 results.append(rec)
                 if keep_trajectories:
                     for r, rid in enumerate(sp["test"]):
@@ -383,7 +384,8 @@ def write_results(result: dict[str, Any], out: str | os.PathLike, markdown: str 
     mae_mean, mae_std, spearman_final_mean, spearman_final_std, curriculum_spearman_mean,
     curriculum_spearman_std, n_runs, n_test_examples, n_trajectories, n_nonfinite (diverged
     trajectories; > 0: mse_mean / mae_mean null = infinite), fit_seconds, simulate_seconds,
-    mse_by_step [S], steps [S], first_step, epochs_run, best_epoch, + method fields such as
+    mse_by_step [S], steps [S], first_step, objective (the fitting objective that ran; null for
+    unfitted methods), epochs_run, best_epoch, + method fields such as
     scores ("loss-gradient"), gradient_source, checkpoint_every, scale}], "trajectories": [{method, task, metric, run_id, steps,
     test_ids, true [S][M], predicted [S][M]}]}``.
     """

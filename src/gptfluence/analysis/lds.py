@@ -279,6 +279,7 @@ def measure_lds(fit: Any, heldout: Any, methods: Sequence[str] | None = None, me
         cur, start, true, f0 = heldout_finals(heldout, metric, all_ids)
         tids = np.asarray(heldout.run(all_ids[0]).test_ids)
         preds: dict[str, tuple[str, np.ndarray, float]] = {}
+        objectives: dict[str, str | None] = {}  # the fitting objective each learned method ran
         for method in methods:
             say(f"{task_name} / {metric}: fitting {method} on {len(fit_runs)} runs")
             sim = make_simulator(method, metric, encoder=encoders.for_method(method, full_cfg.get(method)),
@@ -294,6 +295,7 @@ def measure_lds(fit: Any, heldout: Any, methods: Sequence[str] | None = None, me
                 say(f"{task_name} / {metric}: {method} skipped: {e}")
                 continue
             preds[method] = ("simulator", out[:, -1].astype(np.float64), fit_s)
+            objectives[method] = (getattr(sim, "history", None) or {}).get("objective")
         if references:
             rows = np.asarray([heldout.test_row[int(t)] for t in tids])
             H_test = H_test_all[rows]
@@ -315,6 +317,8 @@ def measure_lds(fit: Any, heldout: Any, methods: Sequence[str] | None = None, me
                 if "similarity_sum" in pers and name != "similarity_sum":
                     rec["vs_similarity_sum"] = paired_difference(per, pers["similarity_sum"], n_boot, seed)
                 rec["fit_seconds"] = fit_s
+                if objectives.get(name):
+                    rec["objective"] = objectives[name]
                 results.append(rec)
                 per_example.append({"method": name, "task": task_name, "metric": metric, "variation": variation,
                                     "test_ids": tids.tolist(), "spearman": per.tolist()})

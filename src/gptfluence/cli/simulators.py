@@ -180,6 +180,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     hist = sim.fit(store, fit_runs, val_runs, progress=not args.no_progress)
     out = sim.save(args.out, overwrite=args.overwrite)
     msg = f"fitted {args.method} ({args.metric}) on {len(fit_runs)} runs"
+    if hist.get("objective"):
+        msg += f" by {hist['objective']}"
     if val_runs:
         msg += f", validated on {len(val_runs)}"
     if hist.get("best_val_mse") is not None:

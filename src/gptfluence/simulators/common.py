@@ -28,6 +28,22 @@ FORMAT_VERSION = 1
 UNSEEN_POLICIES = ("error", "zero")
 
 
+# objective="auto": metrics scored on decoded text (sentence BLEU, ROUGE-L, label accuracy: per test
+# example they jump between steps as the greedy decode flips) are fitted by whole rollouts; every
+# other metric (loss, and any metric an imported store names) by teacher_forcing_then_rollout.
+# Measured on the built-in tasks: benchmarks/results/lds_objective_metrics.md.
+ROLLOUT_METRICS = ("bleu", "rougeL", "accuracy")
+OBJECTIVE_CHOICES = engine.OBJECTIVES + ("auto",)
+
+
+def resolve_objective(objective: str, metric: str) -> str:
+    """The engine objective a config's ``objective`` means for ``metric``: itself, or for "auto"
+    rollout on `ROLLOUT_METRICS` and teacher_forcing_then_rollout otherwise."""
+    if objective != "auto":
+        return objective
+    return "rollout" if metric in ROLLOUT_METRICS else "teacher_forcing_then_rollout"
+
+
 @dataclasses.dataclass
 class FitConfig:
     """Optimisation settings shared by the learned simulators."""
@@ -43,7 +59,7 @@ class FitConfig:
     device: str = arg("cpu", "torch device: cpu, cuda[:k] or auto (cuda when available)")
     bridge_gaps: bool = arg(True, "teacher forcing across unrecorded steps: roll the model from the last recorded value to the next (metrics recorded every k steps); false = only targets whose previous order values are recorded")
     detrend: bool = arg(True, "fit deviations from the fit runs' mean trajectory (per test example and step) and add that trend back when simulating; false = the paper's model of the raw values")
-    objective: str = arg("teacher_forcing", "fitting loss: teacher_forcing (the paper: one-step MSE from true previous values), rollout (MSE of whole autoregressive rollouts of the fit runs, backpropagated through time; what evaluation measures) or teacher_forcing_then_rollout (teacher forcing to its best validation epoch, then rollout from those weights; kept only if a rollout epoch beats them on the validation runs)")
+    objective: str = arg("teacher_forcing", "fitting loss: teacher_forcing (the paper: one-step MSE from true previous values), rollout (MSE of whole autoregressive rollouts of the fit runs, backpropagated through time; what evaluation measures), teacher_forcing_then_rollout (teacher forcing to its best validation epoch, then rollout from those weights; kept only if a rollout epoch beats them on the validation runs) or auto (rollout for bleu, rougeL and accuracy, teacher_forcing_then_rollout otherwise)")
     rollout_runs: int = arg(8, "objective=rollout / the rollout phase: fit runs per optimizer step (0 = all)")
     rollout_phase_keep: str = arg("if_better", "objective=teacher_forcing_then_rollout: if_better (keep the rollout phase's best epoch only if it beats the teacher-forced weights on the validation runs) or best_epoch (always keep the rollout phase's best validation epoch)")
     normalize: bool = arg(True, "fit on metric / scale (scale = mean |value| over the fit runs); outputs stay in metric units")
@@ -63,7 +79,7 @@ class FitConfig:
         for name in ("epochs", "batch_size", "min_steps_per_epoch", "warmup_steps", "patience", "rollout_runs"):
             if getattr(self, name) < 0:
                 raise config_error(self, name, ">= 0")
-        for name, allowed in (("objective", engine.OBJECTIVES), ("optimizer", engine.OPTIMIZERS),
+        for name, allowed in (("objective", OBJECTIVE_CHOICES), ("optimizer", engine.OPTIMIZERS),
                               ("lr_schedule", engine.LR_SCHEDULES), ("early_stopping", engine.EARLY_STOPPING),
                               ("rollout_phase_keep", engine.ROLLOUT_PHASE_KEEP)):
             engine.check_choice(flag_name(name), getattr(self, name), allowed)
@@ -417,14 +433,15 @@ class RecurrenceSimulator(SimulatorBase):
                                  min_steps_per_epoch=c.min_steps_per_epoch,
                                  warmup_steps=c.warmup_steps, patience=c.patience, seed=c.seed, device=device,
                                  residual=self.residual, order=self.order, bridge_gaps=c.bridge_gaps,
-                                 objective=c.objective, rollout_runs=c.rollout_runs,
+                                 objective=resolve_objective(c.objective, self.metric), rollout_runs=c.rollout_runs,
                                  rollout_phase_keep=c.rollout_phase_keep, optimizer=c.optimizer,
                                  lr_schedule=c.lr_schedule, early_stopping=c.early_stopping,
                                  history_padding=self.history_padding)
         hist = engine.fit_engine(self.module, fn, fit_block, val_block, opts, progress=progress,
                                  desc=f"{self.method} {self.metric}", penalty=self._penalty())
         self.module.eval()
-        hist.update(fit_runs=fit_runs, val_runs=val_runs, scale=self.scale, fit_first_step=self.fit_first_step,
+        hist.update(objective=opts.objective, fit_runs=fit_runs, val_runs=val_runs, scale=self.scale,
+                    fit_first_step=self.fit_first_step,
                     total_seconds=time.perf_counter() - t0)
         self.history = hist
         return hist
