@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper lds-builtin lds-splits lds-kfac lds-kfac-generation verify-builtin applications-builtin
+.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation verify-builtin applications-builtin
 
 setup: $(VENV)/.installed
 
@@ -57,11 +57,16 @@ evaluate-builtin: setup
 R := benchmarks/results
 STORES = $(addprefix $(BUILTIN_DIR)/,$(BUILTIN_TASKS))
 EVAL_LOSS = $(BIN)/gptfluence evaluate $(STORES) --metrics loss --no-progress --no-trajectories
+# Earlier defaults of GPTfluence on every metric (GPTfluence only: --objective would apply to Simfluence too):
+# the two-phase objective everywhere (the default before objective=auto), also with raw gradients only.
+EVAL_EARLIER = $(BIN)/gptfluence evaluate $(STORES) --methods gptfluence mean_curve --no-progress --no-trajectories \
+	--objective teacher_forcing_then_rollout
 evaluate-ablations: setup
 	for s in 1 2; do $(EVAL_LOSS) --seed $$s --out $(R)/evaluate_builtin_seed$$s.json --markdown $(R)/evaluate_builtin_seed$$s.md || exit 1; done
 	$(BIN)/python benchmarks/compare_splits.py $(R)/evaluate_builtin.json $(R)/evaluate_builtin_seed1.json $(R)/evaluate_builtin_seed2.json
-	$(BIN)/gptfluence evaluate $(STORES) --no-progress --no-trajectories --similarity-preconditioner none \
+	$(EVAL_EARLIER) --similarity-preconditioner none \
 		--out $(R)/evaluate_builtin_raw_gradients.json --markdown $(R)/evaluate_builtin_raw_gradients.md
+	$(EVAL_EARLIER) --out $(R)/evaluate_builtin_two_phase.json --markdown $(R)/evaluate_builtin_two_phase.md
 	$(EVAL_LOSS) --methods gptfluence mean_curve --similarity none --out $(R)/evaluate_no_similarity.json --markdown $(R)/evaluate_no_similarity.md
 	$(EVAL_LOSS) --methods gptfluence mean_curve --similarity-checkpoints 1 --no-similarity-norms --out $(R)/evaluate_base_model_gradients.json --markdown $(R)/evaluate_base_model_gradients.md
 	$(EVAL_LOSS) --methods gptfluence mean_curve --no-similarity-norms --out $(R)/evaluate_no_similarity_norms.json --markdown $(R)/evaluate_no_similarity_norms.md
@@ -118,6 +123,16 @@ lds-splits: setup
 		--variants raw_gradients teacher_forcing rollout_phase_keep_best_epoch raw_and_kfac \
 		--out $(R)/lds_splits.json --markdown $(R)/lds_splits.md
 
+# GPTfluence's objective="auto" (rollout for BLEU, ROUGE-L and accuracy): against the two-phase objective
+# on those metrics, seeds 0, 1, 2 (benchmarks/results/lds_objective_metrics.*; README "What raised LDS (4)"),
+# and the two-phase objective that always keeps its rollout phase (seed 0; lds_objective_keep_best_epoch.*)
+lds-objective-metrics: setup
+	$(LDS_SPLITS) --metrics bleu rougeL accuracy --variants raw_and_kfac raw_and_kfac_rollout4 \
+		--out $(R)/lds_objective_metrics.json --markdown $(R)/lds_objective_metrics.md
+	$(LDS_SPLITS) --metrics bleu rougeL accuracy --seeds 0 \
+		--variants raw_and_kfac raw_and_kfac_rollout4 raw_and_kfac_keep_best_epoch \
+		--out $(R)/lds_objective_keep_best_epoch.json --markdown $(R)/lds_objective_keep_best_epoch.md
+
 # K-FAC-whitened gradient features (split seed 0; benchmarks/results/lds_kfac.*; README "What raised LDS")
 lds-kfac: setup
 	$(LDS_SPLITS) --seeds 0 \
@@ -140,7 +155,7 @@ lds-kfac-generation: setup
 	mkdir -p runs/lds-kfac-gen runs/lds-kfac-draw1
 	for t in data2text translation; do \
 		$(BIN)/gptfluence lds $(BUILTIN_DIR)/$$t runs/lds-builtin-full/$$t-heldout --methods gptfluence --no-progress $(KFAC) \
-			--out runs/lds-kfac-gen/$$t-kfac.json || exit 1; \
+			--objective teacher_forcing_then_rollout --out runs/lds-kfac-gen/$$t-kfac.json || exit 1; \
 		$(BIN)/gptfluence lds $(BUILTIN_DIR)/$$t runs/lds-builtin-full/$$t-heldout --methods gptfluence --no-progress $(KFAC) \
 			--objective rollout --rollout-runs 8 --out runs/lds-kfac-gen/$$t-kfac_rollout.json || exit 1; \
 	done

@@ -2,14 +2,16 @@
 
 The default objective (``teacher_forcing_then_rollout``) keeps its rollout phase only when a
 rollout epoch beats the teacher-forced weights on the 2 validation runs, so whether its LDS gain
-appears depends on the split. This runs ``gptfluence lds`` (loss, GPTfluence only, no references)
-for each task, split seed and objective variant, on the stores of ``make lds-builtin``, and tables
+appears depends on the split. This runs ``gptfluence lds`` (``--metrics``, default loss; GPTfluence
+only, no references) for each task, split seed and objective variant, on the stores of ``make lds-builtin``, and tables
 LDS per design, marking the runs whose per-example Spearman values equal teacher forcing only's
 exactly (the rollout phase was not kept). Resumable: a variant whose output exists is not re-run.
 Variants (``--variants``, see VARIANTS): with raw projected gradients (the default until
 ``none+kfac``) the default objective, teacher forcing only, the rollout phase always kept and
 rollout only; with K-FAC-whitened gradient features (``kfac``) or both kinds (``raw_and_kfac``:
-today's default) the default objective or rollout only.
+today's default features) the two-phase objective (the default on loss) or rollout only
+(``raw_and_kfac_rollout4``: what ``objective="auto"`` runs for bleu, rougeL and accuracy), or the
+two-phase objective always keeping its rollout phase (``raw_and_kfac_keep_best_epoch``).
 
     python benchmarks/lds_splits.py --work runs/lds-splits --out benchmarks/results/lds_splits.json \
         --markdown benchmarks/results/lds_splits.md
@@ -26,23 +28,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gptfluence.config import write_text_atomic  # noqa: E402
+from gptfluence.dynamics import Dynamics  # noqa: E402
 
 # Every variant names its gradient features explicitly, so a result stays what its name says when
 # defaults change: raw_gradients is the default objective with raw projected gradients (the
 # default until none+kfac); teacher_forcing / rollout_phase_keep_best_epoch / rollout change the
 # objective of that variant; raw_and_kfac is today's default (none+kfac), spelled out.
 RAW = ["--similarity-preconditioner", "none"]
+TWO_PHASE = ["--objective", "teacher_forcing_then_rollout"]  # the default objective of loss (objective="auto")
 VARIANTS = {
-    "raw_gradients": RAW,
+    "raw_gradients": [*TWO_PHASE, *RAW],
     "teacher_forcing": ["--objective", "teacher_forcing", *RAW],
-    "rollout_phase_keep_best_epoch": ["--rollout-phase-keep", "best_epoch", *RAW],
+    "rollout_phase_keep_best_epoch": [*TWO_PHASE, "--rollout-phase-keep", "best_epoch", *RAW],
     "rollout": ["--objective", "rollout", "--rollout-runs", "8", *RAW],
-    "kfac": ["--similarity-preconditioner", "kfac"],
+    "kfac": [*TWO_PHASE, "--similarity-preconditioner", "kfac"],
     "kfac_rollout": ["--similarity-preconditioner", "kfac", "--objective", "rollout", "--rollout-runs", "8"],
-    "raw_and_kfac": ["--similarity-preconditioner", "none+kfac"],
+    "raw_and_kfac": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac"],
     "raw_and_kfac_rollout": ["--similarity-preconditioner", "none+kfac", "--objective", "rollout", "--rollout-runs", "8"],
-    "raw_and_kfac_8checkpoints": ["--similarity-preconditioner", "none+kfac", "--similarity-checkpoints", "8"],
-    "raw_and_kfac_damping1": ["--similarity-preconditioner", "none+kfac", "--similarity-damping", "1.0"],
+    # objective="auto" for metrics of decoded text: rollout with GPTfluence's default 4 runs per step
+    "raw_and_kfac_rollout4": ["--similarity-preconditioner", "none+kfac", "--objective", "rollout", "--rollout-runs", "4"],
+    "raw_and_kfac_keep_best_epoch": [*TWO_PHASE, "--rollout-phase-keep", "best_epoch", "--similarity-preconditioner", "none+kfac"],
+    "raw_and_kfac_8checkpoints": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--similarity-checkpoints", "8"],
+    "raw_and_kfac_damping1": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--similarity-damping", "1.0"],
 }
 DESIGNS = ("both", "membership", "order")
 
@@ -51,25 +58,30 @@ def heldout_store(task: str, lds_dirs: dict[str, str]) -> str:
     return f"{lds_dirs.get(task, lds_dirs['*'])}/{task}-heldout"
 
 
-def run_one(task: str, seed: int, variant: str, args: argparse.Namespace, lds_dirs: dict[str, str]) -> Path:
-    out = Path(args.work) / f"{task}_seed{seed}_{variant}.json"
+def run_one(task: str, seed: int, variant: str, metric: str, args: argparse.Namespace, lds_dirs: dict[str, str]) -> Path:
+    suffix = "" if metric == "loss" else f"_{metric}"  # loss keeps the cache names it always had
+    out = Path(args.work) / f"{task}_seed{seed}_{variant}{suffix}.json"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "gptfluence", "lds", f"{args.builtin_dir}/{task}", heldout_store(task, lds_dirs),
-           "--methods", "gptfluence", "--metrics", "loss", "--no-references", "--no-progress", "--threads", "1",
+           "--methods", "gptfluence", "--metrics", metric, "--no-references", "--no-progress", "--threads", "1",
            "--seed", str(seed), "--out", str(out), *VARIANTS[variant]]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return out
 
 
-def per_design(path: Path) -> dict[str, dict]:
+def per_design(path: Path, metric: str) -> dict[str, dict]:
     d = json.loads(path.read_text())
-    recs = {r["variation"]: r for r in d["results"] if r["method"] == "gptfluence" and r["metric"] == "loss"}
-    per = {p["variation"]: p["spearman"] for p in d["per_example"] if p["method"] == "gptfluence" and p["metric"] == "loss"}
+    recs = {r["variation"]: r for r in d["results"] if r["method"] == "gptfluence" and r["metric"] == metric}
+    per = {p["variation"]: p["spearman"] for p in d["per_example"] if p["method"] == "gptfluence" and p["metric"] == metric}
     return {v: {"lds_mean": recs[v]["lds_mean"], "lds_ci_low": recs[v]["lds_ci_low"], "lds_ci_high": recs[v]["lds_ci_high"],
                 "n_curricula": recs[v]["n_curricula"], "spearman": per[v]} for v in recs}
+
+
+def fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def main() -> int:
@@ -78,6 +90,8 @@ def main() -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=["raw_gradients", "teacher_forcing", "rollout_phase_keep_best_epoch"],
                    choices=list(VARIANTS))
+    p.add_argument("--metrics", nargs="+", default=["loss"],
+                   help="metrics whose LDS is measured (default loss); a task whose store lacks one is skipped for it")
     p.add_argument("--builtin-dir", default="runs/builtin")
     p.add_argument("--lds-dir", action="append", default=[],
                    help="TASK=DIR of the held-out store DIR/TASK-heldout; '*=DIR' for the rest (default runs/lds-builtin)")
@@ -87,47 +101,58 @@ def main() -> int:
     a = p.parse_args()
     lds_dirs = {"*": "runs/lds-builtin"}
     lds_dirs.update(dict(s.split("=", 1) for s in a.lds_dir))
+    recorded = {t: set(Dynamics.open(f"{a.builtin_dir}/{t}").metrics) for t in a.tasks}
+    pairs = [(m, t) for m in a.metrics for t in a.tasks if m in recorded[t]]
     results = []
-    for task in a.tasks:
+    for metric, task in pairs:
         for seed in a.seeds:
-            got = {v: per_design(run_one(task, seed, v, a, lds_dirs)) for v in a.variants}
+            got = {v: per_design(run_one(task, seed, v, metric, a, lds_dirs), metric) for v in a.variants}
             tf = got.get("teacher_forcing")
             for v, des in got.items():
                 same = tf is not None and v != "teacher_forcing" and all(
                     des[d]["spearman"] == tf[d]["spearman"] for d in des if d in tf)
-                rec = {"task": task, "split_seed": seed, "variant": v, "method": "gptfluence", "metric": "loss",
+                rec = {"task": task, "split_seed": seed, "variant": v, "method": "gptfluence", "metric": metric,
                        "equals_teacher_forcing": bool(same),
                        **{f"lds_{d}": des[d]["lds_mean"] for d in DESIGNS if d in des},
                        **{f"lds_{d}_ci": [des[d]["lds_ci_low"], des[d]["lds_ci_high"]] for d in DESIGNS if d in des},
                        "n_curricula": {d: des[d]["n_curricula"] for d in des}}
                 results.append(rec)
-    means = {}
-    for v in a.variants:
-        for d in DESIGNS:
-            vals = [r[f"lds_{d}"] for r in results if r["variant"] == v and r.get(f"lds_{d}") is not None]
-            means[f"{v}/{d}"] = sum(vals) / len(vals) if vals else None
-    out = {"benchmark": "GPTfluence loss LDS per validation split and fitting objective (gptfluence lds --seed S)",
-           "variants": {v: VARIANTS[v] for v in a.variants}, "seeds": a.seeds, "tasks": a.tasks,
+    means: dict[str, float | None] = {}  # "<variant>/<design>" (one metric) or "<metric>/<variant>/<design>"
+    for metric in dict.fromkeys(m for m, _ in pairs):
+        for v in a.variants:
+            for d in DESIGNS:
+                vals = [r[f"lds_{d}"] for r in results if r["metric"] == metric and r["variant"] == v
+                        and r.get(f"lds_{d}") is not None]
+                key = f"{v}/{d}" if len(a.metrics) == 1 else f"{metric}/{v}/{d}"
+                means[key] = sum(vals) / len(vals) if vals else None
+    names = " / ".join(a.metrics)
+    out = {"benchmark": f"GPTfluence {names} LDS per validation split and fitting objective (gptfluence lds --seed S)",
+           "metrics": a.metrics, "variants": {v: VARIANTS[v] for v in a.variants}, "seeds": a.seeds, "tasks": a.tasks,
            "heldout_stores": {t: heldout_store(t, lds_dirs) for t in a.tasks},
            "definition": "lds_<design>: mean over test examples of the Spearman across held-out curricula of simulated "
-                         "vs true final loss; equals_teacher_forcing: every per-example Spearman equals the "
+                         "vs true final metric; equals_teacher_forcing: every per-example Spearman equals the "
                          "teacher-forcing-only fit's on the same split (the rollout phase was not kept)",
            "results": results, "mean_over_tasks_and_splits": means}
     write_text_atomic(a.out, json.dumps(out, indent=1) + "\n")
     if a.markdown:
-        lines = ["| task | split seed | " + " | ".join(a.variants) + " |", "| --- | --- |" + " --- |" * len(a.variants)]
-        for task in a.tasks:
-            for seed in a.seeds:
-                cells = []
-                for v in a.variants:
-                    r = next(r for r in results if r["task"] == task and r["split_seed"] == seed and r["variant"] == v)
-                    s = " / ".join(f"{r[f'lds_{d}']:.3f}" if r.get(f"lds_{d}") is not None else "n/a" for d in DESIGNS)
-                    cells.append(s + (" (= TF)" if r["equals_teacher_forcing"] else ""))
-                lines.append(f"| {task} | {seed} | " + " | ".join(cells) + " |")
-        lines.append("| **mean** | | " + " | ".join(" / ".join(f"{means[f'{v}/{d}']:.3f}" for d in DESIGNS)
-                                                    for v in a.variants) + " |")
-        lines += ["", "Loss LDS random / membership-only / order-only curricula; (= TF): per-example values identical "
-                  "to teacher forcing only (the rollout phase was not kept on that split)."]
+        one = len(a.metrics) == 1
+        head = "| task | split seed | " if one else "| metric | task | split seed | "
+        lines = [head + " | ".join(a.variants) + " |", "|" + " --- |" * ((2 if one else 3) + len(a.variants))]
+        for metric in dict.fromkeys(m for m, _ in pairs):
+            for task in [t for m, t in pairs if m == metric]:
+                for seed in a.seeds:
+                    cells = []
+                    for v in a.variants:
+                        r = next(r for r in results if r["metric"] == metric and r["task"] == task
+                                 and r["split_seed"] == seed and r["variant"] == v)
+                        s = " / ".join(fmt(r.get(f"lds_{d}")) for d in DESIGNS)
+                        cells.append(s + (" (= TF)" if r["equals_teacher_forcing"] else ""))
+                    lines.append(("" if one else f"| {metric} ") + f"| {task} | {seed} | " + " | ".join(cells) + " |")
+            pre = "" if one else f"{metric}/"
+            lines.append(("| **mean** | | " if one else f"| {metric} | **mean** | | ")
+                         + " | ".join(" / ".join(fmt(means[f"{pre}{v}/{d}"]) for d in DESIGNS) for v in a.variants) + " |")
+        lines += ["", f"{names} LDS random / membership-only / order-only curricula; (= TF): per-example values "
+                  "identical to teacher forcing only (the rollout phase was not kept on that split)."]
         write_text_atomic(a.markdown, "\n".join(lines) + "\n")
     print(json.dumps(means, indent=1))
     return 0
