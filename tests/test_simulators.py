@@ -519,8 +519,12 @@ def test_objective_auto_fits_metrics_of_decoded_text_by_rollout():
     two-phase objective for loss and any other metric name; an explicit objective is kept; the fit
     history records the objective that ran, and a fit under 'auto' on a 'bleu' store is exactly the
     rollout fit (same seed, same weights)."""
-    from gptfluence.simulators.common import resolve_objective
+    from gptfluence.lm.metrics import metric_names
+    from gptfluence.simulators.common import ROLLOUT_METRICS, resolve_objective
+    from gptfluence.types import CLASSIFICATION, GENERATION
 
+    # the metrics of decoded text are exactly what collection measures besides the loss
+    assert set(ROLLOUT_METRICS) == set(metric_names(GENERATION) + metric_names(CLASSIFICATION))
     assert resolve_objective("auto", "loss") == "teacher_forcing_then_rollout"
     assert [resolve_objective("auto", m) for m in ("bleu", "rougeL", "accuracy")] == ["rollout"] * 3
     assert resolve_objective("auto", "perplexity") == "teacher_forcing_then_rollout"

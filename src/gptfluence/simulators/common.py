@@ -32,7 +32,7 @@ UNSEEN_POLICIES = ("error", "zero")
 # example they jump between steps as the greedy decode flips) are fitted by whole rollouts; every
 # other metric (loss, and any metric an imported store names) by teacher_forcing_then_rollout.
 # Measured on the built-in tasks: benchmarks/results/lds_objective_metrics.md.
-ROLLOUT_METRICS = ("bleu", "rougeL", "accuracy")
+ROLLOUT_METRICS = ("bleu", "rougeL", "accuracy")  # = gptfluence.lm.metrics.metric_names of both task kinds (tested)
 OBJECTIVE_CHOICES = engine.OBJECTIVES + ("auto",)
 
 
