@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation verify-builtin applications-builtin
+.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation verify-builtin applications-builtin
 
 setup: $(VENV)/.installed
 
@@ -84,6 +84,12 @@ PAPER_OUT ?= evaluate_paper_presets
 evaluate-paper: setup
 	$(EVAL_LOSS) --methods gptfluence_paper simfluence_paper mean_curve --device auto \
 		--out $(R)/$(PAPER_OUT).json --markdown $(R)/$(PAPER_OUT).md
+
+# simfluence_paper alone costs ~5 CPU-min per (task, metric): every built-in task and metric beside
+# the mean curve (benchmarks/results/evaluate_simfluence_paper_builtin.*).
+evaluate-paper-simfluence: setup
+	$(BIN)/gptfluence evaluate $(STORES) --methods simfluence_paper mean_curve --no-progress --no-trajectories \
+		--device auto --out $(R)/evaluate_simfluence_paper_builtin.json --markdown $(R)/evaluate_simfluence_paper_builtin.md
 
 # LDS on the built-in tasks (benchmarks/results/lds_builtin.{json,md}; README, "Checking attribution"):
 # the 32-run fit stores of evaluate-builtin, and per task LDS_N held-out curricula per design (both,
