@@ -1,6 +1,6 @@
 """LDS of GPTfluence's fitting objectives and features over validation splits (benchmarks/results/lds_splits.*, lds_kfac.*).
 
-The default objective (``teacher_forcing_then_rollout``) keeps its rollout phase only when a
+The two-phase objective (``teacher_forcing_then_rollout``, the default on loss) keeps its rollout phase only when a
 rollout epoch beats the teacher-forced weights on the 2 validation runs, so whether its LDS gain
 appears depends on the split. This runs ``gptfluence lds`` (``--metrics``, default loss; GPTfluence
 only, no references) for each task, split seed and objective variant, on the stores of ``make lds-builtin``, and tables
@@ -33,7 +33,7 @@ from gptfluence.dynamics import Dynamics  # noqa: E402
 # Every variant names its gradient features explicitly, so a result stays what its name says when
 # defaults change: raw_gradients is the default objective with raw projected gradients (the
 # default until none+kfac); teacher_forcing / rollout_phase_keep_best_epoch / rollout change the
-# objective of that variant; raw_and_kfac is today's default (none+kfac), spelled out.
+# objective of that variant; raw_and_kfac is today's default on loss (none+kfac, two-phase), spelled out.
 RAW = ["--similarity-preconditioner", "none"]
 TWO_PHASE = ["--objective", "teacher_forcing_then_rollout"]  # the default objective of loss (objective="auto")
 VARIANTS = {
