@@ -3,6 +3,7 @@ dattri.metric.lds, and the measurement on synthetic stores."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -11,7 +12,8 @@ import pytest
 from gptfluence.analysis.lds import (bootstrap_ci, check_same_collection, cosine_matrix, datamodel_predict,
                                      format_lds_markdown, label_count_predict, lds_summary, measure_lds,
                                      occurrence_counts, per_example_spearman, same_label_matrix,
-                                     similarity_sum_predict)
+                                     similarity_sum_predict, tfidf_sum_predict)
+from gptfluence.features.lexical import TfidfFeatures
 from gptfluence.dynamics.curriculum import design_curricula, read_curriculum_file, sample_curriculum, \
     write_curriculum_lines
 from gptfluence.dynamics.store import Dynamics, Run
@@ -80,6 +82,25 @@ def test_references_sign_follow_the_metric():
     assert same_label_matrix([" yes", "no", " no"], ["no"]).ravel().tolist() == [0.0, 1.0, 1.0]
     lab = label_count_predict([" yes", " no", " no"], [" no"], [0, 1, 2], cur, "loss")
     assert lab[:, 0].tolist() == [-1.0, -4.0]
+
+
+def test_tfidf_features_hand_computed():
+    """Word TF-IDF (sublinear tf, smooth idf, L2 rows) against values computed by hand."""
+    tf = TfidfFeatures.fit(["the cat sat", "the dog sat down", "a bird"])  # 'a': one character, no token
+    assert tf.vocabulary == ["bird", "cat", "dog", "down", "sat", "the"]
+    idf1, idf2 = 1 + math.log(4 / 2), 1 + math.log(4 / 3)  # df 1 ('bird', ...) and df 2 ('sat', 'the')
+    assert tf.idf == pytest.approx([idf1, idf1, idf1, idf1, idf2, idf2])
+    X = tf.encode(["The CAT", "zz q", "cat cat dog"])
+    a = np.array([idf1, idf2]) / math.hypot(idf1, idf2)
+    assert X[0, [1, 5]] == pytest.approx(a) and X[0].sum() == pytest.approx(a.sum())
+    assert not X[1].any()  # no known word: a zero row, cosine 0 with everything
+    b = np.array([(1 + math.log(2)) * idf1, idf1])
+    assert X[2, [1, 2]] == pytest.approx(b / np.linalg.norm(b), rel=1e-6)
+    again = TfidfFeatures.from_state(json.loads(json.dumps(tf.state())))
+    assert np.array_equal(again.encode(["cat cat dog"]), X[2:]) and again.spec() == tf.spec()
+    loss = tfidf_sum_predict(["cat", "dog", "bird"], ["the cat"], ["the cat", "the dog", "bird"], [5, 6, 7],
+                             np.array([[[5, 5]], [[6, 7]]]), "loss")
+    assert loss[0, 0] < 0 and loss[1, 0] == 0.0  # two 'cat' occurrences vs none: a lower predicted loss
 
 
 def test_agrees_with_dattri_lds():
@@ -161,7 +182,8 @@ def test_measure_lds_synthetic():
     fit, held, enc = _stores()
     res = measure_lds(fit, held, methods=["mean_curve", "constant"], encoder=enc, n_boot=100)
     recs = {(r["method"], r["variation"]): r for r in res["results"]}
-    assert set(recs) == {(m, v) for m in ("mean_curve", "constant", "similarity_sum") for v in ("both", "membership")}
+    assert set(recs) == {(m, v) for m in ("mean_curve", "constant", "similarity_sum", "tfidf_sum")
+                         for v in ("both", "membership")}
     assert all(r["n_curricula"] == 6 and r["task"] == "synthetic" and r["metric"] == "loss" for r in recs.values())
     # synthetic runs draw their own start values, so mean_curve (start + trend) ranks by the start
     mc = recs[("mean_curve", "both")]
@@ -179,6 +201,12 @@ def test_measure_lds_synthetic():
     assert d["n_paired"] == min(recs[("mean_curve", "membership")]["n_test_examples"],
                                 recs[("similarity_sum", "membership")]["n_test_examples"])
     assert "vs_similarity_sum" not in recs[("similarity_sum", "both")]
+    # tfidf_sum: the same datamodel sum with the word TF-IDF cosine (fitted on all the task's texts)
+    tf = TfidfFeatures.fit([e.text for e in fit.task.train] + [e.text for e in fit.task.test])
+    pred = -occurrence_counts(cur, held.train_ids) @ cosine_matrix(tf.encode([e.text for e in fit.task.train]),
+                                                                  tf.encode([e.text for e in fit.task.test]))
+    assert recs[("tfidf_sum", "membership")]["lds_mean"] == pytest.approx(np.nanmean(per_example_spearman(true, pred)))
+    assert "vs_tfidf_sum" in recs[("similarity_sum", "both")] and "vs_tfidf_sum" not in recs[("tfidf_sum", "both")]
     md = format_lds_markdown(res)
     assert "| synthetic | loss | similarity_sum |" in md and "LDS membership" in md
 

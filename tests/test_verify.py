@@ -74,7 +74,8 @@ def test_curricula_and_lds_cli(fit_store, tmp_path):
                  "--markdown", str(tmp_path / "lds.md")]) == 0
     res = json.loads(out.read_text())
     keys = {(r["method"], r["variation"]) for r in res["results"]}
-    assert keys == {(m, v) for m in ("mean_curve", "similarity_sum", "label_count") for v in ("both", "order")}
+    assert keys == {(m, v) for m in ("mean_curve", "similarity_sum", "tfidf_sum", "label_count")
+                    for v in ("both", "order")}
     for r in res["results"]:
         assert r["n_curricula"] == 4 and r["task"] == "sentiment" and r["metric"] == "loss"
         assert r["n_test_examples"] + r["n_nan"] == 6

@@ -51,14 +51,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "recorded start and report per method, metric and variation (the runs' group "
                                    "label): LDS = mean over test examples of the Spearman across curricula of "
                                    "simulated vs true final metric, with a bootstrap CI over test examples, beside "
-                                   "the similarity_sum (and label_count) references.")
+                                   "the similarity_sum, tfidf_sum (and label_count) references.")
     p.add_argument("fit_store", help="store of fit runs (e.g. collected with --runs 32)")
     p.add_argument("heldout_store", help="store of held-out curricula (same examples and settings)")
     p.add_argument("--methods", nargs="+", default=list(default_method_names()), choices=method_names(),
                    help="methods (default: every method run by default; the paper presets only when named)")
     p.add_argument("--metrics", nargs="+", default=None, help="metrics (default: every metric of both stores)")
     p.add_argument("--reference-encoder", default="minilm", help="encoder spec of the similarity_sum reference (default minilm)")
-    p.add_argument("--no-references", action="store_true", help="leave out similarity_sum / label_count")
+    p.add_argument("--no-references", action="store_true", help="leave out the references similarity_sum, tfidf_sum, label_count")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples over test examples (default 1000)")
     p.add_argument("--out", required=True, help="results JSON ({config, results: [...], per_example})")
     p.add_argument("--markdown", default=None, help="also write the Markdown table here")
