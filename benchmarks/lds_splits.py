@@ -11,7 +11,10 @@ Variants (``--variants``, see VARIANTS): with raw projected gradients (the defau
 rollout only; with K-FAC-whitened gradient features (``kfac``) or both kinds (``raw_and_kfac``:
 today's default features) the two-phase objective (the default on loss) or rollout only
 (``raw_and_kfac_rollout4``: what ``objective="auto"`` runs for bleu, rougeL and accuracy), or the
-two-phase objective always keeping its rollout phase (``raw_and_kfac_keep_best_epoch``).
+two-phase objective always keeping its rollout phase (``raw_and_kfac_keep_best_epoch``); the word
+TF-IDF similarity term and rank-1 factor projections (``raw_and_kfac_lexical``, ``raw_and_kfac_proj1``,
+``raw_and_kfac_lexical_proj1``), and the encoder-feature similarity a store without a model gets
+(``features``, ``features_lexical_proj1``).
 
     python benchmarks/lds_splits.py --work runs/lds-splits --out benchmarks/results/lds_splits.json \
         --markdown benchmarks/results/lds_splits.md
@@ -50,6 +53,13 @@ VARIANTS = {
     "raw_and_kfac_keep_best_epoch": [*TWO_PHASE, "--rollout-phase-keep", "best_epoch", "--similarity-preconditioner", "none+kfac"],
     "raw_and_kfac_8checkpoints": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--similarity-checkpoints", "8"],
     "raw_and_kfac_damping1": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--similarity-damping", "1.0"],
+    # the word TF-IDF similarity term (--lexical) and rank-1 projections (--proj-dim 1), apart and together
+    "raw_and_kfac_lexical": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--lexical", "--proj-dim", "32"],
+    "raw_and_kfac_proj1": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--no-lexical", "--proj-dim", "1"],
+    "raw_and_kfac_lexical_proj1": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--lexical", "--proj-dim", "1"],
+    # what a store without a model gets (imported GPTDynamics): the encoder-feature cosine, with the same additions
+    "features": [*TWO_PHASE, "--similarity", "features", "--no-lexical", "--proj-dim", "32"],
+    "features_lexical_proj1": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim", "1"],
 }
 DESIGNS = ("both", "membership", "order")
 

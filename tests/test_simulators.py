@@ -60,21 +60,23 @@ def test_rollout_matrix_equals_loop(order, residual):
         torch.testing.assert_close(fast[1, 4], fast[1, 3])
 
 
-@pytest.mark.parametrize("order,blocks,norms", [(1, 1, False), (2, 1, False), (1, 3, False), (1, 3, True),
-                                                (2, 1, True)])
-def test_similarity_term_matrix_form_equals_loop(order, blocks, norms):
+@pytest.mark.parametrize("order,blocks,norms,lex", [(1, 1, False, 0), (2, 1, False, 0), (1, 3, False, 0),
+                                                    (1, 3, True, 0), (2, 1, True, 0), (1, 3, True, 5),
+                                                    (2, 1, False, 5)])
+def test_similarity_term_matrix_form_equals_loop(order, blocks, norms, lex):
     """The learned-weight similarity terms (a cosine per block, e.g. per checkpoint, and with norms a
-    norm-keeping dot product per block): rollouts and teacher-forced gradients of the matrix form
-    equal the per-pair loop; each term averages to zero over the fitted pool and has unit spread;
-    one cosine and one dot term checked against a hand computation."""
+    norm-keeping dot product per block; with ``lex`` a lexical block of another width, cosine only):
+    rollouts and teacher-forced gradients of the matrix form equal the per-pair loop; each term
+    averages to zero over the fitted pool and has unit spread; one cosine, one dot and the lexical
+    term checked against a hand computation."""
     g = torch.Generator().manual_seed(7)
     torch.manual_seed(7)
     N, M, H, S = 7, 4, 6, 6
     module = FeaturizedFactors(H, 0, 3, order, share=False, factor_bias=True, sim_dim=S, sim_blocks=blocks,
-                               sim_norms=norms)
-    terms = blocks * (2 if norms else 1)
+                               sim_norms=norms, lex_dim=lex)
+    terms = blocks * (2 if norms else 1) + (1 if lex else 0)
     htr, hte = torch.randn(N, H, generator=g), torch.randn(M, H, generator=g)
-    s_tr, s_te = torch.randn(N, S, generator=g), torch.randn(M, S, generator=g)
+    s_tr, s_te = torch.randn(N, S + lex, generator=g), torch.randn(M, S + lex, generator=g)
     module.init_similarity(s_tr, s_te)
     sim = module.similarity(s_tr, s_te)
     assert sim.shape == (terms, N, M)
@@ -89,6 +91,10 @@ def test_similarity_term_matrix_form_equals_loop(order, blocks, norms):
         a = s_tr[:, sl] / s_tr[:, sl].norm(dim=1).mean()
         raw = (a - a.mean(0)) @ (s_te[:, sl] / s_te[:, sl].norm(dim=1).mean()).T
         torch.testing.assert_close(sim[terms - 1], raw / raw.std(), atol=1e-5, rtol=1e-5)
+    if lex:  # the lexical block: the last columns, its cosine term right after the main cosines
+        a = torch.nn.functional.normalize(s_tr[:, S:], dim=1)
+        raw = (a - a.mean(0)) @ torch.nn.functional.normalize(s_te[:, S:], dim=1).T
+        torch.testing.assert_close(sim[blocks], raw / raw.std(), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         for p in module.parameters():
             p.mul_(0.3)
@@ -786,3 +792,35 @@ def test_batched_reference_equals_the_engine(order, residual, bias):
                              list(mod.parameters()))
     for a, c in zip(g1, g2):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+
+
+def test_gptfluence_lexical_term_features_reload_and_new_examples(tmp_path, synth):
+    """``lexical=True``: TF-IDF features fitted on the store's texts (training and test) for every
+    example, one more similarity term per factor, kept by save/load (same predictions, the same
+    vocabulary), and computed for examples given later; ``lexical=False`` has no such term."""
+    from gptfluence.features.lexical import TfidfFeatures
+
+    dyn, enc, fit, val, test = synth
+    sim = make_simulator("gptfluence", "loss", encoder=enc, lexical=True, **FAST)
+    sim.fit(dyn, fit, val)
+    tf = TfidfFeatures.fit([e.text for e in dyn.task.train] + [e.text for e in dyn.task.test])
+    assert sim.lexical.spec() == tf.spec() and sim.module.lex_dim == tf.dim > 0
+    ids = [e.id for e in dyn.task.train]
+    np.testing.assert_array_equal(sim.lex_train_features.get(ids, "t"), tf.encode([e.text for e in dyn.task.train]))
+    plain = make_simulator("gptfluence", "loss", encoder=enc, lexical=False, **FAST)
+    plain.fit(dyn, fit, val)
+    assert plain.lexical is None and plain.module.lex_dim == 0
+    assert sim.module.sim_terms == plain.module.sim_terms + 1  # the lexical cosine, with its own weights
+    assert float(sim.module.sim_weight[:, -1].abs().sum()) > 0  # fitted (initialised at 0)
+    sim.save(tmp_path / "lex")
+    back = load_simulator(tmp_path / "lex")
+    assert back.lexical.spec() == tf.spec()
+    V, _, tids = dyn.stack("loss", test)
+    cur = stack_curricula(dyn, test)
+    np.testing.assert_array_equal(sim.simulate(cur, tids, V[:, 0]), back.simulate(cur, tids, V[:, 0]))
+    back.encoder = enc
+    new = Example(5000, "input: t1w1 t1w2 t1w3", " output: s1 s2")
+    back.set_examples([new], [])
+    np.testing.assert_array_equal(back.lex_train_features.get([5000], "t"), tf.encode([new.text]))
+    out = back.simulate(np.array([[[5000, 0], [1, -1]]]), tids[:2], V[:1, 0, :2])
+    assert np.isfinite(out).all()

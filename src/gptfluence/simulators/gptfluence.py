@@ -77,6 +77,7 @@ from gptfluence.simulators.common import (FitConfig, RecurrenceSimulator, config
                                          stored_config, write_artifact)
 from gptfluence.features.cache import embed_examples
 from gptfluence.features.encoders import Encoder, resolve_encoder
+from gptfluence.features.lexical import TfidfFeatures
 from gptfluence.types import Example
 
 
@@ -102,6 +103,8 @@ class GPTfluenceConfig(FitConfig):
     similarity_preconditioner: str = arg("none+kfac", "similarity='grad': none (raw projected gradients), kfac (each Linear layer's gradient whitened by its K-FAC curvature over the training pool at the same checkpoint, so that dot products are K-FAC influences; only Linear layers; see gptfluence.features.gradients) or none+kfac (both, each with its own terms). The default none+kfac raises loss LDS over held-out curricula against none (mean over the five built-in tasks and three validation splits, random curricula 0.433 -> 0.492, membership-only 0.453 -> 0.522) and lowers it on order-only curricula (0.287 -> 0.248); benchmarks/results/lds_kfac*.md")
     similarity_damping: float = arg(0.1, "similarity_preconditioner kfac / none+kfac: damping, as a fraction of the mean eigenvalue product of each layer's factors")
     similarity_checkpoints: int = arg(4, "similarity='grad': gradients at this many steps evenly spaced over the first fit run (its fine-tuning re-trained with the store's settings), one learned-weight cosine term per checkpoint (TracIn-CP sums over checkpoints); 1 = the base model only")
+    lexical: bool = arg(False, "one more learned-weight similarity term in every factor: the cosine of the word TF-IDF vectors of the two examples' texts (gptfluence.features.lexical: sublinear tf, idf over the fitted store's training and test texts), the shared rare words that the sentence encoder blurs; it needs no model, so stores without one (imported GPTDynamics) get it too")
+    lexical_max_features: int = arg(8192, "lexical: vocabulary size (the most frequent words of the store's texts)")
     objective: str = arg("auto", "fitting loss: teacher_forcing (the paper: one-step MSE from true previous values), rollout (MSE of whole autoregressive rollouts of the fit runs, backpropagated through time), teacher_forcing_then_rollout (teacher forcing to its best validation epoch, then rollout from those weights, kept only if a rollout epoch beats them on the validation runs) or auto (the default: rollout for the metrics of decoded text, bleu, rougeL and accuracy; teacher_forcing_then_rollout for loss and any other metric). The two-phase objective raises loss LDS over held-out curricula on the built-in tasks (mean over the five tasks, random curricula 0.384 -> 0.440, membership-only 0.414 -> 0.459, order-only 0.262 -> 0.311; measured with raw gradient features, benchmarks/results/lds_builtin_raw_gradients.json) at a held-out trajectory MSE that was lower or equal on 8 of the 12 (task, metric) rows and up to 17 % higher on sentiment (README \"Accuracy on the built-in tasks\"); teacher_forcing keeps the lower MSE there. On bleu, rougeL and accuracy a rollout fit from the initial factors ranks held-out curricula better than the two-phase fit, whose rollout phase starts from teacher-forced weights that learned the metrics' step-to-step jumps (benchmarks/results/lds_objective_metrics.md; keeping the rollout phase's best epoch always changes nothing: lds_objective_keep_best_epoch.md). Both rollout objectives and the K-FAC terms make the simulator extrapolate worse to extreme curricula (one label only), which the data-selection search visits: `gptfluence select` fits with teacher_forcing and raw gradients (--fit-preset selection)")
     rollout_runs: int = arg(4, "objective=rollout / the rollout phase: fit runs per optimizer step (0 = all)")
     lr: float = arg(3e-4, "AdamW learning rate (after warmup)")
@@ -117,7 +120,7 @@ class GPTfluenceConfig(FitConfig):
     def validate(self) -> None:
         super().validate()
         for name, low in (("order", 1), ("proj_dim", 1), ("similarity_dim", 1), ("similarity_checkpoints", 1),
-                          ("hidden", 0)):
+                          ("hidden", 0), ("lexical_max_features", 1)):
             if getattr(self, name) < low:
                 raise config_error(self, name, f">= {low}")
         if not self.init_std > 0:
@@ -156,7 +159,7 @@ class FeaturizedFactors(nn.Module):
     """
 
     def __init__(self, in_dim: int, hidden: int, proj_dim: int, order: int, share: bool, factor_bias: bool,
-                 sim_dim: int = 0, sim_blocks: int = 1, sim_norms: bool = False) -> None:
+                 sim_dim: int = 0, sim_blocks: int = 1, sim_norms: bool = False, lex_dim: int = 0) -> None:
         super().__init__()
         k = order + 1
         self.order = order
@@ -165,15 +168,23 @@ class FeaturizedFactors(nn.Module):
         self.g = None if share else nn.ModuleList(Projection(in_dim, hidden, proj_dim) for _ in range(k))
         self.bias = nn.Parameter(torch.zeros(k)) if factor_bias else None
         self.register_buffer("center", torch.zeros(in_dim))
-        self.sim_dim = int(sim_dim)
-        self.sim_blocks = int(sim_blocks)
-        self.sim_norms = bool(sim_norms)
+        self.sim_dim = int(sim_dim) + int(lex_dim)  # width of the similarity features s: main blocks, then lexical
+        self.sim_blocks = int(sim_blocks) if sim_dim else 0
+        self.sim_norms = bool(sim_norms) and bool(sim_dim)
+        self.lex_dim = int(lex_dim)
+        if sim_dim and (self.sim_blocks < 1 or sim_dim % self.sim_blocks):
+            raise InputError(f"gptfluence: similarity width {sim_dim} is not {sim_blocks} equal blocks")
+        # block widths of s: the main source's equal blocks, then the lexical block (if any)
+        self.block_widths = [int(sim_dim) // self.sim_blocks] * self.sim_blocks if sim_dim else []
+        if self.lex_dim:
+            self.block_widths.append(self.lex_dim)
+        # terms: (block, kind) with kind 'cos' for every block, then 'dot' for the main blocks with sim_norms
+        self.term_blocks = list(range(len(self.block_widths))) + (list(range(self.sim_blocks)) if self.sim_norms else [])
         if self.sim_dim:  # factor k += sum_t sim_weight[k, t] * <v_it - sim_center[t], v_mt> / sim_scale[t]
-            if self.sim_blocks < 1 or self.sim_dim % self.sim_blocks:
-                raise InputError(f"gptfluence: similarity width {self.sim_dim} is not {self.sim_blocks} equal blocks")
             n = self.sim_terms
             self.sim_weight = nn.Parameter(torch.zeros(k, n))
-            self.register_buffer("sim_center", torch.zeros(n, self.sim_dim // self.sim_blocks))
+            # per term its centre (width = its block's), all terms' centres concatenated
+            self.register_buffer("sim_center", torch.zeros(sum(self.block_widths[b] for b in self.term_blocks)))
             self.register_buffer("sim_scale", torch.ones(n))
             if self.sim_norms:  # mean block norm of the fitted training / test examples
                 self.register_buffer("sim_norm_train", torch.ones(self.sim_blocks))
@@ -181,32 +192,35 @@ class FeaturizedFactors(nn.Module):
 
     @property
     def sim_terms(self) -> int:
-        """Similarity terms per factor: one cosine per block, plus one norm-keeping dot product per
-        block with ``sim_norms``."""
-        return self.sim_blocks * (2 if self.sim_norms else 1)
+        """Similarity terms per factor: one cosine per block (the lexical block included), plus one
+        norm-keeping dot product per main block with ``sim_norms``."""
+        return len(self.term_blocks)
 
     def _g(self, k: int) -> Projection:
         return self.f[k] if self.g is None else self.g[k]
 
-    def _views(self, s: torch.Tensor, side: str) -> torch.Tensor:
-        """``s [N, sim_dim] -> [N, terms, sim_dim / blocks]``: each block scaled to unit length
-        (cosine terms), then with ``sim_norms`` each block divided by the fitted examples' mean
+    def _views(self, s: torch.Tensor, side: str) -> list[torch.Tensor]:
+        """``s [N, sim_dim]`` -> one ``[N, width]`` tensor per term: each block scaled to unit length
+        (cosine terms), then with ``sim_norms`` each main block divided by the fitted examples' mean
         block norm on this ``side`` ('train' / 'test'), so an example's gradient norm (how strongly
         it moves, or is moved) is kept (dot-product terms)."""
-        x = s.reshape(s.shape[0], self.sim_blocks, -1)
-        unit = nn.functional.normalize(x, dim=-1)
-        if not self.sim_norms:
-            return unit
-        norm = self.sim_norm_train if side == "train" else self.sim_norm_test
-        return torch.cat([unit, x / norm[:, None]], 1)
+        parts = torch.split(s, self.block_widths, dim=1)
+        views = [nn.functional.normalize(x, dim=-1) for x in parts]
+        if self.sim_norms:
+            norm = self.sim_norm_train if side == "train" else self.sim_norm_test
+            views += [parts[b] / norm[b] for b in range(self.sim_blocks)]
+        return views
+
+    def _centers(self) -> list[torch.Tensor]:
+        return list(torch.split(self.sim_center, [self.block_widths[b] for b in self.term_blocks]))
 
     def similarity(self, s_train: torch.Tensor, s_test: torch.Tensor) -> torch.Tensor:
-        """``[terms, N, M]``: per block (one checkpoint's gradients, or the whole vector) the cosine
-        (and with ``sim_norms`` the norm-keeping dot product) of the similarity features, centred on
-        the fitted training pool's mean (so a random batch adds nothing on average) and scaled to
-        unit spread."""
-        a = self._views(s_train, "train") - self.sim_center
-        return torch.einsum("ntd,mtd->tnm", a, self._views(s_test, "test")) / self.sim_scale[:, None, None]
+        """``[terms, N, M]``: per block (one checkpoint's gradients, the whole encoder vector, the
+        lexical TF-IDF vector) the cosine (and with ``sim_norms`` the norm-keeping dot product) of
+        the similarity features, centred on the fitted training pool's mean (so a random batch adds
+        nothing on average) and scaled to unit spread."""
+        a, b = self._views(s_train, "train"), self._views(s_test, "test")
+        return torch.stack([(x - c) @ y.T for x, c, y in zip(a, self._centers(), b)]) / self.sim_scale[:, None, None]
 
     def forward(self, h_train: torch.Tensor, h_test: torch.Tensor, s_train: torch.Tensor | None = None,
                 s_test: torch.Tensor | None = None, similarity: torch.Tensor | None = None) -> torch.Tensor:
@@ -244,9 +258,10 @@ class FeaturizedFactors(nn.Module):
         term: spread of the centred values over these pairs)."""
         if self.sim_norms:
             for side, s in (("train", s_train), ("test", s_test)):
-                n = s.reshape(s.shape[0], self.sim_blocks, -1).norm(dim=-1).mean(0)
+                main = s[:, :self.sim_dim - self.lex_dim]
+                n = main.reshape(s.shape[0], self.sim_blocks, -1).norm(dim=-1).mean(0)
                 getattr(self, f"sim_norm_{side}").copy_(torch.where(n > 1e-12, n, torch.ones_like(n)))
-        self.sim_center.copy_(self._views(s_train, "train").mean(0))
+        self.sim_center.copy_(torch.cat([v.mean(0) for v in self._views(s_train, "train")]))
         self.sim_scale.fill_(1.0)
         if s_train.shape[0] * s_test.shape[0] > 1:
             sd = self.similarity(s_train, s_test).reshape(self.sim_terms, -1).std(1)
@@ -322,6 +337,22 @@ class FeatureTable:
         return self.matrix[rows]
 
 
+class _SimilarityFeatures:
+    """The similarity features s of one side: the rows of several `FeatureTable`s (the main source,
+    then the lexical one) side by side, ``get(ids, what) -> [len(ids), sum of dims]``."""
+
+    def __init__(self, tables: Sequence[FeatureTable]) -> None:
+        self.tables = list(tables)
+
+    @property
+    def dim(self) -> int:
+        return sum(int(t.dim or 0) for t in self.tables)
+
+    def get(self, ids: Sequence[int], what: str) -> np.ndarray:
+        parts = [t.get(ids, what) for t in self.tables]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
 class GPTfluenceSimulator(RecurrenceSimulator):
     """The featurized simulator. ``encoder``: an object with spec()/dim/encode() (see
     `gptfluence.features.encoders`), or a spec string (= the config field); if no object is
@@ -347,6 +378,9 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         self.similarity_spec: dict[str, Any] | None = None
         self.sim_train_features = FeatureTable()
         self.sim_test_features = FeatureTable()
+        self.lexical: TfidfFeatures | None = None  # fitted on the store's texts when config.lexical
+        self.lex_train_features = FeatureTable()
+        self.lex_test_features = FeatureTable()
         self.module: FeaturizedFactors | None = None
 
     # -- features -----------------------------------------------------------------------------
@@ -378,6 +412,7 @@ class GPTfluenceSimulator(RecurrenceSimulator):
             self.test_features.add([e.id for e in test], fte, "test")
         if self.similarity_kind == "grad":
             self._add_gradients(train, test)
+        self._add_lexical(train, test)
 
     # -- the similarity term ------------------------------------------------------------------
     def _resolve_similarity(self, dynamics: Dynamics, fit_runs: Sequence[str]) -> None:
@@ -400,6 +435,21 @@ class GPTfluenceSimulator(RecurrenceSimulator):
                 damping=c.similarity_damping)
             self.similarity_spec = self.similarity_encoder.spec()
         self.similarity_kind = kind
+        self.lex_train_features, self.lex_test_features = FeatureTable(), FeatureTable()
+        self.lexical = None
+        if self.config.lexical:
+            self.lexical = TfidfFeatures.fit([e.text for e in dynamics.task.train] + [e.text for e in dynamics.task.test],
+                                             max_features=self.config.lexical_max_features)
+
+    def _add_lexical(self, train: Sequence[Example], test: Sequence[Example]) -> None:
+        """TF-IDF features of ``train`` and ``test`` (when the simulator has a lexical term)."""
+        if self.lexical is None:
+            return
+        if train:
+            self.lex_train_features.add([e.id for e in train], self.lexical.encode([e.text for e in train]),
+                                        "training (lexical)")
+        if test:
+            self.lex_test_features.add([e.id for e in test], self.lexical.encode([e.text for e in test]), "test (lexical)")
 
     def _get_similarity_encoder(self, dynamics: Dynamics | None = None) -> Any:
         """The gradient encoder; for an artifact's spec rebuilt from it (checkpoint gradients: from
@@ -458,8 +508,14 @@ class GPTfluenceSimulator(RecurrenceSimulator):
             self.sim_test_features.add([e.id for e in test], gte, "test (gradient)")
 
     def _sim_dim(self) -> int:
-        """Width of the similarity features (0: no similarity term)."""
-        return 0 if self.similarity_kind == "none" else int(self._sim_tables()[0].dim or 0)
+        """Width of the main similarity features (gradients or encoder features; 0: none)."""
+        if self.similarity_kind == "none":
+            return 0
+        return int((self.sim_train_features if self.similarity_kind == "grad" else self.train_features).dim or 0)
+
+    def _lex_dim(self) -> int:
+        """Width of the lexical (TF-IDF) features (0: no lexical term)."""
+        return self.lexical.dim if self.lexical is not None else 0
 
     def _sim_blocks(self) -> int:
         """Blocks of the similarity features, each with its own centre, scale and learned weight:
@@ -474,10 +530,16 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         """Norm-keeping dot-product terms: for gradient features (encoder features are unit vectors)."""
         return self.similarity_kind == "grad" and self.config.similarity_norms
 
-    def _sim_tables(self) -> tuple[FeatureTable, FeatureTable]:
+    def _sim_tables(self) -> tuple["_SimilarityFeatures", "_SimilarityFeatures"]:
+        """The similarity features s of each side: the main source's, then the lexical ones."""
+        tables: list[tuple[FeatureTable, FeatureTable]] = []
         if self.similarity_kind == "grad":
-            return self.sim_train_features, self.sim_test_features
-        return self.train_features, self.test_features
+            tables.append((self.sim_train_features, self.sim_test_features))
+        elif self.similarity_kind != "none":
+            tables.append((self.train_features, self.test_features))
+        if self.lexical is not None:
+            tables.append((self.lex_train_features, self.lex_test_features))
+        return _SimilarityFeatures([t[0] for t in tables]), _SimilarityFeatures([t[1] for t in tables])
 
     def set_features(self, split: str, ids: Sequence[int], values: np.ndarray) -> None:
         """Add precomputed features [len(ids), D] for ``split`` ('train' or 'test') ids."""
@@ -507,6 +569,13 @@ class GPTfluenceSimulator(RecurrenceSimulator):
             gte = self.sim_test_features.missing(
                 sorted({*(i for i in map(int, self.test_features.ids) if i in known_te), *map(int, test_ids)}))
             self._add_gradients([dynamics.train_example(i) for i in gtr], [dynamics.test_example(i) for i in gte])
+        if self.lexical is not None:  # likewise their TF-IDF features
+            known_tr, known_te = set(map(int, dynamics.train_ids)), set(map(int, dynamics.test_ids))
+            ltr = self.lex_train_features.missing(
+                sorted({*(i for i in map(int, self.train_features.ids) if i in known_tr), *map(int, train_ids)}))
+            lte = self.lex_test_features.missing(
+                sorted({*(i for i in map(int, self.test_features.ids) if i in known_te), *map(int, test_ids)}))
+            self._add_lexical([dynamics.train_example(i) for i in ltr], [dynamics.test_example(i) for i in lte])
 
     # -- hooks ----------------------------------------------------------------------------------
     def _init_params(self, dynamics: Dynamics, train_ids: np.ndarray, test_ids: np.ndarray,
@@ -516,13 +585,13 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         c = self.config
         torch.manual_seed(c.seed)
         str_, ste_ = self._sim_tables()
-        sim_dim = self._sim_dim()
         self.module = FeaturizedFactors(self.train_features.dim or 0, c.hidden, c.proj_dim, c.order,
-                                        c.share_projection, c.factor_bias, sim_dim=sim_dim,
-                                        sim_blocks=self._sim_blocks(), sim_norms=self._sim_norms())
+                                        c.share_projection, c.factor_bias, sim_dim=self._sim_dim(),
+                                        sim_blocks=self._sim_blocks(), sim_norms=self._sim_norms(),
+                                        lex_dim=self._lex_dim())
         htr = torch.as_tensor(self.train_features.get(train_ids, "training"))
         hte = torch.as_tensor(self.test_features.get(test_ids, "test"))
-        if sim_dim:
+        if self.module.sim_dim:
             self.module.init_similarity(torch.as_tensor(str_.get(train_ids, "training")),
                                         torch.as_tensor(ste_.get(test_ids, "test")))
         if c.center_features:
@@ -565,6 +634,12 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         tensors: dict[str, Any] = {f"module.{k}": v for k, v in self.module.state_dict().items()}
         tensors.update({"features.train.ids": self.train_features.ids, "features.train.values": self.train_features.matrix,
                         "features.test.ids": self.test_features.ids, "features.test.values": self.test_features.matrix})
+        if self.lexical is not None:
+            meta["lexical_state"] = self.lexical.state()
+            tensors.update({"lexfeatures.train.ids": self.lex_train_features.ids,
+                            "lexfeatures.train.values": self.lex_train_features.matrix,
+                            "lexfeatures.test.ids": self.lex_test_features.ids,
+                            "lexfeatures.test.values": self.lex_test_features.matrix})
         if self.similarity_kind == "grad":
             tensors.update({"simfeatures.train.ids": self.sim_train_features.ids,
                             "simfeatures.train.values": self.sim_train_features.matrix,
@@ -593,15 +668,23 @@ class GPTfluenceSimulator(RecurrenceSimulator):
                                        "training (gradient)")
             sim.sim_test_features.add(tensors["simfeatures.test.ids"].tolist(), tensors["simfeatures.test.values"],
                                       "test (gradient)")
+        if meta.get("lexical_state") is not None:
+            sim.lexical = TfidfFeatures.from_state(meta["lexical_state"])
+            sim.lex_train_features.add(tensors["lexfeatures.train.ids"].tolist(), tensors["lexfeatures.train.values"],
+                                       "training (lexical)")
+            sim.lex_test_features.add(tensors["lexfeatures.test.ids"].tolist(), tensors["lexfeatures.test.values"],
+                                      "test (lexical)")
         sim.module = FeaturizedFactors(int(meta["feature_dim"]), c.hidden, c.proj_dim, c.order, c.share_projection,
                                        c.factor_bias, sim_dim=sim._sim_dim(), sim_blocks=sim._sim_blocks(),
-                                       sim_norms=sim._sim_norms())
+                                       sim_norms=sim._sim_norms(), lex_dim=sim._lex_dim())
         state = {k[len("module."):]: torch.as_tensor(v) for k, v in tensors.items() if k.startswith("module.")}
         state.setdefault("center", torch.zeros(int(meta["feature_dim"])))  # artifacts written before centring
         if "sim_weight" in state and state["sim_weight"].ndim == 1:  # written before blocks: one block
             state["sim_weight"] = state["sim_weight"][:, None]
             state["sim_center"] = state["sim_center"][None]
             state["sim_scale"] = state["sim_scale"].reshape(1)
+        if "sim_center" in state:  # written before per-term widths: [terms, width], now concatenated
+            state["sim_center"] = state["sim_center"].reshape(-1)
         try:
             sim.module.load_state_dict(state)
         except RuntimeError as e:
