@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation verify-builtin applications-builtin
+.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation lds-lexical verify-builtin applications-builtin
 
 setup: $(VENV)/.installed
 
@@ -55,12 +55,15 @@ evaluate-builtin: setup
 # Loss only, on the stores evaluate-builtin collected: other splits (seeds 1, 2) and the ablations
 # of GPTfluence's defaults (README, "Accuracy on the built-in tasks"); evaluate_builtin_raw_gradients.*: every metric.
 R := benchmarks/results
+# GPTfluence's settings before the lexical term and rank-1 projections (the defaults since then): the
+# targets below that re-make results measured under earlier defaults pin them
+PROJ32 = --proj-dim 32 --no-lexical
 STORES = $(addprefix $(BUILTIN_DIR)/,$(BUILTIN_TASKS))
 EVAL_LOSS = $(BIN)/gptfluence evaluate $(STORES) --metrics loss --no-progress --no-trajectories
 # Earlier defaults of GPTfluence on every metric (GPTfluence only: --objective would apply to Simfluence too):
 # the two-phase objective everywhere (the default before objective=auto), also with raw gradients only.
 EVAL_EARLIER = $(BIN)/gptfluence evaluate $(STORES) --methods gptfluence mean_curve --no-progress --no-trajectories \
-	--objective teacher_forcing_then_rollout
+	--objective teacher_forcing_then_rollout $(PROJ32)
 evaluate-ablations: setup
 	for s in 1 2; do $(EVAL_LOSS) --seed $$s --out $(R)/evaluate_builtin_seed$$s.json --markdown $(R)/evaluate_builtin_seed$$s.md || exit 1; done
 	$(BIN)/python benchmarks/compare_splits.py $(R)/evaluate_builtin.json $(R)/evaluate_builtin_seed1.json $(R)/evaluate_builtin_seed2.json
@@ -153,10 +156,27 @@ lds-kfac: setup
 		--variants raw_gradients raw_and_kfac raw_and_kfac_damping1 \
 		--out $(R)/lds_kfac_damping.json --markdown $(R)/lds_kfac_damping.md
 
+# The lexical (word TF-IDF) similarity term and rank-1 projections, the defaults since this version
+# (README "What raised LDS (5)"): loss LDS of the previous default (raw_and_kfac), each change alone
+# and both, and what a store without a model gets (features), split seeds 0-2 on the lds-builtin
+# stores (lds_lexical_splits.*) and split seed 0 on the second task-data draw (lds_lexical_draw1.*);
+# held-out trajectory MSE of each change alone, every metric (evaluate_lexical_only.*, evaluate_proj1_only.*;
+# both together: evaluate_builtin.*, neither: evaluate_builtin_proj32.*).
+LEXICAL_VARIANTS = raw_and_kfac raw_and_kfac_lexical_proj1 raw_and_kfac_proj1 features_lexical_proj1 features
+lds-lexical: setup
+	$(LDS_SPLITS) --variants $(LEXICAL_VARIANTS) --out $(R)/lds_lexical_splits.json --markdown $(R)/lds_lexical_splits.md
+	$(BIN)/python benchmarks/lds_splits.py --builtin-dir runs/draw1 --lds-dir '*=runs/draw1' --work runs/lds-splits-draw1 \
+		--seeds 0 --tasks sentiment yesno data2text translation --variants $(LEXICAL_VARIANTS) \
+		--out $(R)/lds_lexical_draw1.json --markdown $(R)/lds_lexical_draw1.md
+	$(BIN)/gptfluence evaluate $(STORES) --methods gptfluence mean_curve --no-progress --no-trajectories \
+		--lexical --proj-dim 32 --out $(R)/evaluate_lexical_only.json --markdown $(R)/evaluate_lexical_only.md
+	$(BIN)/gptfluence evaluate $(STORES) --methods gptfluence mean_curve --no-progress --no-trajectories \
+		--no-lexical --proj-dim 1 --out $(R)/evaluate_proj1_only.json --markdown $(R)/evaluate_proj1_only.md
+
 # K-FAC features on the generation tasks, every metric, with references (lds_kfac_generation.*: default
 # objective; lds_kfac_rollout_generation.*: rollout only), and rollout only on the second task-data
 # draw of lds_draw1 (lds_kfac_rollout_draw1.*; the draw1 stores as in the lds-builtin comment above).
-KFAC = --similarity-preconditioner kfac
+KFAC = --similarity-preconditioner kfac $(PROJ32)
 lds-kfac-generation: setup
 	mkdir -p runs/lds-kfac-gen runs/lds-kfac-draw1
 	for t in data2text translation; do \
@@ -178,7 +198,7 @@ lds-kfac-generation: setup
 	mkdir -p runs/lds-rawkfac-draw1
 	for t in data2text translation sentiment yesno; do \
 		$(BIN)/gptfluence lds runs/draw1/$$t runs/draw1/$$t-heldout --methods gptfluence --metrics loss --no-progress \
-			--similarity-preconditioner none+kfac --out runs/lds-rawkfac-draw1/$$t.json || exit 1; \
+			--similarity-preconditioner none+kfac $(PROJ32) --out runs/lds-rawkfac-draw1/$$t.json || exit 1; \
 	done
 	$(BIN)/python benchmarks/merge_lds.py $(foreach t,data2text translation sentiment yesno,runs/lds-rawkfac-draw1/$(t).json) \
 		--out $(R)/lds_raw_and_kfac_draw1.json --markdown $(R)/lds_raw_and_kfac_draw1.md
@@ -188,7 +208,7 @@ lds-kfac-generation: setup
 	mkdir -p runs/lds-gen-exp
 	for t in data2text translation; do \
 		$(BIN)/gptfluence lds $(BUILTIN_DIR)/$$t runs/lds-builtin-full/$$t-heldout --methods gptfluence --no-references \
-			--metrics bleu rougeL --no-progress --objective rollout --rollout-runs 8 --out runs/lds-gen-exp/$$t-rollout.json || exit 1; \
+			--metrics bleu rougeL --no-progress --objective rollout --rollout-runs 8 $(PROJ32) --out runs/lds-gen-exp/$$t-rollout.json || exit 1; \
 	done
 	$(BIN)/python benchmarks/merge_lds.py runs/lds-gen-exp/data2text-rollout.json runs/lds-gen-exp/translation-rollout.json \
 		--out $(R)/lds_generation_metrics_rollout.json --markdown $(R)/lds_generation_metrics_rollout.md

@@ -36,23 +36,27 @@ from gptfluence.dynamics import Dynamics  # noqa: E402
 # Every variant names its gradient features explicitly, so a result stays what its name says when
 # defaults change: raw_gradients is the default objective with raw projected gradients (the
 # default until none+kfac); teacher_forcing / rollout_phase_keep_best_epoch / rollout change the
-# objective of that variant; raw_and_kfac is today's default on loss (none+kfac, two-phase), spelled out.
-RAW = ["--similarity-preconditioner", "none"]
+# objective of that variant; raw_and_kfac is the default on loss before the lexical term (none+kfac,
+# two-phase, 32-dimensional projections), spelled out; raw_and_kfac_lexical_proj1 is today's, spelled out.
+# Variants measured before the lexical term and rank-1 projections (the defaults since then) pin the
+# earlier settings (PROJ32), so their cached and re-run results stay what they were.
+PROJ32 = ["--proj-dim", "32", "--no-lexical"]
+RAW = ["--similarity-preconditioner", "none", *PROJ32]
 TWO_PHASE = ["--objective", "teacher_forcing_then_rollout"]  # the default objective of loss (objective="auto")
 VARIANTS = {
     "raw_gradients": [*TWO_PHASE, *RAW],
     "teacher_forcing": ["--objective", "teacher_forcing", *RAW],
     "rollout_phase_keep_best_epoch": [*TWO_PHASE, "--rollout-phase-keep", "best_epoch", *RAW],
     "rollout": ["--objective", "rollout", "--rollout-runs", "8", *RAW],
-    "kfac": [*TWO_PHASE, "--similarity-preconditioner", "kfac"],
-    "kfac_rollout": ["--similarity-preconditioner", "kfac", "--objective", "rollout", "--rollout-runs", "8"],
-    "raw_and_kfac": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac"],
-    "raw_and_kfac_rollout": ["--similarity-preconditioner", "none+kfac", "--objective", "rollout", "--rollout-runs", "8"],
+    "kfac": [*TWO_PHASE, "--similarity-preconditioner", "kfac", *PROJ32],
+    "kfac_rollout": ["--similarity-preconditioner", "kfac", "--objective", "rollout", "--rollout-runs", "8", *PROJ32],
+    "raw_and_kfac": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", *PROJ32],
+    "raw_and_kfac_rollout": ["--similarity-preconditioner", "none+kfac", "--objective", "rollout", "--rollout-runs", "8", *PROJ32],
     # objective="auto" for metrics of decoded text: rollout with GPTfluence's default 4 runs per step
-    "raw_and_kfac_rollout4": ["--similarity-preconditioner", "none+kfac", "--objective", "rollout", "--rollout-runs", "4"],
-    "raw_and_kfac_keep_best_epoch": [*TWO_PHASE, "--rollout-phase-keep", "best_epoch", "--similarity-preconditioner", "none+kfac"],
-    "raw_and_kfac_8checkpoints": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--similarity-checkpoints", "8"],
-    "raw_and_kfac_damping1": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--similarity-damping", "1.0"],
+    "raw_and_kfac_rollout4": ["--similarity-preconditioner", "none+kfac", "--objective", "rollout", "--rollout-runs", "4", *PROJ32],
+    "raw_and_kfac_keep_best_epoch": [*TWO_PHASE, "--rollout-phase-keep", "best_epoch", "--similarity-preconditioner", "none+kfac", *PROJ32],
+    "raw_and_kfac_8checkpoints": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--similarity-checkpoints", "8", *PROJ32],
+    "raw_and_kfac_damping1": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--similarity-damping", "1.0", *PROJ32],
     # the word TF-IDF similarity term (--lexical) and rank-1 projections (--proj-dim 1), apart and together
     "raw_and_kfac_lexical": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--lexical", "--proj-dim", "32"],
     "raw_and_kfac_proj1": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--no-lexical", "--proj-dim", "1"],

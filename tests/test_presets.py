@@ -35,7 +35,7 @@ def synth():
 def test_preset_config_values_and_overrides():
     g = method_config("gptfluence_paper")
     expect_g = dict(encoder=PAPER_ENCODER, hidden=384, proj_dim=384, share_projection=True, residual=False,
-                    factor_bias=False, init="pytorch_default", center_features=False, similarity="none",
+                    factor_bias=False, init="pytorch_default", center_features=False, similarity="none", lexical=False,
                     normalize=False, detrend=False, optimizer="adam_l2", weight_decay=1e-5, lr=1e-4, batch_size=128,
                     min_steps_per_epoch=0, lr_schedule="warmup_linear_decay", warmup_steps=200, epochs=300,
                     early_stopping="consecutive_increases", patience=10, history_padding="zeros", order=1,

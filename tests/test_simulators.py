@@ -662,8 +662,10 @@ def test_default_gptfluence_learns_that_similar_examples_lower_the_loss(tmp_path
     mean.fit(dyn, fit, val)
     mse = {"mean_curve": _heldout_mse(mean, dyn, test)[0]}
     sims = {}
-    for name, kw in (("default", {}), ("unshared", dict(similarity="none")),
-                     ("shared", dict(share_projection=True, similarity="none"))):
+    # the projections alone (no similarity or lexical term) at 32 dimensions (the default is 1: the
+    # similarity terms carry the pair structure), separate or shared between the two sides
+    proj = dict(similarity="none", lexical=False, proj_dim=32)
+    for name, kw in (("default", {}), ("unshared", proj), ("shared", dict(proj, share_projection=True))):
         sim = make_simulator("gptfluence", "loss", encoder=enc, epochs=80, patience=20, lr=3e-3, **kw)
         sim.fit(dyn, fit, val)
         mse[name], pred = _heldout_mse(sim, dyn, test)

@@ -507,7 +507,7 @@ class RecurrenceSimulator(SimulatorBase):
 # Fields added to the simulator configs after artifacts of format 1 were first written, with the
 # behaviour of an artifact that lacks them (not today's defaults).
 LEGACY_FIELD_VALUES = {"detrend": False, "center_features": False, "similarity": "none", "similarity_checkpoints": 1,
-                       "similarity_norms": False, "similarity_preconditioner": "none"}
+                       "similarity_norms": False, "similarity_preconditioner": "none", "lexical": False}
 
 
 def stored_config(meta: dict[str, Any], cls: type) -> dict[str, Any]:

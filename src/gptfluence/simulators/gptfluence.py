@@ -27,7 +27,8 @@ gradients are first whitened by each Linear layer's K-FAC curvature over the tra
 products = K-FAC influences, as kronfluence's); ``"none+kfac"`` (default) keeps both kinds of
 terms, which ranks held-out curricula better on the built-in generation tasks and somewhat worse
 on order-only ones than raw gradients (``"none"``) (README, "What raised LDS (3)").
-``"features"``: the cosine of h itself.
+``"features"``: the cosine of h itself. ``lexical`` (default): one more term, the cosine of the
+word TF-IDF vectors of the two texts (`gptfluence.features.lexical`), beside whichever of these.
 ``"none"``: the paper's factors. ``"auto"`` (default): grad when the store names its model.
 
 Defaults and the paper. The authors' exact configuration is the method ``gptfluence_paper``
@@ -41,8 +42,10 @@ schedule as "the authors' configuration"; it was not.) With g = f the factor <f(
 a positive semi-definite kernel: similar examples can only *raise* each other's factor, while for
 a loss similar training examples lower it; and the MLPs overfit 25 runs. Measured on the built-in
 tasks (README, "Accuracy"), the shared projection stays at the mean-curve reference, so the
-defaults are: separate linear projections to 32 dimensions of centred MiniLM features, the
-gradient similarity term, fitted on the deviations from the fit runs' mean trajectory.
+defaults are: separate linear projections of centred MiniLM features to one dimension per factor
+(``proj_dim=1``: a rank-one learned pair term; 32 until this version), the gradient similarity
+terms and the lexical (word TF-IDF cosine) term, fitted on the deviations from the fit runs' mean
+trajectory.
 
 Stability at initialisation (``residual=True``, default): alpha_1 carries a fixed identity offset
 (alpha_1 = 1 + sum A_1) and the projections' last layers are scaled so that |A|, |B| ~ ``init_std``:
@@ -94,7 +97,7 @@ class GPTfluenceConfig(FitConfig):
 
     order: int = arg(3, "Markov order n (3: against n = 1 it lowers the held-out loss MSE on all five built-in tasks and raises the mean LDS over them, 0.315 -> 0.384, README \"Checking attribution\"; the paper's main tables use 1)")
     hidden: int = arg(0, "hidden width of each factor projection; 0 = a linear projection (authors' code: an MLP with 384)")
-    proj_dim: int = arg(32, "output width d of each factor projection (authors' code: 384)")
+    proj_dim: int = arg(1, "output width d of each factor projection (authors' code: 384). 1 (default; 32 before): each factor's learned pair term is rank one, so which examples act on which is carried by the similarity terms; against 32 (both with the lexical term) it raises loss LDS over held-out curricula on the built-in tasks (README \"What raised LDS (5)\"; random curricula 0.498 -> 0.519, split seed 0) and lowers the held-out trajectory MSE on every loss row")
     share_projection: bool = arg(False, "one projection per factor for both the train and the test side (authors' code); its factor is a PSD kernel, so similar examples can only raise each other's factor")
     center_features: bool = arg(True, "subtract the mean feature of the fitted examples before projecting (false: the authors' raw features)")
     similarity: str = arg("auto", "a learned-weight similarity term in every factor: 'grad' (cosine of the GPT's projected loss gradients, the first-order estimate of how training on one example moves another's loss), 'features' (cosine of the encoder features), 'none' (the paper's factors); 'auto' = 'grad' when the store records the model it was collected with, else 'features'")
@@ -103,7 +106,7 @@ class GPTfluenceConfig(FitConfig):
     similarity_preconditioner: str = arg("none+kfac", "similarity='grad': none (raw projected gradients), kfac (each Linear layer's gradient whitened by its K-FAC curvature over the training pool at the same checkpoint, so that dot products are K-FAC influences; only Linear layers; see gptfluence.features.gradients) or none+kfac (both, each with its own terms). The default none+kfac raises loss LDS over held-out curricula against none (mean over the five built-in tasks and three validation splits, random curricula 0.433 -> 0.492, membership-only 0.453 -> 0.522) and lowers it on order-only curricula (0.287 -> 0.248); benchmarks/results/lds_kfac*.md")
     similarity_damping: float = arg(0.1, "similarity_preconditioner kfac / none+kfac: damping, as a fraction of the mean eigenvalue product of each layer's factors")
     similarity_checkpoints: int = arg(4, "similarity='grad': gradients at this many steps evenly spaced over the first fit run (its fine-tuning re-trained with the store's settings), one learned-weight cosine term per checkpoint (TracIn-CP sums over checkpoints); 1 = the base model only")
-    lexical: bool = arg(False, "one more learned-weight similarity term in every factor: the cosine of the word TF-IDF vectors of the two examples' texts (gptfluence.features.lexical: sublinear tf, idf over the fitted store's training and test texts), the shared rare words that the sentence encoder blurs; it needs no model, so stores without one (imported GPTDynamics) get it too")
+    lexical: bool = arg(True, "one more learned-weight similarity term in every factor: the cosine of the word TF-IDF vectors of the two examples' texts (gptfluence.features.lexical: sublinear tf, idf over the fitted store's training and test texts), the shared rare words that the sentence encoder blurs; it needs no model, so stores without one (imported GPTDynamics) get it too. With proj_dim 1 (the defaults of this version) it raises loss LDS over held-out curricula on the built-in tasks against the previous defaults (mean over five tasks and three validation splits, random curricula 0.492 -> 0.515, membership-only 0.522 -> 0.547, order-only 0.248 -> 0.256; without a model 0.365 -> 0.442; benchmarks/results/lds_lexical_splits.md)")
     lexical_max_features: int = arg(8192, "lexical: vocabulary size (the most frequent words of the store's texts)")
     objective: str = arg("auto", "fitting loss: teacher_forcing (the paper: one-step MSE from true previous values), rollout (MSE of whole autoregressive rollouts of the fit runs, backpropagated through time), teacher_forcing_then_rollout (teacher forcing to its best validation epoch, then rollout from those weights, kept only if a rollout epoch beats them on the validation runs) or auto (the default: rollout for the metrics of decoded text, bleu, rougeL and accuracy; teacher_forcing_then_rollout for loss and any other metric). The two-phase objective raises loss LDS over held-out curricula on the built-in tasks (mean over the five tasks, random curricula 0.384 -> 0.440, membership-only 0.414 -> 0.459, order-only 0.262 -> 0.311; measured with raw gradient features, benchmarks/results/lds_builtin_raw_gradients.json) at a held-out trajectory MSE that was lower or equal on 8 of the 12 (task, metric) rows and up to 17 % higher on sentiment (README \"Accuracy on the built-in tasks\"); teacher_forcing keeps the lower MSE there. On bleu, rougeL and accuracy a rollout fit from the initial factors ranks held-out curricula better than the two-phase fit, whose rollout phase starts from teacher-forced weights that learned the metrics' step-to-step jumps (benchmarks/results/lds_objective_metrics.md; keeping the rollout phase's best epoch always changes nothing: lds_objective_keep_best_epoch.md). Both rollout objectives and the K-FAC terms make the simulator extrapolate worse to extreme curricula (one label only), which the data-selection search visits: `gptfluence select` fits with teacher_forcing and raw gradients (--fit-preset selection)")
     rollout_runs: int = arg(4, "objective=rollout / the rollout phase: fit runs per optimizer step (0 = all)")
