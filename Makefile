@@ -156,18 +156,30 @@ lds-kfac: setup
 		--variants raw_gradients raw_and_kfac raw_and_kfac_damping1 \
 		--out $(R)/lds_kfac_damping.json --markdown $(R)/lds_kfac_damping.md
 
-# The lexical (word TF-IDF) similarity term and rank-1 projections, the defaults since this version
-# (README "What raised LDS (5)"): loss LDS of the previous default (raw_and_kfac), each change alone
-# and both, and what a store without a model gets (features), split seeds 0-2 on the lds-builtin
-# stores (lds_lexical_splits.*) and split seed 0 on the second task-data draw (lds_lexical_draw1.*);
-# held-out trajectory MSE of each change alone, every metric (evaluate_lexical_only.*, evaluate_proj1_only.*;
-# both together: evaluate_builtin.*, neither: evaluate_builtin_proj32.*).
-LEXICAL_VARIANTS = raw_and_kfac raw_and_kfac_lexical_proj1 raw_and_kfac_proj1 features_lexical_proj1 features
+# The lexical (word TF-IDF) similarity term, the default since this version, and rank-1 / 8-dimensional
+# projections beside it (README "What raised LDS (5)"): loss LDS of the previous default (raw_and_kfac),
+# the lexical term (raw_and_kfac_lexical = today's default), with proj_dim 1 or 8, proj_dim 1 alone, and
+# what a store without a model gets (features), split seeds 0-2 on the lds-builtin stores
+# (lds_lexical_splits.*) and split seed 0 on the second task-data draw (lds_lexical_draw1.*); every
+# method and metric with --proj-dim 1 (lds_builtin_lexical_proj1.*, evaluate_builtin_lexical_proj1.*;
+# the stores of lds-builtin as there); held-out MSE of the lexical term alone at 32 dimensions
+# (evaluate_lexical_only.*: GPTfluence's rows of evaluate_builtin) and of proj_dim 1 alone
+# (evaluate_proj1_only.*). The default before: lds_builtin_no_lexical.*, evaluate_builtin_no_lexical.*.
+LEXICAL_VARIANTS = raw_and_kfac raw_and_kfac_lexical raw_and_kfac_lexical_proj1 raw_and_kfac_lexical_proj8 \
+	raw_and_kfac_proj1 features features_lexical features_lexical_proj1
 lds-lexical: setup
 	$(LDS_SPLITS) --variants $(LEXICAL_VARIANTS) --out $(R)/lds_lexical_splits.json --markdown $(R)/lds_lexical_splits.md
 	$(BIN)/python benchmarks/lds_splits.py --builtin-dir runs/draw1 --lds-dir '*=runs/draw1' --work runs/lds-splits-draw1 \
 		--seeds 0 --tasks sentiment yesno data2text translation --variants $(LEXICAL_VARIANTS) \
 		--out $(R)/lds_lexical_draw1.json --markdown $(R)/lds_lexical_draw1.md
+	for t in $(BUILTIN_TASKS); do d=runs/lds-builtin-full; if [ $$t = sentiment ]; then d=runs/lds-builtin; fi; \
+		$(BIN)/gptfluence lds $(BUILTIN_DIR)/$$t $$d/$$t-heldout --no-progress --proj-dim 1 --out $$d/$$t-lds-proj1.json || exit 1; \
+	done
+	$(BIN)/python benchmarks/merge_lds.py runs/lds-builtin/sentiment-lds-proj1.json \
+		$(foreach t,entailment yesno data2text translation,runs/lds-builtin-full/$(t)-lds-proj1.json) \
+		--out $(R)/lds_builtin_lexical_proj1.json --markdown $(R)/lds_builtin_lexical_proj1.md
+	$(BIN)/gptfluence evaluate $(STORES) --no-progress --proj-dim 1 \
+		--out $(R)/evaluate_builtin_lexical_proj1.json --markdown $(R)/evaluate_builtin_lexical_proj1.md
 	$(BIN)/gptfluence evaluate $(STORES) --methods gptfluence mean_curve --no-progress --no-trajectories \
 		--lexical --proj-dim 32 --out $(R)/evaluate_lexical_only.json --markdown $(R)/evaluate_lexical_only.md
 	$(BIN)/gptfluence evaluate $(STORES) --methods gptfluence mean_curve --no-progress --no-trajectories \

@@ -37,9 +37,9 @@ from gptfluence.dynamics import Dynamics  # noqa: E402
 # defaults change: raw_gradients is the default objective with raw projected gradients (the
 # default until none+kfac); teacher_forcing / rollout_phase_keep_best_epoch / rollout change the
 # objective of that variant; raw_and_kfac is the default on loss before the lexical term (none+kfac,
-# two-phase, 32-dimensional projections), spelled out; raw_and_kfac_lexical_proj1 is today's, spelled out.
-# Variants measured before the lexical term and rank-1 projections (the defaults since then) pin the
-# earlier settings (PROJ32), so their cached and re-run results stay what they were.
+# two-phase, 32-dimensional projections), spelled out; raw_and_kfac_lexical is today's, spelled out.
+# Variants measured before the lexical term (the default since then) pin the earlier settings
+# (PROJ32: 32-dimensional projections, no lexical term), so their cached and re-run results stay what they were.
 PROJ32 = ["--proj-dim", "32", "--no-lexical"]
 RAW = ["--similarity-preconditioner", "none", *PROJ32]
 TWO_PHASE = ["--objective", "teacher_forcing_then_rollout"]  # the default objective of loss (objective="auto")
@@ -61,9 +61,11 @@ VARIANTS = {
     "raw_and_kfac_lexical": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--lexical", "--proj-dim", "32"],
     "raw_and_kfac_proj1": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--no-lexical", "--proj-dim", "1"],
     "raw_and_kfac_lexical_proj1": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--lexical", "--proj-dim", "1"],
+    "raw_and_kfac_lexical_proj8": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--lexical", "--proj-dim", "8"],
     # what a store without a model gets (imported GPTDynamics): the encoder-feature cosine, with the same additions
     "features": [*TWO_PHASE, "--similarity", "features", "--no-lexical", "--proj-dim", "32"],
     "features_lexical_proj1": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim", "1"],
+    "features_lexical": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim", "32"],
 }
 DESIGNS = ("both", "membership", "order")
 
