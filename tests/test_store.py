@@ -147,3 +147,10 @@ def test_store_written_before_a_config_field_existed_reopens_at_that_fields_defa
         create_store(tmp_path / "s", tiny_task, ["loss"], {"lr": 1e-3, "record_steps": "ends"}, defaults=defaults)
     with pytest.raises(ArtifactMismatchError, match="fields differ: record_steps"):  # no default known: a difference
         create_store(tmp_path / "s", tiny_task, ["loss"], {"lr": 1e-3, "record_steps": "all"})
+
+
+def test_constructor_given_a_path_points_to_open(tmp_path):
+    """``Dynamics("folder")`` is a clean error naming ``Dynamics.open``, not an AttributeError."""
+    for arg in (str(tmp_path / "s"), tmp_path / "s"):
+        with pytest.raises(InputError, match=r"Dynamics\.open\("):
+            Dynamics(arg)

@@ -477,6 +477,9 @@ class Dynamics:
 
     def __init__(self, task: Task, runs: Iterable[Run] = (), manifest: dict[str, Any] | None = None,
                  root: Path | None = None) -> None:
+        if isinstance(task, (str, os.PathLike)):
+            raise InputError(f"Dynamics({str(task)!r}): the constructor takes a Task; open a store folder with "
+                             f"Dynamics.open({str(task)!r})")
         self.task = task
         self.root = root
         self.manifest = manifest or {
