@@ -102,7 +102,8 @@ evaluate-paper-simfluence: setup
 #   BUILTIN_TASKS="sentiment yesno data2text translation" BUILTIN_DIR=runs/draw1 LDS_DIR=runs/draw1
 #   LDS_OUT=lds_draw1 LDS_COLLECT_ARGS="--task-seed 1 --gen-every 0"; lds_draw1_teacher_forcing.*: the
 #   same stores, `gptfluence lds FIT HELDOUT --methods gptfluence --no-references --objective
-#   teacher_forcing` per task, merged with benchmarks/merge_lds.py
+#   teacher_forcing` per task, merged with benchmarks/merge_lds.py; lds_draw1_no_lexical.*: the default before the
+#   TF-IDF term, the same command with `gptfluence lds ... --no-lexical` (lds_builtin_no_lexical.*: likewise)
 LDS_COLLECT_ARGS ?=
 LDS_N ?= 48
 LDS_FIT_RUNS ?= 32
