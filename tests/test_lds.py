@@ -12,7 +12,7 @@ import pytest
 from gptfluence.analysis.lds import (bootstrap_ci, check_same_collection, cosine_matrix, datamodel_predict,
                                      format_lds_markdown, label_count_predict, lds_summary, measure_lds,
                                      occurrence_counts, per_example_spearman, same_label_matrix,
-                                     similarity_sum_predict, tfidf_sum_predict)
+                                     similarity_sum_predict)
 from gptfluence.features.lexical import TfidfFeatures
 from gptfluence.dynamics.curriculum import design_curricula, read_curriculum_file, sample_curriculum, \
     write_curriculum_lines
@@ -98,8 +98,9 @@ def test_tfidf_features_hand_computed():
     assert X[2, [1, 2]] == pytest.approx(b / np.linalg.norm(b), rel=1e-6)
     again = TfidfFeatures.from_state(json.loads(json.dumps(tf.state())))
     assert np.array_equal(again.encode(["cat cat dog"]), X[2:]) and again.spec() == tf.spec()
-    loss = tfidf_sum_predict(["cat", "dog", "bird"], ["the cat"], ["the cat", "the dog", "bird"], [5, 6, 7],
-                             np.array([[[5, 5]], [[6, 7]]]), "loss")
+    small = TfidfFeatures.fit(["the cat", "the dog", "bird"])  # the tfidf_sum reference of measure_lds
+    loss = similarity_sum_predict(small.encode(["cat", "dog", "bird"]), small.encode(["the cat"]), [5, 6, 7],
+                                  np.array([[[5, 5]], [[6, 7]]]), "loss")
     assert loss[0, 0] < 0 and loss[1, 0] == 0.0  # two 'cat' occurrences vs none: a lower predicted loss
 
 

@@ -219,16 +219,6 @@ def run_groups(heldout: Any) -> dict[str, list[str]]:
     return out
 
 
-def tfidf_sum_predict(train_texts: Sequence[str], test_texts: Sequence[str], corpus: Sequence[str],
-                      train_ids: Sequence[int], curricula: np.ndarray, metric: str) -> np.ndarray:
-    """The `tfidf_sum` reference [K, M]: `similarity_sum_predict` with the word TF-IDF vectors
-    (`TfidfFeatures` fitted on ``corpus``, the task's training and test texts) of the texts."""
-    from gptfluence.features.lexical import TfidfFeatures
-
-    tf = TfidfFeatures.fit(corpus)
-    return similarity_sum_predict(tf.encode(train_texts), tf.encode(test_texts), train_ids, curricula, metric)
-
-
 def reference_names(task: Any) -> list[str]:
     """The attribution references measured beside the simulators: ``similarity_sum`` and ``tfidf_sum`` always,
     ``label_count`` for classification tasks."""
@@ -256,6 +246,7 @@ def measure_lds(fit: Any, heldout: Any, methods: Sequence[str] | None = None, me
     from gptfluence.analysis.splits import fit_and_validation_runs
     from gptfluence.config import to_dict
     from gptfluence.features import embed_examples, resolve_encoder
+    from gptfluence.features.lexical import TfidfFeatures
     from gptfluence.simulators import (EncoderPool, default_method_names, heldout_configs, make_simulator,
                                        method_config, method_spec)
 
@@ -288,6 +279,9 @@ def measure_lds(fit: Any, heldout: Any, methods: Sequence[str] | None = None, me
         ref_enc = resolve_encoder(encoder)
         H_train = embed_examples(ref_enc, task.train)
         H_test_all = embed_examples(ref_enc, task.test)
+        # tfidf_sum: `similarity_sum_predict` on word TF-IDF vectors fitted on the task's texts
+        tfidf = TfidfFeatures.fit([e.text for e in task.train] + [e.text for e in task.test])
+        T_train, T_test_all = tfidf.encode([e.text for e in task.train]), tfidf.encode([e.text for e in task.test])
     for metric in want:
         cur, start, true, f0 = heldout_finals(heldout, metric, all_ids)
         tids = np.asarray(heldout.run(all_ids[0]).test_ids)
@@ -313,9 +307,8 @@ def measure_lds(fit: Any, heldout: Any, methods: Sequence[str] | None = None, me
             rows = np.asarray([heldout.test_row[int(t)] for t in tids])
             H_test = H_test_all[rows]
             preds["similarity_sum"] = ("reference", similarity_sum_predict(H_train, H_test, train_ids, cur, metric), 0.0)
-            corpus = [e.text for e in task.train] + [e.text for e in task.test]
-            preds["tfidf_sum"] = ("reference", tfidf_sum_predict(
-                [e.text for e in task.train], [task.test[r].text for r in rows], corpus, train_ids, cur, metric), 0.0)
+            preds["tfidf_sum"] = ("reference", similarity_sum_predict(T_train, T_test_all[rows], train_ids, cur, metric),
+                                  0.0)
             ref_preds["encoder"] = ref_enc.spec()
             if "label_count" in reference_names(task):
                 tr_lab = [e.target for e in task.train]
@@ -376,14 +369,11 @@ def format_lds_markdown(result: dict[str, Any]) -> str:
             s = f"{m:.3f} [{r['lds_ci_low']:.3f}, {r['lds_ci_high']:.3f}]"
         if r.get("n_nan"):
             s += f" ({r['n_nan']} NaN)"
-        d = r.get("vs_similarity_sum") or {}
-        dm = d.get("diff_mean")
-        if dm is not None and isinstance(dm, float) and math.isfinite(dm):
-            s += f"; Δsim {dm:+.3f} [{d['diff_ci_low']:+.3f}, {d['diff_ci_high']:+.3f}]"
-        d = r.get("vs_tfidf_sum") or {}
-        dm = d.get("diff_mean")
-        if dm is not None and isinstance(dm, float) and math.isfinite(dm):
-            s += f"; Δtfidf {dm:+.3f} [{d['diff_ci_low']:+.3f}, {d['diff_ci_high']:+.3f}]"
+        for key, label in (("vs_similarity_sum", "Δsim"), ("vs_tfidf_sum", "Δtfidf")):
+            d = r.get(key) or {}
+            dm = d.get("diff_mean")
+            if dm is not None and isinstance(dm, float) and math.isfinite(dm):
+                s += f"; {label} {dm:+.3f} [{d['diff_ci_low']:+.3f}, {d['diff_ci_high']:+.3f}]"
         return s
 
     head = "| task | metric | method | " + " | ".join(f"LDS {v}" for v in variations) + " |"

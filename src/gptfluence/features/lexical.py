@@ -72,7 +72,7 @@ class TfidfFeatures:
     def dim(self) -> int:
         return len(self.vocabulary)
 
-    def _vectorizer(self) -> Any:
+    def _fitted_vectorizer(self) -> Any:
         if self._vec is None:
             vec = _vectorizer(vocabulary=self.vocabulary)
             vec.idf_ = self.idf
@@ -83,7 +83,7 @@ class TfidfFeatures:
         """``[len(texts), dim]`` float32, rows L2-normalised (zero rows for texts without a known word)."""
         if not len(texts):
             return np.zeros((0, self.dim), np.float32)
-        return np.asarray(self._vectorizer().transform([str(t) for t in texts]).toarray(), dtype=np.float32)
+        return np.asarray(self._fitted_vectorizer().transform([str(t) for t in texts]).toarray(), dtype=np.float32)
 
     def spec(self) -> dict[str, Any]:
         """Identifies the features: options, size and a digest of vocabulary + idf."""

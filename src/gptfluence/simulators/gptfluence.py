@@ -557,27 +557,35 @@ class GPTfluenceSimulator(RecurrenceSimulator):
 
     def ensure_features(self, dynamics: Dynamics, train_ids: Sequence[int] = (), test_ids: Sequence[int] = ()) -> None:
         """Embed the dynamics' examples among ``train_ids``/``test_ids`` that have no features yet
-        (and, once the similarity kind is fixed by fitting, their gradient features)."""
+        (and, once fitting has fixed the similarity kind and the vocabulary, their gradient and
+        TF-IDF features)."""
         if self.similarity_kind == "grad":
             self._get_similarity_encoder(dynamics)  # built with this store when it holds the replayed run
         mtr = self.train_features.missing(train_ids)
         mte = self.test_features.missing(test_ids)
         if mtr or mte:
             self.set_examples([dynamics.train_example(i) for i in mtr], [dynamics.test_example(i) for i in mte])
-        if self.similarity_kind == "grad":  # every example with features gets its gradient (set_features, set_examples
-            known_tr, known_te = set(map(int, dynamics.train_ids)), set(map(int, dynamics.test_ids))  # before the kind was known)
-            gtr = self.sim_train_features.missing(
-                sorted({*(i for i in map(int, self.train_features.ids) if i in known_tr), *map(int, train_ids)}))
-            gte = self.sim_test_features.missing(
-                sorted({*(i for i in map(int, self.test_features.ids) if i in known_te), *map(int, test_ids)}))
-            self._add_gradients([dynamics.train_example(i) for i in gtr], [dynamics.test_example(i) for i in gte])
-        if self.lexical is not None:  # likewise their TF-IDF features
-            known_tr, known_te = set(map(int, dynamics.train_ids)), set(map(int, dynamics.test_ids))
-            ltr = self.lex_train_features.missing(
-                sorted({*(i for i in map(int, self.train_features.ids) if i in known_tr), *map(int, train_ids)}))
-            lte = self.lex_test_features.missing(
-                sorted({*(i for i in map(int, self.test_features.ids) if i in known_te), *map(int, test_ids)}))
-            self._add_lexical([dynamics.train_example(i) for i in ltr], [dynamics.test_example(i) for i in lte])
+        # every example with features gets its gradient and TF-IDF features (set_features and set_examples
+        # may have added examples before fitting fixed the similarity kind and the vocabulary)
+        if self.similarity_kind == "grad":
+            self._add_gradients(*self._lacking(dynamics, self.sim_train_features, self.sim_test_features,
+                                               train_ids, test_ids))
+        if self.lexical is not None:
+            self._add_lexical(*self._lacking(dynamics, self.lex_train_features, self.lex_test_features,
+                                             train_ids, test_ids))
+
+    def _lacking(self, dynamics: Dynamics, train_table: FeatureTable, test_table: FeatureTable,
+                 train_ids: Sequence[int], test_ids: Sequence[int]) -> tuple[list[Example], list[Example]]:
+        """The examples of ``dynamics`` that have encoder features or are asked for (``train_ids``,
+        ``test_ids``) but are missing from ``train_table`` / ``test_table``."""
+        out = []
+        for feats, table, ids, known, example in (
+                (self.train_features, train_table, train_ids, dynamics.train_ids, dynamics.train_example),
+                (self.test_features, test_table, test_ids, dynamics.test_ids, dynamics.test_example)):
+            known = set(map(int, known))
+            want = sorted({*(i for i in map(int, feats.ids) if i in known), *map(int, ids)})
+            out.append([example(i) for i in table.missing(want)])
+        return out[0], out[1]
 
     # -- hooks ----------------------------------------------------------------------------------
     def _init_params(self, dynamics: Dynamics, train_ids: np.ndarray, test_ids: np.ndarray,
