@@ -40,7 +40,8 @@ from gptfluence.dynamics import Dynamics  # noqa: E402
 # two-phase, 32-dimensional projections), spelled out; raw_and_kfac_lexical is today's, spelled out.
 # Variants measured before the lexical term (the default since then) pin the earlier settings
 # (PROJ32: 32-dimensional projections, no lexical term), so their cached and re-run results stay what they were.
-PROJ32 = ["--proj-dim", "32", "--no-lexical"]
+PROJ32 = ["--proj-dim", "32", "--no-lexical", "--ensemble", "1"]
+ONE = ["--ensemble", "1"]  # one model, not a bagged ensemble (the default until --ensemble)
 RAW = ["--similarity-preconditioner", "none", *PROJ32]
 TWO_PHASE = ["--objective", "teacher_forcing_then_rollout"]  # the default objective of loss (objective="auto")
 VARIANTS = {
@@ -58,14 +59,19 @@ VARIANTS = {
     "raw_and_kfac_8checkpoints": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--similarity-checkpoints", "8", *PROJ32],
     "raw_and_kfac_damping1": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--similarity-damping", "1.0", *PROJ32],
     # the word TF-IDF similarity term (--lexical) and rank-1 projections (--proj-dim 1), apart and together
-    "raw_and_kfac_lexical": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--lexical", "--proj-dim", "32"],
-    "raw_and_kfac_proj1": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--no-lexical", "--proj-dim", "1"],
-    "raw_and_kfac_lexical_proj1": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--lexical", "--proj-dim", "1"],
-    "raw_and_kfac_lexical_proj8": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--lexical", "--proj-dim", "8"],
+    "raw_and_kfac_lexical": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--lexical", "--proj-dim", "32", *ONE],
+    "raw_and_kfac_proj1": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--no-lexical", "--proj-dim", "1", *ONE],
+    "raw_and_kfac_lexical_proj1": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--lexical", "--proj-dim", "1", *ONE],
+    "raw_and_kfac_lexical_proj8": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--lexical", "--proj-dim", "8", *ONE],
     # what a store without a model gets (imported GPTDynamics): the encoder-feature cosine, with the same additions
-    "features": [*TWO_PHASE, "--similarity", "features", "--no-lexical", "--proj-dim", "32"],
-    "features_lexical_proj1": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim", "1"],
-    "features_lexical": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim", "32"],
+    "features": [*TWO_PHASE, "--similarity", "features", "--no-lexical", "--proj-dim", "32", *ONE],
+    "features_lexical_proj1": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim", "1", *ONE],
+    "features_lexical": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim", "32", *ONE],
+    # bagged ensembles of 3 (--ensemble 3) of the lexical default, with and without a model
+    "raw_and_kfac_lexical_ensemble3": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--lexical", "--proj-dim",
+                                       "32", "--ensemble", "3"],
+    "features_lexical_ensemble3": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim", "32",
+                                   "--ensemble", "3"],
 }
 DESIGNS = ("both", "membership", "order")
 

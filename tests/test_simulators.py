@@ -710,13 +710,14 @@ def test_artifacts_that_predate_a_config_field_load_with_the_behaviour_they_were
         fitted[method].save(tmp_path / method)
         cfg_path = tmp_path / method / "config.json"
         meta = json.loads(cfg_path.read_text())
-        for k in ("detrend", "center_features", "similarity_preconditioner"):
+        for k in ("detrend", "center_features", "similarity_preconditioner", "ensemble"):
             meta["config"].pop(k, None)
         cfg_path.write_text(json.dumps(meta))
         back = load_simulator(tmp_path / method)
         assert back.config.detrend is False
         if method == "gptfluence":  # raw gradients only before the preconditioner field (default now none+kfac)
             assert back.config.center_features is False and back.config.similarity_preconditioner == "none"
+            assert back.config.ensemble == 1  # one model before the ensemble field
 
 
 # ---------------------------------------------------------------------------------------------
@@ -826,3 +827,72 @@ def test_gptfluence_lexical_term_features_reload_and_new_examples(tmp_path, synt
     np.testing.assert_array_equal(back.lex_train_features.get([5000], "t"), tf.encode([new.text]))
     out = back.simulate(np.array([[[5000, 0], [1, -1]]]), tids[:2], V[:1, 0, :2])
     assert np.isfinite(out).all()
+
+
+def test_ensemble_splits_first_is_given_then_fresh_validation_runs():
+    from gptfluence.simulators.common import ensemble_splits
+
+    fit, val = [f"r{i}" for i in range(6)], ["v0", "v1"]
+    sp = ensemble_splits(fit, val, 3, seed=5)
+    assert sp[0] == (fit, val)
+    pool = set(fit + val)
+    seen_val = set(val)
+    for f, v in sp[1:]:
+        assert len(v) == 2 and set(f) | set(v) == pool and not set(f) & set(v)
+        assert not set(v) & seen_val  # each member validates on runs no earlier member validated on
+        seen_val |= set(v)
+    assert ensemble_splits(fit, val, 3, seed=5) == sp  # seeded
+    # more members than fresh validation runs: drawn from the whole pool, still disjoint from their fit runs
+    many = ensemble_splits(["a", "b", "c"], ["d"], 6, seed=0)
+    assert all(len(v) == 1 and v[0] not in f and set(f) | set(v) == {"a", "b", "c", "d"} for f, v in many)
+    # no validation runs: every member fits on all runs
+    assert ensemble_splits(fit, [], 3, seed=0) == [(fit, [])] * 3
+
+
+def test_gptfluence_ensemble_is_the_mean_of_its_members_and_reloads(tmp_path, synth):
+    """``ensemble=3``: three members fitted on the splits of `ensemble_splits` (the history names
+    them), the simulator's factors are exactly their mean, and save/load keeps every member."""
+    from gptfluence.simulators.common import ensemble_splits
+    from gptfluence.simulators.gptfluence import FactorEnsemble
+
+    dyn, enc, fit, val, test = synth
+    sim = make_simulator("gptfluence", "loss", encoder=enc, ensemble=3, **FAST)
+    hist = sim.fit(dyn, fit, val)
+    assert isinstance(sim.module, FactorEnsemble) and len(sim.module.members) == 3
+    splits = ensemble_splits(fit, val, 3, sim.config.seed)
+    assert [(m["fit_runs"], m["val_runs"]) for m in hist["members"]] == [(list(f), list(v)) for f, v in splits]
+    assert hist["epochs_run"] == sum(m["epochs_run"] for m in hist["members"])
+    # members differ (own split and seed), the ensemble's factors are their mean
+    tr, te = dyn.train_ids, dyn.test_ids
+    A, B = sim.factors(tr, te)
+    parts = []
+    module = sim.module
+    for m in module.members:
+        sim.module = m
+        parts.append(sim.factors(tr, te))
+    sim.module = module
+    assert not np.allclose(parts[0][1], parts[1][1])
+    np.testing.assert_allclose(A, np.mean([p[0] for p in parts], 0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(B, np.mean([p[1] for p in parts], 0), rtol=1e-5, atol=1e-7)
+    # one recurrence: simulate, save, load
+    V, _, tids = dyn.stack("loss", test)
+    cur = stack_curricula(dyn, test)
+    pred = sim.simulate(cur, tids, V[:, 0])
+    assert np.isfinite(pred).all()
+    sim.save(tmp_path / "ens")
+    back = load_simulator(tmp_path / "ens")
+    assert isinstance(back.module, FactorEnsemble) and back.config.ensemble == 3
+    assert [m["val_runs"] for m in back.history["members"]] == [list(v) for _, v in splits]  # saved in config.json
+    np.testing.assert_array_equal(back.simulate(cur, tids, V[:, 0]), pred)
+
+
+def test_factor_ensemble_rejects_members_with_other_buffers():
+    from gptfluence.simulators.gptfluence import FactorEnsemble
+
+    a = FeaturizedFactors(6, 0, 4, 1, share=False, factor_bias=True)
+    b = FeaturizedFactors(6, 0, 4, 1, share=False, factor_bias=True)
+    FactorEnsemble([a, b])  # same (zero) centres
+    with torch.no_grad():
+        b.center.fill_(1.0)
+    with pytest.raises(ArtifactMismatchError, match="center"):
+        FactorEnsemble([a, b])

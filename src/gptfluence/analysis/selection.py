@@ -457,8 +457,10 @@ def summarize_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
 # Config fields over a method's defaults for the simulator `gptfluence select` fits itself
 # (SelectConfig.fit_preset "selection"); methods not listed use their defaults.
 SELECTION_FIT_OVERRIDES: dict[str, dict[str, Any]] = {
-    # as measured in README "Choosing training data" (the defaults then: 32-dimensional projections, no lexical term)
-    "gptfluence": {"objective": "teacher_forcing", "similarity_preconditioner": "none", "proj_dim": 32, "lexical": False},
+    # as measured in README "Choosing training data" (the defaults then: 32-dimensional projections, no lexical
+    # term, one model)
+    "gptfluence": {"objective": "teacher_forcing", "similarity_preconditioner": "none", "proj_dim": 32, "lexical": False,
+                   "ensemble": 1},
 }
 FIT_PRESETS = ("selection", "default")
 

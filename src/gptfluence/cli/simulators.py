@@ -184,7 +184,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
         msg += f" by {hist['objective']}"
     if val_runs:
         msg += f", validated on {len(val_runs)}"
-    if hist.get("best_val_mse") is not None:
+    if hist.get("members"):  # a bagged ensemble (--ensemble k): each member validated on its own runs
+        msg += (f"; an ensemble of {len(hist['members'])} members, each on its own fit / validation split of these runs "
+                f"(in the artifact's config.json)")
+        if hist.get("best_val_mse") is not None:
+            msg += f", mean best validation rollout MSE {hist['best_val_mse'] * getattr(sim, 'scale', 1.0) ** 2:.4g}"
+    elif hist.get("best_val_mse") is not None:
         msg += f"; best validation rollout MSE {hist['best_val_mse'] * getattr(sim, 'scale', 1.0) ** 2:.4g} (epoch {hist['best_epoch']})"
     print(msg + f" -> {out}")
     held = [r for r in store.run_ids if r not in set(fit_runs) | set(val_runs)]

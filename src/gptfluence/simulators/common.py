@@ -269,7 +269,8 @@ class SimulatorBase:
         self.task_name = dynamics.task.name
 
     def _meta(self) -> dict[str, Any]:
-        hist = {k: v for k, v in self.history.items() if not isinstance(v, list)}
+        # per-epoch lists stay out; an ensemble's member summaries (runs, epochs, seconds) are kept
+        hist = {k: v for k, v in self.history.items() if not isinstance(v, list) or k == "members"}
         return {"method": self.method, "metric": self.metric, "examples_sha256": self.examples_sha256,
                 "task": self.task_name, "fit": hist}
 
@@ -339,6 +340,50 @@ class Trend:
             raise ArtifactMismatchError(f"simulator config.json, field 'trend': malformed ({e})") from None
 
 
+def ensemble_splits(fit_runs: Sequence[str], val_runs: Sequence[str], members: int,
+                    seed: int) -> list[tuple[list[str], list[str]]]:
+    """(fit runs, validation runs) of each member of a bagged ensemble: the first is the given
+    split; each further member validates on ``len(val_runs)`` other runs of the same pool (fit +
+    validation runs), drawn with ``seed + k`` among the runs no earlier member validated on (any
+    run of the pool once those run out), and fits on the rest. Without validation runs every member
+    fits on all runs (they then differ only in their initialisation and shuffling seeds)."""
+    fit_runs, val_runs = list(fit_runs), list(val_runs)
+    pool = fit_runs + val_runs
+    order = {r: i for i, r in enumerate(pool)}
+    out = [(fit_runs, val_runs)]
+    used = set(val_runs)
+    n_val = len(val_runs)
+    for k in range(1, members):
+        if not n_val:
+            out.append((fit_runs, []))
+            continue
+        fresh = [r for r in pool if r not in used]
+        cand = fresh if len(fresh) >= n_val else pool
+        rng = np.random.default_rng(seed + k)
+        val = sorted((cand[i] for i in rng.choice(len(cand), size=n_val, replace=False)), key=order.__getitem__)
+        used.update(val)
+        out.append(([r for r in pool if r not in set(val)], val))
+    return out
+
+
+def ensemble_history(hists: list[dict[str, Any]], splits: list[tuple[list[str], list[str]]]) -> dict[str, Any]:
+    """One fit history for an ensemble: ``members`` (each member's summary: its runs, epochs, best
+    epoch and validation MSE, seconds), ``epochs_run`` summed over members, ``best_epoch`` the largest
+    member's (0 only when every member kept its untrained start), ``best_val_mse`` the members' mean
+    (each on its own validation runs, normalised units; None without validation), ``seconds`` summed."""
+    summary = []
+    for h, (fr, vr) in zip(hists, splits):
+        summary.append({"fit_runs": list(fr), "val_runs": list(vr), "epochs_run": h.get("epochs_run"),
+                        "best_epoch": h.get("best_epoch"), "best_val_mse": h.get("best_val_mse"),
+                        "seconds": h.get("seconds")})
+    vals = [h["best_val_mse"] for h in hists if h.get("best_val_mse") is not None]
+    return {"members": summary, "ensemble": len(hists),
+            "epochs_run": int(sum(int(h.get("epochs_run") or 0) for h in hists)),
+            "best_epoch": max(int(h.get("best_epoch") or 0) for h in hists),
+            "best_val_mse": float(np.mean(vals)) if vals else None,
+            "seconds": float(sum(float(h.get("seconds") or 0.0) for h in hists))}
+
+
 class RecurrenceSimulator(SimulatorBase):
     """Base of the learned recurrence simulators (GPTfluence, Simfluence): one fit / rollout
     engine (`gptfluence.simulators.engine`); subclasses provide the factors.
@@ -398,10 +443,26 @@ class RecurrenceSimulator(SimulatorBase):
         return engine.RunBlock(torch.as_tensor(V, dtype=torch.float32), torch.as_tensor(rows),
                                torch.as_tensor(cols), first_step)
 
+    def _ensemble_size(self) -> int:
+        """Members of a bagged ensemble (`ensemble_splits`); 1 = one model (simulators without the field)."""
+        return max(1, int(getattr(self.config, "ensemble", 1)))
+
+    def _new_member(self, dynamics: Dynamics, train_ids: np.ndarray, test_ids: np.ndarray, seed: int) -> None:
+        """Ensembles: replace ``self.module`` by a freshly initialised one (seed ``seed``), the features
+        and fixed buffers as `_init_params` set them. Only simulators with an ``ensemble`` field."""
+        raise NotImplementedError
+
+    def _combine(self, modules: list[torch.nn.Module]) -> torch.nn.Module:
+        """Ensembles: one module whose factors are the mean of ``modules``' factors."""
+        raise NotImplementedError
+
     def fit(self, dynamics: Dynamics, fit_runs: Sequence[str], val_runs: Sequence[str] = (),
             progress: bool = False) -> dict[str, Any]:
-        """Fit on ``fit_runs`` by one-step teacher forcing; early-stop on the rollout MSE of
-        ``val_runs``. Returns the fit history (losses in normalised units, seconds)."""
+        """Fit on ``fit_runs`` (teacher forcing, rollouts or both, per the config's ``objective``);
+        early-stop on the rollout MSE of ``val_runs``. With ``ensemble = k > 1`` (GPTfluence), k
+        members are fitted on the splits of `ensemble_splits` (the first: the given one) and the
+        simulator's factors are their mean. Returns the fit history (losses in normalised units,
+        seconds)."""
         fit_runs, val_runs = list(fit_runs), list(val_runs)
         if not fit_runs:
             raise InputError(f"{self.method}: no fit runs given")
@@ -410,24 +471,26 @@ class RecurrenceSimulator(SimulatorBase):
             raise InputError(f"runs {sorted(overlap)} are both fit and validation runs")
         t0 = time.perf_counter()
         device = self.device
+        members = self._ensemble_size()
         self._remember_dynamics(dynamics)
+        # trend and scale: from the fit runs; for an ensemble from all given runs (every member fits
+        # or validates on each of them), so that all members share one normalisation and trend
         V, steps, fit_tids = dynamics.stack(self.metric, fit_runs)
         self.fit_first_step = engine.first_recorded_step(V, steps)
+        if members > 1:
+            V, steps, fit_tids = dynamics.stack(self.metric, fit_runs + val_runs)
         self.trend = Trend.from_runs(V, steps, fit_tids) if getattr(self.config, "detrend", False) else None
         dev = V if self.trend is None else V - self.trend.values(fit_tids, steps)[None]
         self.scale = metric_scale(dev[:, self.fit_first_step:]) if self.config.normalize else 1.0
+        test_ids = np.unique(np.concatenate([fit_tids] + ([dynamics.stack(self.metric, val_runs)[2]] if val_runs else [])))
         fit_cur = stack_curricula(dynamics, fit_runs)
-        fit_train_ids = np.unique(fit_cur[fit_cur >= 0])
         all_cur = [fit_cur] + ([stack_curricula(dynamics, val_runs)] if val_runs else [])
         train_ids = np.unique(np.concatenate([c[c >= 0] for c in all_cur]))
-        test_sets = [fit_tids] + ([dynamics.stack(self.metric, val_runs)[2]] if val_runs else [])
-        test_ids = np.unique(np.concatenate(test_sets))
+        # the examples the fixed buffers (feature centres) are computed from: the fit runs', or for an
+        # ensemble every given run's (the same for all members)
+        fit_train_ids = np.unique(fit_cur[fit_cur >= 0]) if members == 1 else train_ids
         self._init_params(dynamics, train_ids, test_ids, fit_train_ids, fit_runs)
         assert self.module is not None
-        self.module.to(device)
-        fn = self._factor_fn(train_ids, test_ids, unseen="zero")
-        fit_block = self._block(dynamics, fit_runs, train_ids, test_ids, self.fit_first_step).to(device)
-        val_block = self._block(dynamics, val_runs, train_ids, test_ids).to(device) if val_runs else None
         c = self.config
         opts = engine.FitOptions(lr=c.lr, weight_decay=c.weight_decay, epochs=c.epochs, batch_size=c.batch_size,
                                  min_steps_per_epoch=c.min_steps_per_epoch,
@@ -437,9 +500,28 @@ class RecurrenceSimulator(SimulatorBase):
                                  rollout_phase_keep=c.rollout_phase_keep, optimizer=c.optimizer,
                                  lr_schedule=c.lr_schedule, early_stopping=c.early_stopping,
                                  history_padding=self.history_padding)
-        hist = engine.fit_engine(self.module, fn, fit_block, val_block, opts, progress=progress,
-                                 desc=f"{self.method} {self.metric}", penalty=self._penalty())
-        self.module.eval()
+        splits = ensemble_splits(fit_runs, val_runs, members, c.seed)
+        modules, hists = [], []
+        for k, (fr, vr) in enumerate(splits):
+            if k:
+                self._new_member(dynamics, train_ids, test_ids, seed=c.seed + k)
+            self.module.to(device)
+            fn = self._factor_fn(train_ids, test_ids, unseen="zero")
+            first = self.fit_first_step if k == 0 else engine.first_recorded_step(*dynamics.stack(self.metric, fr)[:2])
+            fit_block = self._block(dynamics, fr, train_ids, test_ids, first).to(device)
+            val_block = self._block(dynamics, vr, train_ids, test_ids).to(device) if vr else None
+            desc = f"{self.method} {self.metric}" + (f" (member {k + 1}/{members})" if members > 1 else "")
+            hists.append(engine.fit_engine(self.module, fn, fit_block, val_block,
+                                           dataclasses.replace(opts, seed=c.seed + k), progress=progress,
+                                           desc=desc, penalty=self._penalty()))
+            self.module.eval()
+            modules.append(self.module)
+        if members == 1:
+            hist = hists[0]
+        else:
+            self.module = self._combine(modules).to(device)
+            self.module.eval()
+            hist = ensemble_history(hists, splits)
         hist.update(objective=opts.objective, fit_runs=fit_runs, val_runs=val_runs, scale=self.scale,
                     fit_first_step=self.fit_first_step,
                     total_seconds=time.perf_counter() - t0)
@@ -507,7 +589,8 @@ class RecurrenceSimulator(SimulatorBase):
 # Fields added to the simulator configs after artifacts of format 1 were first written, with the
 # behaviour of an artifact that lacks them (not today's defaults).
 LEGACY_FIELD_VALUES = {"detrend": False, "center_features": False, "similarity": "none", "similarity_checkpoints": 1,
-                       "similarity_norms": False, "similarity_preconditioner": "none", "lexical": False}
+                       "similarity_norms": False, "similarity_preconditioner": "none", "lexical": False,
+                       "ensemble": 1}
 
 
 def stored_config(meta: dict[str, Any], cls: type) -> dict[str, Any]:

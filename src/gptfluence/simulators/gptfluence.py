@@ -107,6 +107,7 @@ class GPTfluenceConfig(FitConfig):
     similarity_checkpoints: int = arg(4, "similarity='grad': gradients at this many steps evenly spaced over the first fit run (its fine-tuning re-trained with the store's settings), one learned-weight cosine term per checkpoint (TracIn-CP sums over checkpoints); 1 = the base model only")
     lexical: bool = arg(True, "one more learned-weight similarity term in every factor: the cosine of the word TF-IDF vectors of the two examples' texts (gptfluence.features.lexical: sublinear tf, idf over the fitted store's training and test texts), the shared rare words that the sentence encoder blurs; it needs no model, so stores without one (imported GPTDynamics) get it too. Against no lexical term (the default until this version) it raises loss LDS over held-out curricula on the built-in tasks (mean over five tasks and three validation splits: random curricula 0.492 -> 0.502, membership-only 0.522 -> 0.531, order-only 0.248 -> 0.250; the second task-data draw 0.487 -> 0.497 and 0.521 -> 0.532; without a model 0.365 -> 0.401; benchmarks/results/lds_lexical_splits.md, lds_lexical_draw1.md) and lowers the held-out trajectory MSE on 8 of the 12 (task, metric) rows")
     lexical_max_features: int = arg(8192, "lexical: vocabulary size (the most frequent words of the store's texts)")
+    ensemble: int = arg(1, "bagged ensemble: fit this many members, the first on the given fit / validation split, each further one validating on other runs of the same pool (fit + validation runs) and fitting on the rest, with its own initialisation seed (seed + k); the simulator's factors are the members' mean, so it is still one recurrence (rollouts, influence scores and artifacts as for one model). Trend and scale then come from all given runs. Costs k fits")
     objective: str = arg("auto", "fitting loss: teacher_forcing (the paper: one-step MSE from true previous values), rollout (MSE of whole autoregressive rollouts of the fit runs, backpropagated through time), teacher_forcing_then_rollout (teacher forcing to its best validation epoch, then rollout from those weights, kept only if a rollout epoch beats them on the validation runs) or auto (the default: rollout for the metrics of decoded text, bleu, rougeL and accuracy; teacher_forcing_then_rollout for loss and any other metric). The two-phase objective raises loss LDS over held-out curricula on the built-in tasks (mean over the five tasks, random curricula 0.384 -> 0.440, membership-only 0.414 -> 0.459, order-only 0.262 -> 0.311; measured with raw gradient features, benchmarks/results/lds_builtin_raw_gradients.json) at a held-out trajectory MSE that was lower or equal on 8 of the 12 (task, metric) rows and up to 17 % higher on sentiment (README \"Accuracy on the built-in tasks\"); teacher_forcing keeps the lower MSE there. On bleu, rougeL and accuracy a rollout fit from the initial factors ranks held-out curricula better than the two-phase fit, whose rollout phase starts from teacher-forced weights that learned the metrics' step-to-step jumps (benchmarks/results/lds_objective_metrics.md; keeping the rollout phase's best epoch always changes nothing: lds_objective_keep_best_epoch.md). Both rollout objectives and the K-FAC terms make the simulator extrapolate worse to extreme curricula (one label only), which the data-selection search visits: `gptfluence select` fits with teacher_forcing and raw gradients (--fit-preset selection)")
     rollout_runs: int = arg(4, "objective=rollout / the rollout phase: fit runs per optimizer step (0 = all)")
     lr: float = arg(3e-4, "AdamW learning rate (after warmup)")
@@ -122,7 +123,7 @@ class GPTfluenceConfig(FitConfig):
     def validate(self) -> None:
         super().validate()
         for name, low in (("order", 1), ("proj_dim", 1), ("similarity_dim", 1), ("similarity_checkpoints", 1),
-                          ("hidden", 0), ("lexical_max_features", 1)):
+                          ("hidden", 0), ("lexical_max_features", 1), ("ensemble", 1)):
             if getattr(self, name) < low:
                 raise config_error(self, name, f">= {low}")
         if not self.init_std > 0:
@@ -284,6 +285,53 @@ class FeaturizedFactors(nn.Module):
                 m.l2.bias.mul_(per)
 
 
+class FactorEnsemble(nn.Module):
+    """Bagged GPTfluence (``ensemble = k``): ``forward`` returns the mean of its members' factors
+    ``F [n+1, N, M]``. The members share their fixed buffers (feature centres, similarity centres and
+    scales: computed from the same examples), so one ``similarity`` tensor serves them all."""
+
+    def __init__(self, members: Sequence[FeaturizedFactors]) -> None:
+        super().__init__()
+        members = list(members)
+        if not members:
+            raise InputError("gptfluence: an ensemble needs at least one member")
+        first = dict(members[0].named_buffers())
+        for m in members[1:]:
+            for name, buf in m.named_buffers():
+                if name not in first or first[name].shape != buf.shape or not torch.equal(first[name], buf):
+                    raise ArtifactMismatchError(f"gptfluence ensemble: members differ in the fixed buffer {name!r}")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def sim_dim(self) -> int:
+        return self.members[0].sim_dim
+
+    @property
+    def sim_terms(self) -> int:
+        return self.members[0].sim_terms
+
+    @property
+    def lex_dim(self) -> int:
+        return self.members[0].lex_dim
+
+    @property
+    def order(self) -> int:
+        return self.members[0].order
+
+    def similarity(self, s_train: torch.Tensor, s_test: torch.Tensor) -> torch.Tensor:
+        return self.members[0].similarity(s_train, s_test)
+
+    def forward(self, h_train: torch.Tensor, h_test: torch.Tensor, s_train: torch.Tensor | None = None,
+                s_test: torch.Tensor | None = None, similarity: torch.Tensor | None = None) -> torch.Tensor:
+        if self.sim_dim and similarity is None and s_train is not None and s_test is not None:
+            similarity = self.similarity(s_train, s_test)  # once for all members
+        return torch.stack([m(h_train, h_test, s_train, s_test, similarity=similarity) for m in self.members]).mean(0)
+
+    def pair(self, k: int, h_train: torch.Tensor, h_test: torch.Tensor, s_train: torch.Tensor | None = None,
+             s_test: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.stack([m.pair(k, h_train, h_test, s_train, s_test) for m in self.members]).mean(0)
+
+
 class FeatureTable:
     """Features of examples by id: ``ids [N]`` int64 and ``values [N, D]`` float32."""
 
@@ -383,7 +431,7 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         self.lexical: TfidfFeatures | None = None  # fitted on the store's texts when config.lexical
         self.lex_train_features = FeatureTable()
         self.lex_test_features = FeatureTable()
-        self.module: FeaturizedFactors | None = None
+        self.module: FeaturizedFactors | FactorEnsemble | None = None
 
     # -- features -----------------------------------------------------------------------------
     def _get_encoder(self) -> Encoder:
@@ -592,8 +640,13 @@ class GPTfluenceSimulator(RecurrenceSimulator):
                      fit_train_ids: np.ndarray, fit_runs: Sequence[str]) -> None:
         self._resolve_similarity(dynamics, fit_runs)
         self.ensure_features(dynamics, train_ids, test_ids)
+        self._new_member(dynamics, train_ids, test_ids, self.config.seed)
+
+    def _new_member(self, dynamics: Dynamics, train_ids: np.ndarray, test_ids: np.ndarray, seed: int) -> None:
+        """A freshly initialised `FeaturizedFactors` (seed ``seed``) as ``self.module``; its fixed
+        buffers from the features of ``train_ids`` / ``test_ids``."""
         c = self.config
-        torch.manual_seed(c.seed)
+        torch.manual_seed(seed)
         str_, ste_ = self._sim_tables()
         self.module = FeaturizedFactors(self.train_features.dim or 0, c.hidden, c.proj_dim, c.order,
                                         c.share_projection, c.factor_bias, sim_dim=self._sim_dim(),
@@ -630,6 +683,9 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         with torch.no_grad():  # fixed buffers only: the same tensor on every call
             sim = module.similarity(s_tr, s_te)
         return lambda: module(htr, hte, similarity=sim)
+
+    def _combine(self, modules: list[nn.Module]) -> nn.Module:
+        return FactorEnsemble(modules)  # type: ignore[arg-type]
 
     # -- artifacts ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -684,10 +740,24 @@ class GPTfluenceSimulator(RecurrenceSimulator):
                                        "training (lexical)")
             sim.lex_test_features.add(tensors["lexfeatures.test.ids"].tolist(), tensors["lexfeatures.test.values"],
                                       "test (lexical)")
-        sim.module = FeaturizedFactors(int(meta["feature_dim"]), c.hidden, c.proj_dim, c.order, c.share_projection,
-                                       c.factor_bias, sim_dim=sim._sim_dim(), sim_blocks=sim._sim_blocks(),
-                                       sim_norms=sim._sim_norms(), lex_dim=sim._lex_dim())
+        def member() -> FeaturizedFactors:
+            return FeaturizedFactors(int(meta["feature_dim"]), c.hidden, c.proj_dim, c.order, c.share_projection,
+                                     c.factor_bias, sim_dim=sim._sim_dim(), sim_blocks=sim._sim_blocks(),
+                                     sim_norms=sim._sim_norms(), lex_dim=sim._lex_dim())
+
         state = {k[len("module."):]: torch.as_tensor(v) for k, v in tensors.items() if k.startswith("module.")}
+        if c.ensemble > 1:
+            members = [member() for _ in range(c.ensemble)]
+            for k, m in enumerate(members):  # buffers first, so that the ensemble's check sees the saved ones
+                pre = f"members.{k}."
+                try:
+                    m.load_state_dict({n[len(pre):]: v for n, v in state.items() if n.startswith(pre)})
+                except RuntimeError as e:
+                    raise ArtifactMismatchError(f"gptfluence ensemble member {k}: weights do not match its config ({e})") from None
+            sim.module = FactorEnsemble(members)
+            sim.module.eval()
+            return sim
+        sim.module = member()
         state.setdefault("center", torch.zeros(int(meta["feature_dim"])))  # artifacts written before centring
         if "sim_weight" in state and state["sim_weight"].ndim == 1:  # written before blocks: one block
             state["sim_weight"] = state["sim_weight"][:, None]

@@ -27,7 +27,8 @@ GPTfluence (``gptfluence_paper``), item: value (source):
    (``predict_loss = sum(a) * before_loss + sum(b)``): ``residual=False, factor_bias=False``.
 4. Initialisation: PyTorch's default for nn.Linear (no rescaling): ``init="pytorch_default"``.
    Features are used raw, not centred (``center_features=False``); no similarity term
-   (``similarity="none"``) and no lexical term (``lexical=False``).
+   (``similarity="none"``), no lexical term (``lexical=False``) and one model, not an ensemble
+   (``ensemble=1``).
 5. Values: raw metric values (no normalisation, no detrending): ``normalize=False, detrend=False``.
 6. Loss: one-step teacher-forced MSE over a minibatch of transitions (run, step, test example)
    (``MSELoss`` on ``predict_loss``). Transitions are consecutive *recorded* values; the batch of
@@ -103,7 +104,7 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
         "encoder": PAPER_ENCODER,
         "hidden": 384, "proj_dim": 384, "share_projection": True,
         "residual": False, "factor_bias": False, "init": "pytorch_default",
-        "center_features": False, "similarity": "none", "lexical": False,
+        "center_features": False, "similarity": "none", "lexical": False, "ensemble": 1,
         "history_padding": "zeros", "order": 1,
     },
     "simfluence": {
