@@ -473,12 +473,17 @@ class RecurrenceSimulator(SimulatorBase):
         device = self.device
         members = self._ensemble_size()
         self._remember_dynamics(dynamics)
-        # trend and scale: from the fit runs; for an ensemble from all given runs (every member fits
-        # or validates on each of them), so that all members share one normalisation and trend
+        c = self.config
+        splits = ensemble_splits(fit_runs, val_runs, members, c.seed)
+        # trend and scale: from the fit runs; for an ensemble (one normalisation and trend for all
+        # members) from the runs that no member validates on, so that no validation run is part of
+        # the trend its member is early-stopped against
         V, steps, fit_tids = dynamics.stack(self.metric, fit_runs)
         self.fit_first_step = engine.first_recorded_step(V, steps)
         if members > 1:
-            V, steps, fit_tids = dynamics.stack(self.metric, fit_runs + val_runs)
+            validated = {r for _, vr in splits for r in vr}
+            base = [r for r in fit_runs + val_runs if r not in validated] or fit_runs + val_runs  # tiny pools: all
+            V, steps, fit_tids = dynamics.stack(self.metric, base)
         self.trend = Trend.from_runs(V, steps, fit_tids) if getattr(self.config, "detrend", False) else None
         dev = V if self.trend is None else V - self.trend.values(fit_tids, steps)[None]
         self.scale = metric_scale(dev[:, self.fit_first_step:]) if self.config.normalize else 1.0
@@ -491,7 +496,6 @@ class RecurrenceSimulator(SimulatorBase):
         fit_train_ids = np.unique(fit_cur[fit_cur >= 0]) if members == 1 else train_ids
         self._init_params(dynamics, train_ids, test_ids, fit_train_ids, fit_runs)
         assert self.module is not None
-        c = self.config
         opts = engine.FitOptions(lr=c.lr, weight_decay=c.weight_decay, epochs=c.epochs, batch_size=c.batch_size,
                                  min_steps_per_epoch=c.min_steps_per_epoch,
                                  warmup_steps=c.warmup_steps, patience=c.patience, seed=c.seed, device=device,
@@ -500,7 +504,6 @@ class RecurrenceSimulator(SimulatorBase):
                                  rollout_phase_keep=c.rollout_phase_keep, optimizer=c.optimizer,
                                  lr_schedule=c.lr_schedule, early_stopping=c.early_stopping,
                                  history_padding=self.history_padding)
-        splits = ensemble_splits(fit_runs, val_runs, members, c.seed)
         modules, hists = [], []
         for k, (fr, vr) in enumerate(splits):
             if k:
