@@ -55,9 +55,11 @@ evaluate-builtin: setup
 # Loss only, on the stores evaluate-builtin collected: other splits (seeds 1, 2) and the ablations
 # of GPTfluence's defaults (README, "Accuracy on the built-in tasks"); evaluate_builtin_raw_gradients.*: every metric.
 R := benchmarks/results
-# GPTfluence's settings before the lexical term and rank-1 projections (the defaults since then): the
-# targets below that re-make results measured under earlier defaults pin them
-PROJ32 = --proj-dim 32 --no-lexical
+# GPTfluence's settings before the lexical term, rank-1 projections and the bagged ensemble (the
+# defaults since then: lexical term, 32 dimensions, 3 members): the targets below that re-make results
+# measured under earlier defaults pin them. ONE: one model, not an ensemble (the default until --ensemble 3).
+ONE = --ensemble 1
+PROJ32 = --proj-dim 32 --no-lexical $(ONE)
 STORES = $(addprefix $(BUILTIN_DIR)/,$(BUILTIN_TASKS))
 EVAL_LOSS = $(BIN)/gptfluence evaluate $(STORES) --metrics loss --no-progress --no-trajectories
 # Earlier defaults of GPTfluence on every metric (GPTfluence only: --objective would apply to Simfluence too):
@@ -103,7 +105,7 @@ evaluate-paper-simfluence: setup
 #   LDS_OUT=lds_draw1 LDS_COLLECT_ARGS="--task-seed 1 --gen-every 0"; lds_draw1_teacher_forcing.*: the
 #   same stores, `gptfluence lds FIT HELDOUT --methods gptfluence --no-references --objective
 #   teacher_forcing` per task, merged with benchmarks/merge_lds.py; lds_draw1_no_lexical.*: the default before the
-#   TF-IDF term, the same command with `gptfluence lds ... --no-lexical` (lds_builtin_no_lexical.*: likewise)
+#   TF-IDF term, the same command with `gptfluence lds ... --no-lexical --ensemble 1` (lds_builtin_no_lexical.*: likewise)
 LDS_COLLECT_ARGS ?=
 LDS_N ?= 48
 LDS_FIT_RUNS ?= 32
@@ -174,17 +176,17 @@ lds-lexical: setup
 		--seeds 0 --tasks sentiment yesno data2text translation --variants $(LEXICAL_VARIANTS) \
 		--out $(R)/lds_lexical_draw1.json --markdown $(R)/lds_lexical_draw1.md
 	for t in $(BUILTIN_TASKS); do d=runs/lds-builtin-full; if [ $$t = sentiment ]; then d=runs/lds-builtin; fi; \
-		$(BIN)/gptfluence lds $(BUILTIN_DIR)/$$t $$d/$$t-heldout --no-progress --proj-dim 1 --out $$d/$$t-lds-proj1.json || exit 1; \
+		$(BIN)/gptfluence lds $(BUILTIN_DIR)/$$t $$d/$$t-heldout --no-progress --proj-dim 1 $(ONE) --out $$d/$$t-lds-proj1.json || exit 1; \
 	done
 	$(BIN)/python benchmarks/merge_lds.py runs/lds-builtin/sentiment-lds-proj1.json \
 		$(foreach t,entailment yesno data2text translation,runs/lds-builtin-full/$(t)-lds-proj1.json) \
 		--out $(R)/lds_builtin_lexical_proj1.json --markdown $(R)/lds_builtin_lexical_proj1.md
-	$(BIN)/gptfluence evaluate $(STORES) --no-progress --proj-dim 1 \
+	$(BIN)/gptfluence evaluate $(STORES) --no-progress --proj-dim 1 $(ONE) \
 		--out $(R)/evaluate_builtin_lexical_proj1.json --markdown $(R)/evaluate_builtin_lexical_proj1.md
 	$(BIN)/gptfluence evaluate $(STORES) --methods gptfluence mean_curve --no-progress --no-trajectories \
-		--lexical --proj-dim 32 --out $(R)/evaluate_lexical_only.json --markdown $(R)/evaluate_lexical_only.md
+		--lexical --proj-dim 32 $(ONE) --out $(R)/evaluate_lexical_only.json --markdown $(R)/evaluate_lexical_only.md
 	$(BIN)/gptfluence evaluate $(STORES) --methods gptfluence mean_curve --no-progress --no-trajectories \
-		--no-lexical --proj-dim 1 --out $(R)/evaluate_proj1_only.json --markdown $(R)/evaluate_proj1_only.md
+		--no-lexical --proj-dim 1 $(ONE) --out $(R)/evaluate_proj1_only.json --markdown $(R)/evaluate_proj1_only.md
 
 # K-FAC features on the generation tasks, every metric, with references (lds_kfac_generation.*: default
 # objective; lds_kfac_rollout_generation.*: rollout only), and rollout only on the second task-data

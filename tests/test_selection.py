@@ -257,7 +257,8 @@ def test_select_fit_preset(tiny_store, tmp_path, capsys):
     recorded; a bad preset is a clean error before anything is written."""
     assert selection_fit_overrides("gptfluence", "selection") == {"objective": "teacher_forcing",
                                                                   "similarity_preconditioner": "none",
-                                                                  "proj_dim": 32, "lexical": False}
+                                                                  "proj_dim": 32, "lexical": False,
+                                                                  "ensemble": 1}
     assert selection_fit_overrides("gptfluence", "default") == {}
     assert selection_fit_overrides("simfluence", "selection") == {}
     with pytest.raises(InputError, match="fit-preset"):

@@ -209,7 +209,8 @@ def _heldout_mse(sim, dyn, runs):
     return float(np.nanmean((pred[:, 1:] - V[:, 1:]) ** 2)), pred
 
 
-FAST = dict(hidden=32, proj_dim=16, epochs=40, batch_size=1024, lr=3e-3, patience=8)
+# one model (the default is a bagged ensemble of 3, tested on its own below): the tests of single-fit behaviour
+FAST = dict(hidden=32, proj_dim=16, epochs=40, batch_size=1024, lr=3e-3, patience=8, ensemble=1)
 
 
 @pytest.fixture(scope="module")
@@ -856,7 +857,7 @@ def test_gptfluence_ensemble_is_the_mean_of_its_members_and_reloads(tmp_path, sy
     from gptfluence.simulators.gptfluence import FactorEnsemble
 
     dyn, enc, fit, val, test = synth
-    sim = make_simulator("gptfluence", "loss", encoder=enc, ensemble=3, **FAST)
+    sim = make_simulator("gptfluence", "loss", encoder=enc, **{**FAST, "ensemble": 3})
     hist = sim.fit(dyn, fit, val)
     assert isinstance(sim.module, FactorEnsemble) and len(sim.module.members) == 3
     splits = ensemble_splits(fit, val, 3, sim.config.seed)

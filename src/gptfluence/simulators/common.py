@@ -368,7 +368,8 @@ def ensemble_splits(fit_runs: Sequence[str], val_runs: Sequence[str], members: i
 
 def ensemble_history(hists: list[dict[str, Any]], splits: list[tuple[list[str], list[str]]]) -> dict[str, Any]:
     """One fit history for an ensemble: ``members`` (each member's summary: its runs, epochs, best
-    epoch and validation MSE, seconds), ``epochs_run`` summed over members, ``best_epoch`` the largest
+    epoch and validation MSE, seconds), ``transitions`` (the first member's teacher-forcing
+    transitions, those of the given fit runs), ``epochs_run`` summed over members, ``best_epoch`` the largest
     member's (0 only when every member kept its untrained start), ``best_val_mse`` the members' mean
     (each on its own validation runs, normalised units; None without validation), ``seconds`` summed."""
     summary = []
@@ -377,7 +378,7 @@ def ensemble_history(hists: list[dict[str, Any]], splits: list[tuple[list[str], 
                         "best_epoch": h.get("best_epoch"), "best_val_mse": h.get("best_val_mse"),
                         "seconds": h.get("seconds")})
     vals = [h["best_val_mse"] for h in hists if h.get("best_val_mse") is not None]
-    return {"members": summary, "ensemble": len(hists),
+    return {"members": summary, "ensemble": len(hists), "transitions": hists[0].get("transitions"),
             "epochs_run": int(sum(int(h.get("epochs_run") or 0) for h in hists)),
             "best_epoch": max(int(h.get("best_epoch") or 0) for h in hists),
             "best_val_mse": float(np.mean(vals)) if vals else None,
