@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation lds-lexical verify-builtin applications-builtin
+.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation lds-lexical lds-ensemble verify-builtin applications-builtin
 
 setup: $(VENV)/.installed
 
@@ -144,6 +144,20 @@ lds-objective-metrics: setup
 	$(LDS_SPLITS) --metrics bleu rougeL accuracy --seeds 0 \
 		--variants raw_and_kfac raw_and_kfac_rollout4 raw_and_kfac_keep_best_epoch \
 		--out $(R)/lds_objective_keep_best_epoch.json --markdown $(R)/lds_objective_keep_best_epoch.md
+
+# The bagged ensemble (--ensemble 3, the default since this version; README "What raised LDS (6)"): loss
+# LDS of one model (raw_and_kfac_lexical: the default before) and of the ensemble over validation
+# split seeds 0-8 on the lds-builtin stores (lds_ensemble_splits.*; a model's LDS depends on which runs
+# validate it, so both are averaged over nine splits) and seeds 0-2 on the second task-data draw
+# (lds_ensemble_draw1.*). The default before on every method and metric: lds_builtin_single.* and
+# evaluate_builtin_single.* (the commands of lds-builtin / evaluate-builtin with --ensemble 1).
+lds-ensemble: setup
+	$(LDS_SPLITS) --seeds 0 1 2 3 4 5 6 7 8 --variants raw_and_kfac_lexical raw_and_kfac_lexical_ensemble3 \
+		--out $(R)/lds_ensemble_splits.json --markdown $(R)/lds_ensemble_splits.md
+	$(BIN)/python benchmarks/lds_splits.py --builtin-dir runs/draw1 --lds-dir '*=runs/draw1' --work runs/lds-splits-draw1 \
+		--seeds 0 1 2 --tasks sentiment yesno data2text translation \
+		--variants raw_and_kfac_lexical raw_and_kfac_lexical_ensemble3 \
+		--out $(R)/lds_ensemble_draw1.json --markdown $(R)/lds_ensemble_draw1.md
 
 # K-FAC-whitened gradient features (split seed 0; benchmarks/results/lds_kfac.*; README "What raised LDS")
 lds-kfac: setup

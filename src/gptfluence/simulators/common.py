@@ -492,9 +492,7 @@ class RecurrenceSimulator(SimulatorBase):
         fit_cur = stack_curricula(dynamics, fit_runs)
         all_cur = [fit_cur] + ([stack_curricula(dynamics, val_runs)] if val_runs else [])
         train_ids = np.unique(np.concatenate([c[c >= 0] for c in all_cur]))
-        # the examples the fixed buffers (feature centres) are computed from: the fit runs', or for an
-        # ensemble every given run's (the same for all members)
-        fit_train_ids = np.unique(fit_cur[fit_cur >= 0]) if members == 1 else train_ids
+        fit_train_ids = np.unique(fit_cur[fit_cur >= 0])
         self._init_params(dynamics, train_ids, test_ids, fit_train_ids, fit_runs)
         assert self.module is not None
         opts = engine.FitOptions(lr=c.lr, weight_decay=c.weight_decay, epochs=c.epochs, batch_size=c.batch_size,
