@@ -149,7 +149,8 @@ lds-objective-metrics: setup
 # LDS of one model (raw_and_kfac_lexical: the default before) and of the ensemble over validation
 # split seeds 0-8 on the lds-builtin stores (lds_ensemble_splits.*; a model's LDS depends on which runs
 # validate it, so both are averaged over nine splits) and seeds 0-2 on the second task-data draw
-# (lds_ensemble_draw1.*). The default before on every method and metric: lds_builtin_single.* and
+# (lds_ensemble_draw1.*); without a model (--similarity features, as imported GPTDynamics), split seeds
+# 0-2 (lds_ensemble_features.*). The default before on every method and metric: lds_builtin_single.* and
 # evaluate_builtin_single.* (the commands of lds-builtin / evaluate-builtin with --ensemble 1).
 lds-ensemble: setup
 	$(LDS_SPLITS) --seeds 0 1 2 3 4 5 6 7 8 --variants raw_and_kfac_lexical raw_and_kfac_lexical_ensemble3 \
@@ -158,6 +159,8 @@ lds-ensemble: setup
 		--seeds 0 1 2 --tasks sentiment yesno data2text translation \
 		--variants raw_and_kfac_lexical raw_and_kfac_lexical_ensemble3 \
 		--out $(R)/lds_ensemble_draw1.json --markdown $(R)/lds_ensemble_draw1.md
+	$(LDS_SPLITS) --variants features_lexical features_lexical_ensemble3 \
+		--out $(R)/lds_ensemble_features.json --markdown $(R)/lds_ensemble_features.md
 
 # K-FAC-whitened gradient features (split seed 0; benchmarks/results/lds_kfac.*; README "What raised LDS")
 lds-kfac: setup
