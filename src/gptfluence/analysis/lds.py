@@ -280,7 +280,7 @@ def measure_lds(fit: Any, heldout: Any, methods: Sequence[str] | None = None, me
         H_train = embed_examples(ref_enc, task.train)
         H_test_all = embed_examples(ref_enc, task.test)
         # tfidf_sum: `similarity_sum_predict` on word TF-IDF vectors fitted on the task's texts
-        tfidf = TfidfFeatures.fit([e.text for e in task.train] + [e.text for e in task.test])
+        tfidf = TfidfFeatures.for_task(task)
         T_train, T_test_all = tfidf.encode([e.text for e in task.train]), tfidf.encode([e.text for e in task.test])
     for metric in want:
         cur, start, true, f0 = heldout_finals(heldout, metric, all_ids)

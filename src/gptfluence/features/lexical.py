@@ -6,7 +6,7 @@ how training on one generation example moves another's loss, while TF-IDF weight
 rare shared words. Used by the `tfidf_sum` reference of `gptfluence lds` and by GPTfluence's
 ``lexical`` similarity term.
 
->>> tf = TfidfFeatures.fit([e.text for e in task.train + task.test])
+>>> tf = TfidfFeatures.for_task(task)                 # fitted on the task's training and test texts
 >>> X = tf.encode([e.text for e in task.train])     # float32 [N, V], rows L2-normalised (or zero)
 
 Definition (scikit-learn's ``TfidfVectorizer``, fixed options): lower-cased word tokens of two or
@@ -67,6 +67,12 @@ class TfidfFeatures:
             raise InputError(f"tfidf features: cannot fit on these {len(texts)} texts ({e})") from None
         vocab = [w for w, _ in sorted(vec.vocabulary_.items(), key=lambda kv: kv[1])]
         return cls(vocab, vec.idf_)
+
+    @classmethod
+    def for_task(cls, task: Any, max_features: int = 8192) -> "TfidfFeatures":
+        """Fitted on the texts of ``task``'s training and test examples: the features of the
+        `tfidf_sum` LDS reference and of GPTfluence's ``lexical`` term."""
+        return cls.fit([e.text for e in task.train] + [e.text for e in task.test], max_features=max_features)
 
     @property
     def dim(self) -> int:

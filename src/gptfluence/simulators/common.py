@@ -362,7 +362,8 @@ def ensemble_splits(fit_runs: Sequence[str], val_runs: Sequence[str], members: i
         rng = np.random.default_rng(seed + k)
         val = sorted((cand[i] for i in rng.choice(len(cand), size=n_val, replace=False)), key=order.__getitem__)
         used.update(val)
-        out.append(([r for r in pool if r not in set(val)], val))
+        held = set(val)
+        out.append(([r for r in pool if r not in held], val))
     return out
 
 
@@ -481,6 +482,7 @@ class RecurrenceSimulator(SimulatorBase):
         # the trend its member is early-stopped against
         V, steps, fit_tids = dynamics.stack(self.metric, fit_runs)
         self.fit_first_step = engine.first_recorded_step(V, steps)
+        test_ids = np.unique(np.concatenate([fit_tids] + ([dynamics.stack(self.metric, val_runs)[2]] if val_runs else [])))
         if members > 1:
             validated = {r for _, vr in splits for r in vr}
             base = [r for r in fit_runs + val_runs if r not in validated] or fit_runs + val_runs  # tiny pools: all
@@ -488,7 +490,6 @@ class RecurrenceSimulator(SimulatorBase):
         self.trend = Trend.from_runs(V, steps, fit_tids) if getattr(self.config, "detrend", False) else None
         dev = V if self.trend is None else V - self.trend.values(fit_tids, steps)[None]
         self.scale = metric_scale(dev[:, self.fit_first_step:]) if self.config.normalize else 1.0
-        test_ids = np.unique(np.concatenate([fit_tids] + ([dynamics.stack(self.metric, val_runs)[2]] if val_runs else [])))
         fit_cur = stack_curricula(dynamics, fit_runs)
         all_cur = [fit_cur] + ([stack_curricula(dynamics, val_runs)] if val_runs else [])
         train_ids = np.unique(np.concatenate([c[c >= 0] for c in all_cur]))
@@ -509,7 +510,9 @@ class RecurrenceSimulator(SimulatorBase):
                 self._new_member(dynamics, train_ids, test_ids, seed=c.seed + k)
             self.module.to(device)
             fn = self._factor_fn(train_ids, test_ids, unseen="zero")
-            first = self.fit_first_step if k == 0 else engine.first_recorded_step(*dynamics.stack(self.metric, fr)[:2])
+            # the first member starts at the given fit runs' first recorded step; the others at their own
+            # (`_block` finds it in the stack it builds anyway)
+            first = self.fit_first_step if k == 0 else None
             fit_block = self._block(dynamics, fr, train_ids, test_ids, first).to(device)
             val_block = self._block(dynamics, vr, train_ids, test_ids).to(device) if vr else None
             desc = f"{self.method} {self.metric}" + (f" (member {k + 1}/{members})" if members > 1 else "")

@@ -493,8 +493,7 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         self.lex_train_features, self.lex_test_features = FeatureTable(), FeatureTable()
         self.lexical = None
         if self.config.lexical:
-            self.lexical = TfidfFeatures.fit([e.text for e in dynamics.task.train] + [e.text for e in dynamics.task.test],
-                                             max_features=self.config.lexical_max_features)
+            self.lexical = TfidfFeatures.for_task(dynamics.task, max_features=self.config.lexical_max_features)
 
     def _add_lexical(self, train: Sequence[Example], test: Sequence[Example]) -> None:
         """TF-IDF features of ``train`` and ``test`` (when the simulator has a lexical term)."""
