@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation lds-lexical lds-ensemble verify-builtin applications-builtin
+.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation lds-lexical lds-ensemble lds-a-factors verify-builtin applications-builtin
 
 setup: $(VENV)/.installed
 
@@ -57,8 +57,9 @@ evaluate-builtin: setup
 R := benchmarks/results
 # GPTfluence's settings before the lexical term, rank-1 projections and the bagged ensemble (the
 # defaults since then: lexical term, 32 dimensions, 3 members): the targets below that re-make results
-# measured under earlier defaults pin them. ONE: one model, not an ensemble (the default until --ensemble 3).
-ONE = --ensemble 1
+# measured under earlier defaults pin them. ONE: one model, not an ensemble (the default until --ensemble 3),
+# with the paper's per-pair A factors (the default until --a-factors pool_mean).
+ONE = --ensemble 1 --a-factors pair
 PROJ32 = --proj-dim 32 --no-lexical $(ONE)
 STORES = $(addprefix $(BUILTIN_DIR)/,$(BUILTIN_TASKS))
 EVAL_LOSS = $(BIN)/gptfluence evaluate $(STORES) --metrics loss --no-progress --no-trajectories
@@ -105,7 +106,7 @@ evaluate-paper-simfluence: setup
 #   LDS_OUT=lds_draw1 LDS_COLLECT_ARGS="--task-seed 1 --gen-every 0"; lds_draw1_teacher_forcing.*: the
 #   same stores, `gptfluence lds FIT HELDOUT --methods gptfluence --no-references --objective
 #   teacher_forcing` per task, merged with benchmarks/merge_lds.py; lds_draw1_no_lexical.*: the default before the
-#   TF-IDF term, the same command with `gptfluence lds ... --no-lexical --ensemble 1` (lds_builtin_no_lexical.*: likewise)
+#   TF-IDF term, the same command with `gptfluence lds ... --no-lexical --ensemble 1 --a-factors pair` (lds_builtin_no_lexical.*: likewise)
 LDS_COLLECT_ARGS ?=
 LDS_N ?= 48
 LDS_FIT_RUNS ?= 32
@@ -151,7 +152,7 @@ lds-objective-metrics: setup
 # validate it, so both are averaged over nine splits) and seeds 0-2 on the second task-data draw
 # (lds_ensemble_draw1.*); without a model (--similarity features, as imported GPTDynamics), split seeds
 # 0-2 (lds_ensemble_features.*). The default before on every method and metric: lds_builtin_single.* and
-# evaluate_builtin_single.* (the commands of lds-builtin / evaluate-builtin with --ensemble 1).
+# evaluate_builtin_single.* (the commands of lds-builtin / evaluate-builtin with --ensemble 1 --a-factors pair).
 lds-ensemble: setup
 	$(LDS_SPLITS) --seeds 0 1 2 3 4 5 6 7 8 --variants raw_and_kfac_lexical raw_and_kfac_lexical_ensemble3 \
 		--out $(R)/lds_ensemble_splits.json --markdown $(R)/lds_ensemble_splits.md
@@ -161,6 +162,24 @@ lds-ensemble: setup
 		--out $(R)/lds_ensemble_draw1.json --markdown $(R)/lds_ensemble_draw1.md
 	$(LDS_SPLITS) --variants features_lexical features_lexical_ensemble3 \
 		--out $(R)/lds_ensemble_features.json --markdown $(R)/lds_ensemble_features.md
+
+# Pool-mean A factors (--a-factors pool_mean, the default since this version; README "What raised LDS (7)"):
+# loss LDS of the ensemble with the paper's per-pair A (the default before) and with pool-mean A over
+# validation split seeds 0-8 on the lds-builtin stores (lds_a_factors_splits.*), seeds 0-2 on the second
+# task-data draw (lds_a_factors_draw1.*) and without a model (--similarity features; lds_a_factors_features.*).
+# The default before on every method and metric: lds_builtin_a_pair.*, evaluate_builtin_a_pair.*,
+# lds_draw1_a_pair.*, verify_builtin{,_pool,_by_label}_a_pair.json (lds-builtin / evaluate-builtin /
+# verify-builtin at commit 07f07ef; gptfluence lds / evaluate take --a-factors pair for the same rows).
+lds-a-factors: setup
+	$(LDS_SPLITS) --seeds 0 1 2 3 4 5 6 7 8 \
+		--variants raw_and_kfac_lexical_ensemble3 raw_and_kfac_lexical_ensemble3_pool_mean \
+		--out $(R)/lds_a_factors_splits.json --markdown $(R)/lds_a_factors_splits.md
+	$(BIN)/python benchmarks/lds_splits.py --builtin-dir runs/draw1 --lds-dir '*=runs/draw1' --work runs/lds-splits-draw1 \
+		--seeds 0 1 2 --tasks sentiment yesno data2text translation \
+		--variants raw_and_kfac_lexical_ensemble3 raw_and_kfac_lexical_ensemble3_pool_mean \
+		--out $(R)/lds_a_factors_draw1.json --markdown $(R)/lds_a_factors_draw1.md
+	$(LDS_SPLITS) --variants features_lexical_ensemble3 features_lexical_ensemble3_pool_mean \
+		--out $(R)/lds_a_factors_features.json --markdown $(R)/lds_a_factors_features.md
 
 # K-FAC-whitened gradient features (split seed 0; benchmarks/results/lds_kfac.*; README "What raised LDS")
 lds-kfac: setup

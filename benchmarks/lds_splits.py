@@ -14,7 +14,9 @@ today's default features) the two-phase objective (the default on loss) or rollo
 two-phase objective always keeping its rollout phase (``raw_and_kfac_keep_best_epoch``); the word
 TF-IDF similarity term and rank-1 factor projections (``raw_and_kfac_lexical``, ``raw_and_kfac_proj1``,
 ``raw_and_kfac_lexical_proj1``), and the encoder-feature similarity a store without a model gets
-(``features``, ``features_lexical_proj1``).
+(``features``, ``features_lexical_proj1``); bagged ensembles of 3 (``*_ensemble3``), and with the
+A factors averaged over the training pool after fitting (``*_pool_mean``, ``--a-factors pool_mean``;
+every variant that does not name its A factors runs with ``--a-factors pair``, the default before).
 
     python benchmarks/lds_splits.py --work runs/lds-splits --out benchmarks/results/lds_splits.json \
         --markdown benchmarks/results/lds_splits.md
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -72,7 +75,16 @@ VARIANTS = {
                                        "32", "--ensemble", "3"],
     "features_lexical_ensemble3": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim", "32",
                                    "--ensemble", "3"],
+    # the A factors replaced by their training-pool mean after fitting (--a-factors pool_mean), one model and ensembles
+    "raw_and_kfac_lexical_pool_mean": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--lexical", "--proj-dim",
+                                       "32", *ONE, "--a-factors", "pool_mean"],
+    "raw_and_kfac_lexical_ensemble3_pool_mean": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--lexical",
+                                                 "--proj-dim", "32", "--ensemble", "3", "--a-factors", "pool_mean"],
+    "features_lexical_ensemble3_pool_mean": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim", "32",
+                                             "--ensemble", "3", "--a-factors", "pool_mean"],
 }
+# every variant that does not name its A factors ran with the paper's per-pair ones (the default until pool_mean)
+A_PAIR = ["--a-factors", "pair"]
 DESIGNS = ("both", "membership", "order")
 
 
@@ -88,7 +100,8 @@ def run_one(task: str, seed: int, variant: str, metric: str, args: argparse.Name
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "gptfluence", "lds", f"{args.builtin_dir}/{task}", heldout_store(task, lds_dirs),
            "--methods", "gptfluence", "--metrics", metric, "--no-references", "--no-progress", "--threads", "1",
-           "--seed", str(seed), "--out", str(out), *VARIANTS[variant]]
+           "--seed", str(seed), "--out", str(out), *VARIANTS[variant],
+           *([] if "--a-factors" in VARIANTS[variant] else A_PAIR)]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return out
@@ -147,6 +160,17 @@ def main() -> int:
                         and r.get(f"lds_{d}") is not None]
                 key = f"{v}/{d}" if len(a.metrics) == 1 else f"{metric}/{v}/{d}"
                 means[key] = sum(vals) / len(vals) if vals else None
+    # per (metric, task, variant, design): mean and sample standard deviation over the split seeds
+    per_task: list[dict] = []
+    for metric, task in pairs:
+        for v in a.variants:
+            rec = {"metric": metric, "task": task, "variant": v}
+            for d in DESIGNS:
+                vals = [r[f"lds_{d}"] for r in results if r["metric"] == metric and r["task"] == task
+                        and r["variant"] == v and r.get(f"lds_{d}") is not None]
+                rec[f"lds_{d}_mean"] = statistics.fmean(vals) if vals else None
+                rec[f"lds_{d}_sd"] = statistics.stdev(vals) if len(vals) > 1 else None
+            per_task.append(rec)
     names = " / ".join(a.metrics)
     out = {"benchmark": f"GPTfluence {names} LDS per validation split and fitting objective (gptfluence lds --seed S)",
            "metrics": a.metrics, "variants": {v: VARIANTS[v] for v in a.variants}, "seeds": a.seeds, "tasks": a.tasks,
@@ -154,7 +178,8 @@ def main() -> int:
            "definition": "lds_<design>: mean over test examples of the Spearman across held-out curricula of simulated "
                          "vs true final metric; equals_teacher_forcing: every per-example Spearman equals the "
                          "teacher-forcing-only fit's on the same split (the rollout phase was not kept)",
-           "results": results, "mean_over_tasks_and_splits": means}
+           "results": results, "mean_over_tasks_and_splits": means,
+           "per_task_over_splits": per_task}
     write_text_atomic(a.out, json.dumps(out, indent=1) + "\n")
     if a.markdown:
         one = len(a.metrics) == 1
@@ -174,7 +199,17 @@ def main() -> int:
             lines.append(("| **mean** | | " if one else f"| {metric} | **mean** | | ")
                          + " | ".join(" / ".join(fmt(means[f"{pre}{v}/{d}"]) for d in DESIGNS) for v in a.variants) + " |")
         lines += ["", f"{names} LDS random / membership-only / order-only curricula; (= TF): per-example values "
-                  "identical to teacher forcing only (the rollout phase was not kept on that split)."]
+                  "identical to teacher forcing only (the rollout phase was not kept on that split).", "",
+                  "Per task, mean ± sample standard deviation over the split seeds " + ", ".join(map(str, a.seeds)) + ":", "",
+                  ("| task | " if one else "| metric | task | ") + " | ".join(a.variants) + " |",
+                  "|" + " --- |" * ((1 if one else 2) + len(a.variants))]
+        for rec_task in dict.fromkeys((r["metric"], r["task"]) for r in per_task):
+            cells = []
+            for v in a.variants:
+                r = next(r for r in per_task if (r["metric"], r["task"]) == rec_task and r["variant"] == v)
+                cells.append(" / ".join(fmt(r[f"lds_{d}_mean"]) + ("" if r[f"lds_{d}_sd"] is None else
+                                                                   f" ± {r[f'lds_{d}_sd']:.3f}") for d in DESIGNS))
+            lines.append(("" if one else f"| {rec_task[0]} ") + f"| {rec_task[1]} | " + " | ".join(cells) + " |")
         write_text_atomic(a.markdown, "\n".join(lines) + "\n")
     print(json.dumps(means, indent=1))
     return 0

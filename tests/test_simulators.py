@@ -711,7 +711,7 @@ def test_artifacts_that_predate_a_config_field_load_with_the_behaviour_they_were
         fitted[method].save(tmp_path / method)
         cfg_path = tmp_path / method / "config.json"
         meta = json.loads(cfg_path.read_text())
-        for k in ("detrend", "center_features", "similarity_preconditioner", "ensemble"):
+        for k in ("detrend", "center_features", "similarity_preconditioner", "ensemble", "a_factors"):
             meta["config"].pop(k, None)
         cfg_path.write_text(json.dumps(meta))
         back = load_simulator(tmp_path / method)
@@ -719,6 +719,7 @@ def test_artifacts_that_predate_a_config_field_load_with_the_behaviour_they_were
         if method == "gptfluence":  # raw gradients only before the preconditioner field (default now none+kfac)
             assert back.config.center_features is False and back.config.similarity_preconditioner == "none"
             assert back.config.ensemble == 1  # one model before the ensemble field
+            assert back.config.a_factors == "pair" and back.module.a_pair  # per-pair A before the field
 
 
 # ---------------------------------------------------------------------------------------------
@@ -885,6 +886,56 @@ def test_gptfluence_ensemble_is_the_mean_of_its_members_and_reloads(tmp_path, sy
     assert isinstance(back.module, FactorEnsemble) and back.config.ensemble == 3
     assert [m["val_runs"] for m in back.history["members"]] == [list(v) for _, v in splits]  # saved in config.json
     np.testing.assert_array_equal(back.simulate(cur, tids, V[:, 0]), pred)
+    # an ensemble written before a_factors (no train_mean buffers, no field) loads with per-pair A
+    from gptfluence.simulators.common import read_artifact
+    from gptfluence.simulators.gptfluence import GPTfluenceSimulator
+
+    meta, tensors = read_artifact(tmp_path / "ens")
+    meta["config"].pop("a_factors")
+    old = GPTfluenceSimulator._from_artifact(meta, {k: v for k, v in tensors.items() if not k.endswith("train_mean")})
+    assert old.config.a_factors == "pair" and all(m.a_pair for m in old.module.members)
+    assert np.isfinite(old.simulate(cur, tids, V[:, 0])).all()
+
+
+def test_gptfluence_a_factors_pool_mean_is_the_fitted_pair_a_averaged_over_the_training_pool(tmp_path, synth):
+    """``a_factors="pool_mean"``: the same fit as the per-pair model (same seed), then every A_j(i, m)
+    is the mean over the fitted training pool of the per-pair A_j(., m) (exact for linear
+    projections: the similarity terms average to 0 by their centring); B is unchanged; save/load
+    keeps it."""
+    dyn, enc, fit, val, test = synth
+    cfg = {**FAST, "hidden": 0, "order": 2}
+    pair = make_simulator("gptfluence", "loss", encoder=enc, **cfg, a_factors="pair")
+    pool = make_simulator("gptfluence", "loss", encoder=enc, **cfg)  # the default: pool_mean
+    assert pool.config.a_factors == "pool_mean"
+    pair.fit(dyn, fit, val)
+    hist = pool.fit(dyn, fit, val)
+    assert hist["a_factors"] == "pool_mean" and pair.module.sim_dim > 0
+    cur = np.concatenate([stack_curricula(dyn, fit), stack_curricula(dyn, val)])
+    fitted_pool = np.unique(cur[cur >= 0])
+    te = dyn.test_ids
+    A_pair, B_pair = pair.factors(fitted_pool, te)
+    A_pool, B_pool = pool.factors(fitted_pool, te)
+    assert A_pair.std(axis=1).mean() > 1e-6  # the per-pair A vary over training examples ...
+    np.testing.assert_allclose(A_pool, np.broadcast_to(A_pair.mean(axis=1, keepdims=True), A_pair.shape),
+                               rtol=1e-4, atol=1e-6)  # ... the pool-mean ones are their mean, for every example
+    np.testing.assert_allclose(B_pool, B_pair, rtol=1e-6, atol=1e-9)
+    # A no longer depends on which training rows are asked for (a single one gives the same values)
+    A_one, _ = pool.factors(fitted_pool[:1], te)
+    np.testing.assert_allclose(A_one[:, 0], A_pool[:, 0], rtol=1e-6, atol=1e-9)
+    V, _, tids = dyn.stack("loss", test)
+    tcur = stack_curricula(dyn, test)
+    pred = pool.simulate(tcur, tids, V[:, 0])
+    assert np.isfinite(pred).all() and not np.allclose(pred, pair.simulate(tcur, tids, V[:, 0]))
+    pool.save(tmp_path / "pool")
+    back = load_simulator(tmp_path / "pool")
+    assert back.config.a_factors == "pool_mean" and not back.module.a_pair
+    np.testing.assert_array_equal(back.simulate(tcur, tids, V[:, 0]), pred)
+    # an ensemble: each member averaged the same way
+    ens = make_simulator("gptfluence", "loss", encoder=enc, **{**cfg, "ensemble": 2})
+    ens.fit(dyn, fit, val)
+    assert all(not m.a_pair for m in ens.module.members)
+    A_ens, _ = ens.factors(fitted_pool, te)
+    np.testing.assert_allclose(A_ens, np.broadcast_to(A_ens[:, :1], A_ens.shape), rtol=1e-5, atol=1e-7)
 
 
 def test_factor_ensemble_rejects_members_with_other_buffers():

@@ -458,9 +458,9 @@ def summarize_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
 # (SelectConfig.fit_preset "selection"); methods not listed use their defaults.
 SELECTION_FIT_OVERRIDES: dict[str, dict[str, Any]] = {
     # as measured in README "Choosing training data" (the defaults then: 32-dimensional projections, no lexical
-    # term, one model)
+    # term, one model, per-pair A factors)
     "gptfluence": {"objective": "teacher_forcing", "similarity_preconditioner": "none", "proj_dim": 32, "lexical": False,
-                   "ensemble": 1},
+                   "ensemble": 1, "a_factors": "pair"},
 }
 FIT_PRESETS = ("selection", "default")
 
