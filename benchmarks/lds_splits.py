@@ -15,8 +15,9 @@ two-phase objective always keeping its rollout phase (``raw_and_kfac_keep_best_e
 TF-IDF similarity term and rank-1 factor projections (``raw_and_kfac_lexical``, ``raw_and_kfac_proj1``,
 ``raw_and_kfac_lexical_proj1``), and the encoder-feature similarity a store without a model gets
 (``features``, ``features_lexical_proj1``); bagged ensembles of 3 (``*_ensemble3``), and with the
-A factors averaged over the training pool after fitting (``*_pool_mean``, ``--a-factors pool_mean``;
-every variant that does not name its A factors runs with ``--a-factors pair``, the default before).
+A factors averaged over the training pool after fitting (``*_pool_mean``, ``--a-factors pool_mean``),
+B's projection term too (``*_pool_mean_b``, ``--b-projection pool_mean``); every variant that does not
+name them runs with ``--a-factors pair`` / ``--b-projection pair``, the defaults before).
 
     python benchmarks/lds_splits.py --work runs/lds-splits --out benchmarks/results/lds_splits.json \
         --markdown benchmarks/results/lds_splits.md
@@ -82,9 +83,16 @@ VARIANTS = {
                                                  "--proj-dim", "32", "--ensemble", "3", "--a-factors", "pool_mean"],
     "features_lexical_ensemble3_pool_mean": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim", "32",
                                              "--ensemble", "3", "--a-factors", "pool_mean"],
+    # ... and B's projection term too (--b-projection pool_mean): the pair-specific part of B is its similarity terms
+    "raw_and_kfac_lexical_ensemble3_pool_mean_b": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--lexical",
+                                                   "--proj-dim", "32", "--ensemble", "3", "--a-factors", "pool_mean",
+                                                   "--b-projection", "pool_mean"],
+    "features_lexical_ensemble3_pool_mean_b": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim", "32",
+                                               "--ensemble", "3", "--a-factors", "pool_mean", "--b-projection", "pool_mean"],
 }
-# every variant that does not name its A factors ran with the paper's per-pair ones (the default until pool_mean)
-A_PAIR = ["--a-factors", "pair"]
+# every variant that does not name its A factors (its B projection) ran with the paper's per-pair ones (the
+# defaults until pool_mean)
+PAIR_PINS = {"--a-factors": "pair", "--b-projection": "pair"}
 DESIGNS = ("both", "membership", "order")
 
 
@@ -101,7 +109,7 @@ def run_one(task: str, seed: int, variant: str, metric: str, args: argparse.Name
     cmd = [sys.executable, "-m", "gptfluence", "lds", f"{args.builtin_dir}/{task}", heldout_store(task, lds_dirs),
            "--methods", "gptfluence", "--metrics", metric, "--no-references", "--no-progress", "--threads", "1",
            "--seed", str(seed), "--out", str(out), *VARIANTS[variant],
-           *([] if "--a-factors" in VARIANTS[variant] else A_PAIR)]
+           *[x for flag, value in PAIR_PINS.items() if flag not in VARIANTS[variant] for x in (flag, value)]]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return out

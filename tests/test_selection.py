@@ -258,7 +258,8 @@ def test_select_fit_preset(tiny_store, tmp_path, capsys):
     assert selection_fit_overrides("gptfluence", "selection") == {"objective": "teacher_forcing",
                                                                   "similarity_preconditioner": "none",
                                                                   "proj_dim": 32, "lexical": False,
-                                                                  "ensemble": 1, "a_factors": "pair"}
+                                                                  "ensemble": 1, "a_factors": "pair",
+                                                                  "b_projection": "pair"}
     assert selection_fit_overrides("gptfluence", "default") == {}
     assert selection_fit_overrides("simfluence", "selection") == {}
     with pytest.raises(InputError, match="fit-preset"):

@@ -711,7 +711,7 @@ def test_artifacts_that_predate_a_config_field_load_with_the_behaviour_they_were
         fitted[method].save(tmp_path / method)
         cfg_path = tmp_path / method / "config.json"
         meta = json.loads(cfg_path.read_text())
-        for k in ("detrend", "center_features", "similarity_preconditioner", "ensemble", "a_factors"):
+        for k in ("detrend", "center_features", "similarity_preconditioner", "ensemble", "a_factors", "b_projection"):
             meta["config"].pop(k, None)
         cfg_path.write_text(json.dumps(meta))
         back = load_simulator(tmp_path / method)
@@ -720,6 +720,7 @@ def test_artifacts_that_predate_a_config_field_load_with_the_behaviour_they_were
             assert back.config.center_features is False and back.config.similarity_preconditioner == "none"
             assert back.config.ensemble == 1  # one model before the ensemble field
             assert back.config.a_factors == "pair" and back.module.a_pair  # per-pair A before the field
+            assert back.config.b_projection == "pair" and back.module.b_pair
 
 
 # ---------------------------------------------------------------------------------------------
@@ -936,6 +937,33 @@ def test_gptfluence_a_factors_pool_mean_is_the_fitted_pair_a_averaged_over_the_t
     assert all(not m.a_pair for m in ens.module.members)
     A_ens, _ = ens.factors(fitted_pool, te)
     np.testing.assert_allclose(A_ens, np.broadcast_to(A_ens[:, :1], A_ens.shape), rtol=1e-5, atol=1e-7)
+
+
+def test_gptfluence_b_projection_pool_mean_leaves_the_pair_specific_part_to_the_similarity_terms(synth):
+    """``b_projection="pool_mean"``: B's projection term uses the fitted pool's mean feature on the
+    training side; without similarity terms B is then the same for every training example and
+    equals the pool mean of the per-pair fit's B (linear projections); with them, B minus that mean
+    varies over training examples exactly as the similarity terms do."""
+    dyn, enc, fit, val, test = synth
+    cur = np.concatenate([stack_curricula(dyn, fit), stack_curricula(dyn, val)])
+    pool_ids = np.unique(cur[cur >= 0])
+    te = dyn.test_ids
+    for sim_cfg in ({"similarity": "none", "lexical": False}, {}):
+        cfg = {**FAST, "hidden": 0, "order": 2, **sim_cfg}
+        pair = make_simulator("gptfluence", "loss", encoder=enc, **cfg, b_projection="pair")
+        pool = make_simulator("gptfluence", "loss", encoder=enc, **cfg, b_projection="pool_mean")
+        pair.fit(dyn, fit, val)
+        hist = pool.fit(dyn, fit, val)
+        assert hist["b_projection"] == "pool_mean" and not pool.module.b_pair
+        A_pair, B_pair = pair.factors(pool_ids, te)
+        A_pool, B_pool = pool.factors(pool_ids, te)
+        np.testing.assert_allclose(A_pool, A_pair, rtol=1e-6, atol=1e-9)  # A as a_factors says (pool_mean both)
+        np.testing.assert_allclose(B_pool.mean(0), B_pair.mean(0), rtol=1e-4, atol=1e-7)
+        if not sim_cfg:
+            assert B_pool.std(axis=0).mean() > 1e-6  # the similarity terms still tell examples apart
+            continue
+        assert B_pair.std(axis=0).mean() > 1e-6
+        np.testing.assert_allclose(B_pool, np.broadcast_to(B_pool[:1], B_pool.shape), rtol=1e-5, atol=1e-8)
 
 
 def test_factor_ensemble_rejects_members_with_other_buffers():

@@ -595,7 +595,8 @@ class RecurrenceSimulator(SimulatorBase):
 # behaviour of an artifact that lacks them (not today's defaults).
 LEGACY_FIELD_VALUES = {"detrend": False, "center_features": False, "similarity": "none", "similarity_checkpoints": 1,
                        "similarity_norms": False, "similarity_preconditioner": "none", "lexical": False,
-                       "ensemble": 1, "a_factors": "pair"}
+                       "ensemble": 1, "a_factors": "pair",
+                       "b_projection": "pair"}
 
 
 def stored_config(meta: dict[str, Any], cls: type) -> dict[str, Any]:

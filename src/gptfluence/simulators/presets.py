@@ -105,7 +105,8 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
         "hidden": 384, "proj_dim": 384, "share_projection": True,
         "residual": False, "factor_bias": False, "init": "pytorch_default",
         "center_features": False, "similarity": "none", "lexical": False, "ensemble": 1,
-        "a_factors": "pair", "history_padding": "zeros", "order": 1,
+        "a_factors": "pair", "b_projection": "pair",
+        "history_padding": "zeros", "order": 1,
     },
     "simfluence": {
         **_PAPER_FIT, "lr": 1e-3,
