@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation lds-lexical lds-ensemble lds-a-factors verify-builtin applications-builtin
+.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation lds-lexical lds-ensemble lds-a-factors lds-b-projection verify-builtin applications-builtin
 
 setup: $(VENV)/.installed
 
@@ -59,7 +59,7 @@ R := benchmarks/results
 # defaults since then: lexical term, 32 dimensions, 3 members): the targets below that re-make results
 # measured under earlier defaults pin them. ONE: one model, not an ensemble (the default until --ensemble 3),
 # with the paper's per-pair A factors (the default until --a-factors pool_mean).
-ONE = --ensemble 1 --a-factors pair
+ONE = --ensemble 1 --a-factors pair --b-projection pair
 PROJ32 = --proj-dim 32 --no-lexical $(ONE)
 STORES = $(addprefix $(BUILTIN_DIR)/,$(BUILTIN_TASKS))
 EVAL_LOSS = $(BIN)/gptfluence evaluate $(STORES) --metrics loss --no-progress --no-trajectories
@@ -169,7 +169,8 @@ lds-ensemble: setup
 # task-data draw (lds_a_factors_draw1.*) and without a model (--similarity features; lds_a_factors_features.*).
 # The default before on every method and metric: lds_builtin_a_pair.*, evaluate_builtin_a_pair.*,
 # lds_draw1_a_pair.*, verify_builtin{,_pool,_by_label}_a_pair.json (lds-builtin / evaluate-builtin /
-# verify-builtin at commit 07f07ef; gptfluence lds / evaluate take --a-factors pair for the same rows).
+# verify-builtin at commit 07f07ef; gptfluence lds / evaluate take --a-factors pair --b-projection pair for the
+# same rows).
 lds-a-factors: setup
 	$(LDS_SPLITS) --seeds 0 1 2 3 4 5 6 7 8 \
 		--variants raw_and_kfac_lexical_ensemble3 raw_and_kfac_lexical_ensemble3_pool_mean \
@@ -180,6 +181,24 @@ lds-a-factors: setup
 		--out $(R)/lds_a_factors_draw1.json --markdown $(R)/lds_a_factors_draw1.md
 	$(LDS_SPLITS) --variants features_lexical_ensemble3 features_lexical_ensemble3_pool_mean \
 		--out $(R)/lds_a_factors_features.json --markdown $(R)/lds_a_factors_features.md
+
+# Pool-mean B projection (--b-projection pool_mean; the default 'auto' uses it when the similarity terms are
+# gradients; README "What raised LDS (8)"): loss LDS of the ensemble with pool-mean A, per-pair vs pool-mean B
+# projection, split seeds 0-8 (lds_b_projection_splits.*), the second draw (lds_b_projection_draw1.*) and
+# without a model (lds_b_projection_features.*: there 'auto' keeps pair). The default before on every method
+# and metric: lds_builtin_b_pair.*, evaluate_builtin_b_pair.*, lds_draw1_b_pair.*,
+# verify_builtin{,_pool,_by_label}_b_pair.json (lds-builtin / evaluate-builtin / verify-builtin at commit
+# 6649eeb; gptfluence lds / evaluate take --b-projection pair for the same rows).
+lds-b-projection: setup
+	$(LDS_SPLITS) --seeds 0 1 2 3 4 5 6 7 8 \
+		--variants raw_and_kfac_lexical_ensemble3_pool_mean raw_and_kfac_lexical_ensemble3_pool_mean_b \
+		--out $(R)/lds_b_projection_splits.json --markdown $(R)/lds_b_projection_splits.md
+	$(BIN)/python benchmarks/lds_splits.py --builtin-dir runs/draw1 --lds-dir '*=runs/draw1' --work runs/lds-splits-draw1 \
+		--seeds 0 1 2 --tasks sentiment yesno data2text translation \
+		--variants raw_and_kfac_lexical_ensemble3_pool_mean raw_and_kfac_lexical_ensemble3_pool_mean_b \
+		--out $(R)/lds_b_projection_draw1.json --markdown $(R)/lds_b_projection_draw1.md
+	$(LDS_SPLITS) --variants features_lexical_ensemble3_pool_mean features_lexical_ensemble3_pool_mean_b \
+		--out $(R)/lds_b_projection_features.json --markdown $(R)/lds_b_projection_features.md
 
 # K-FAC-whitened gradient features (split seed 0; benchmarks/results/lds_kfac.*; README "What raised LDS")
 lds-kfac: setup

@@ -483,6 +483,8 @@ def test_gptfluence_checkpoint_similarity_artifact(ref, tmp_path):
                               similarity_checkpoints=2)
     sim.fit(ref, fit, val)
     assert sim.similarity_kind == "grad"
+    # b_projection 'auto' with gradient terms: B's projection pooled after fitting (kept on reload)
+    assert sim.b_projection() == "pool_mean" and not any(m.b_pair for m in sim.module.members)
     assert sim.similarity_spec["checkpoints"]["run_id"] == "run-0003"
     assert sim.sim_train_features.dim == 2 * 64 * 2  # 2 checkpoints x (raw, K-FAC) blocks: the default none+kfac
     run = ref.run("run-0006")
@@ -490,6 +492,7 @@ def test_gptfluence_checkpoint_similarity_artifact(ref, tmp_path):
     want = sim.simulate(run.curriculum[None], np.asarray(run.test_ids), start[None])
     path = sim.save(tmp_path / "sim")
     loaded = load_simulator(path, dynamics=ref)
+    assert loaded.config.b_projection == "auto" and not any(m.b_pair for m in loaded.module.members)
     np.testing.assert_allclose(loaded.simulate(run.curriculum[None], np.asarray(run.test_ids), start[None]), want,
                                rtol=1e-6, atol=1e-7)
     from gptfluence.types import Example

@@ -648,7 +648,8 @@ def _similar_lowers_loss_dynamics(seed: int = 11):
 
 
 def test_default_gptfluence_learns_that_similar_examples_lower_the_loss(tmp_path):
-    """The default (separate linear train/test projections, centred features) recovers the
+    """The default (separate linear train/test projections, centred features; without a model the
+    encoder-cosine similarity term and per-pair B projections, b_projection 'auto') recovers the
     negative-similarity effect: far below the mean curve on held-out runs, with B negatively
     correlated with feature similarity; the authors' shared projection cannot match it.
     The feature centre is part of the artifact."""
@@ -675,6 +676,8 @@ def test_default_gptfluence_learns_that_similar_examples_lower_the_loss(tmp_path
     assert mse["unshared"] < 0.5 * mse["mean_curve"], mse  # measured: 0.41x
     assert mse["unshared"] < 0.6 * mse["shared"], mse  # measured: 0.45x
     assert sims["default"][0].similarity_kind == "features"  # no model in an in-memory store: 'auto' -> features
+    assert sims["default"][0].b_projection() == "pair"  # ... and so per-pair B projections
+    assert all(m.b_pair for m in sims["default"][0].module.members)
     sim, pred = sims["default"]
     assert sim.config.hidden == 0 and not sim.config.share_projection and sim.config.detrend
     Htr = enc.encode([e.text for e in dyn.task.train])
@@ -904,7 +907,7 @@ def test_gptfluence_a_factors_pool_mean_is_the_fitted_pair_a_averaged_over_the_t
     projections: the similarity terms average to 0 by their centring); B is unchanged; save/load
     keeps it."""
     dyn, enc, fit, val, test = synth
-    cfg = {**FAST, "hidden": 0, "order": 2}
+    cfg = {**FAST, "hidden": 0, "order": 2, "b_projection": "pair"}  # B as fitted (its pool mean: the next test)
     pair = make_simulator("gptfluence", "loss", encoder=enc, **cfg, a_factors="pair")
     pool = make_simulator("gptfluence", "loss", encoder=enc, **cfg)  # the default: pool_mean
     assert pool.config.a_factors == "pool_mean"

@@ -56,6 +56,12 @@ carry earlier B forward. Measured on the built-in tasks, the per-pair variation 
 mostly noise for ranking curricula (README, "What raised LDS (7)"): averaging it out raises LDS and
 lowers the held-out trajectory MSE, although the fit seems to need it (in a quick run, not
 committed, fitting A from the test side only ranked curricula worse than averaging after the fit).
+The same holds for B's projection term when the similarity terms are the GPT's gradients
+(``b_projection="auto"``, default: ``pool_mean`` then, ``pair`` otherwise): after fitting its training
+side is the projection of the pool's mean feature, so which training example acts on which test
+example is carried by the similarity terms alone (README, "What raised LDS (8)"); with encoder-cosine
+and TF-IDF terms only (no model) that loses a label task's same-label effect, so ``auto`` keeps
+``pair`` there.
 
 Stability at initialisation (``residual=True``, default): alpha_1 carries a fixed identity offset
 (alpha_1 = 1 + sum A_1) and the projections' last layers are scaled so that |A|, |B| ~ ``init_std``:
@@ -96,7 +102,7 @@ from gptfluence.types import Example
 
 SIMILARITIES = ("auto", "grad", "features", "none")
 A_FACTORS = ("pair", "pool_mean")
-B_PROJECTIONS = ("pair", "pool_mean")
+B_PROJECTIONS = ("auto", "pair", "pool_mean")
 INITS = ("scaled", "pytorch_default")
 # Largest similarity tensor [terms, N, M] (elements) that `_factor_fn` computes once and keeps
 # (64 Mi elements = 256 MiB in float32); larger pools recompute it on every call.
@@ -121,7 +127,7 @@ class GPTfluenceConfig(FitConfig):
     lexical: bool = arg(True, "one more learned-weight similarity term in every factor: the cosine of the word TF-IDF vectors of the two examples' texts (gptfluence.features.lexical: sublinear tf, idf over the fitted store's training and test texts), the shared rare words that the sentence encoder blurs; it needs no model, so stores without one (imported GPTDynamics) get it too. Against no lexical term (the default until this version) it raises loss LDS over held-out curricula on the built-in tasks (mean over five tasks and three validation splits: random curricula 0.492 -> 0.502, membership-only 0.522 -> 0.531, order-only 0.248 -> 0.250; the second task-data draw 0.487 -> 0.497 and 0.521 -> 0.532; without a model 0.365 -> 0.401; benchmarks/results/lds_lexical_splits.md, lds_lexical_draw1.md) and lowers the held-out trajectory MSE on 8 of the 12 (task, metric) rows")
     lexical_max_features: int = arg(8192, "lexical: vocabulary size (the most frequent words of the store's texts)")
     a_factors: str = arg("pool_mean", "the multiplicative factors A_1..A_n in simulation: pair (the paper: A_j(i, m) from the training example i and the test example m) or pool_mean (our variant: fitted as pair, then each A_j(i, m) is replaced by its mean over the fitted training pool, <f_j(mean h_i), g_j(h_m)> + c_j; the similarity terms' pool mean is 0 by their centring), so a batch acts on the recurrence's dynamics alpha_j by its size alone and which examples it holds acts through B). Against pair (the default until this version) it raises loss LDS over held-out curricula on the built-in tasks (ensembles of 3, mean over five tasks and nine validation splits: random curricula 0.507 -> 0.527, membership-only 0.519 -> 0.535, order-only 0.272 -> 0.320; the second task-data draw, three splits: 0.498 -> 0.504, 0.514 -> 0.527, 0.296 -> 0.298; without a model 0.403 -> 0.430, 0.403 -> 0.422, 0.213 -> 0.261; benchmarks/results/lds_a_factors_*.md) and lowers the held-out trajectory MSE (README \"What raised LDS (7)\"); it is lower on sentiment's order-only curricula and on the second draw's sentiment")
-    b_projection: str = arg("pair", "the projection term <f_B(h_i), g_B(h_m)> of the additive factor B in simulation: pair (the paper) or pool_mean (fitted as pair, then the training side is the projection of the fitted pool's mean feature, so which training example acts on which test example is carried by the similarity terms alone)")
+    b_projection: str = arg("auto", "the projection term <f_B(h_i), g_B(h_m)> of the additive factor B in simulation: pair (the paper), pool_mean (fitted as pair, then the training side is the projection of the fitted pool's mean feature, so which training example acts on which test example is carried by the similarity terms alone) or auto (the default: pool_mean when the similarity terms are the model's gradients, similarity 'grad', else pair). With gradient terms pool_mean raises loss LDS over held-out curricula on the built-in tasks (ensembles with pool-mean A, mean over five tasks and nine validation splits: random curricula 0.527 -> 0.540, membership-only 0.535 -> 0.551, order-only 0.320 -> 0.330; data2text 0.661 -> 0.701; the second task-data draw 0.504 -> 0.523, 0.527 -> 0.546, 0.298 -> 0.301) at a held-out trajectory MSE within -1.7 % to +2.4 % of pair's; without a model (encoder-cosine and TF-IDF terms, which do not carry a label task's same-label effect) it ranks the label tasks' curricula near chance (sentiment 0.380 -> 0.091), hence auto (README \"What raised LDS (8)\", benchmarks/results/lds_b_projection_*.md)")
     ensemble: int = arg(3, "bagged ensemble: fit this many members, the first on the given fit / validation split, each further one validating on other runs of the same pool (fit + validation runs) and fitting on the rest, with its own initialisation seed (seed + k); the simulator's factors are the members' mean, so it is still one recurrence (rollouts, influence scores and artifacts as for one model). Trend and scale then come from the runs no member validates on. Costs k fits. One model (1, the default until this version) depends strongly on which runs validate it (data2text loss LDS 0.61-0.73 over nine validation splits of the built-in store); 3 members lower the held-out trajectory MSE on 8 of the 12 built-in (task, metric) rows (loss -4 to -12 %) and, averaged over nine validation splits, raise loss LDS (mean over the five built-in tasks: random curricula 0.496 -> 0.507, membership-only 0.513 -> 0.519, order-only 0.257 -> 0.272; the second task-data draw 0.471 -> 0.498, 0.488 -> 0.514, 0.280 -> 0.296) with about half the spread over splits on four of the five tasks; data2text's random and membership-only LDS stay where they were (README \"What raised LDS (6)\", benchmarks/results/lds_ensemble_splits.md)")
     objective: str = arg("auto", "fitting loss: teacher_forcing (the paper: one-step MSE from true previous values), rollout (MSE of whole autoregressive rollouts of the fit runs, backpropagated through time), teacher_forcing_then_rollout (teacher forcing to its best validation epoch, then rollout from those weights, kept only if a rollout epoch beats them on the validation runs) or auto (the default: rollout for the metrics of decoded text, bleu, rougeL and accuracy; teacher_forcing_then_rollout for loss and any other metric). The two-phase objective raises loss LDS over held-out curricula on the built-in tasks (mean over the five tasks, random curricula 0.384 -> 0.440, membership-only 0.414 -> 0.459, order-only 0.262 -> 0.311; measured with raw gradient features, benchmarks/results/lds_builtin_raw_gradients.json) at a held-out trajectory MSE that was lower or equal on 8 of the 12 (task, metric) rows and up to 17 % higher on sentiment (README \"Accuracy on the built-in tasks\"); teacher_forcing keeps the lower MSE there. On bleu, rougeL and accuracy a rollout fit from the initial factors ranks held-out curricula better than the two-phase fit, whose rollout phase starts from teacher-forced weights that learned the metrics' step-to-step jumps (benchmarks/results/lds_objective_metrics.md; keeping the rollout phase's best epoch always changes nothing: lds_objective_keep_best_epoch.md). Both rollout objectives and the K-FAC terms make the simulator extrapolate worse to extreme curricula (one label only), which the data-selection search visits: `gptfluence select` fits with teacher_forcing and raw gradients (--fit-preset selection)")
     rollout_runs: int = arg(4, "objective=rollout / the rollout phase: fit runs per optimizer step (0 = all)")
@@ -740,9 +746,16 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         members = self.module.members if isinstance(self.module, FactorEnsemble) else [self.module]
         for m in members:
             m.a_pair = self.config.a_factors == "pair"
-            m.b_pair = self.config.b_projection == "pair"
-        hist.update(a_factors=self.config.a_factors, b_projection=self.config.b_projection)
+            m.b_pair = self.b_projection() == "pair"
+        hist.update(a_factors=self.config.a_factors, b_projection=self.b_projection())
         return hist
+
+    def b_projection(self) -> str:
+        """The B projection this simulator uses: ``config.b_projection``, with ``auto`` resolved
+        (``pool_mean`` when its similarity terms are gradients, else ``pair``)."""
+        if self.config.b_projection != "auto":
+            return self.config.b_projection
+        return "pool_mean" if self.similarity_kind == "grad" else "pair"
 
     # -- artifacts ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -801,7 +814,7 @@ class GPTfluenceSimulator(RecurrenceSimulator):
             return FeaturizedFactors(int(meta["feature_dim"]), c.hidden, c.proj_dim, c.order, c.share_projection,
                                      c.factor_bias, sim_dim=sim._sim_dim(), sim_blocks=sim._sim_blocks(),
                                      sim_norms=sim._sim_norms(), lex_dim=sim._lex_dim(),
-                                     a_pair=c.a_factors == "pair", b_pair=c.b_projection == "pair")
+                                     a_pair=c.a_factors == "pair", b_pair=sim.b_projection() == "pair")
 
         state = {k[len("module."):]: torch.as_tensor(v) for k, v in tensors.items() if k.startswith("module.")}
         if c.ensemble > 1:
