@@ -153,7 +153,8 @@ class GPTfluenceConfig(FitConfig):
             raise config_error(self, "similarity_damping", "> 0")
         from gptfluence.features.gradients import PRECONDITIONERS
 
-        for name, allowed in (("similarity", SIMILARITIES), ("a_factors", A_FACTORS), ("b_projection", B_PROJECTIONS), ("init", INITS), ("history_padding", engine.HISTORY_PADDINGS),
+        for name, allowed in (("similarity", SIMILARITIES), ("a_factors", A_FACTORS), ("b_projection", B_PROJECTIONS),
+                              ("init", INITS), ("history_padding", engine.HISTORY_PADDINGS),
                               ("similarity_preconditioner", PRECONDITIONERS)):
             engine.check_choice(flag_name(name), getattr(self, name), allowed)
 
