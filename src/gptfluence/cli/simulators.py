@@ -191,6 +191,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
             msg += f", mean best validation rollout MSE {hist['best_val_mse'] * getattr(sim, 'scale', 1.0) ** 2:.4g}"
     elif hist.get("best_val_mse") is not None:
         msg += f"; best validation rollout MSE {hist['best_val_mse'] * getattr(sim, 'scale', 1.0) ** 2:.4g} (epoch {hist['best_epoch']})"
+    pooled = [name for key, name in (("a_factors", "the A factors"), ("b_projection", "B's projection term"))
+              if hist.get(key) == "pool_mean"]
+    if pooled:  # gptfluence: what it simulates differs from what was validated
+        msg += (f"; then {' and '.join(pooled)} replaced by their mean over the training pool "
+                f"(--a-factors / --b-projection; the validation MSE is the per-pair fit's)")
     print(msg + f" -> {out}")
     held = [r for r in store.run_ids if r not in set(fit_runs) | set(val_runs)]
     if held:
