@@ -131,6 +131,20 @@ lds-builtin: setup
 # runs/lds-builtin-full (see lds_builtin.json's configs).
 LDS_SPLITS = $(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
 	--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits
+# the same on the second task-data draw (runs/draw1: four tasks, loss only)
+LDS_SPLITS_DRAW1 = $(BIN)/python benchmarks/lds_splits.py --builtin-dir runs/draw1 --lds-dir '*=runs/draw1' \
+	--work runs/lds-splits-draw1 --tasks sentiment yesno data2text translation
+# $(call lds_compare,NAME,BEFORE,AFTER,FEATURES_BEFORE,FEATURES_AFTER): a default change measured three ways,
+# $(R)/NAME_splits.* (BEFORE vs AFTER, split seeds 0-8 on the lds-builtin stores), NAME_draw1.* (seeds 0-2 on
+# the second draw) and NAME_features.* (the no-model variants, seeds 0-2)
+define lds_compare
+	$(LDS_SPLITS) --seeds 0 1 2 3 4 5 6 7 8 --variants $(2) $(3) \
+		--out $(R)/$(1)_splits.json --markdown $(R)/$(1)_splits.md
+	$(LDS_SPLITS_DRAW1) --seeds 0 1 2 --variants $(2) $(3) \
+		--out $(R)/$(1)_draw1.json --markdown $(R)/$(1)_draw1.md
+	$(LDS_SPLITS) --variants $(4) $(5) \
+		--out $(R)/$(1)_features.json --markdown $(R)/$(1)_features.md
+endef
 lds-splits: setup
 	$(LDS_SPLITS) \
 		--variants raw_gradients teacher_forcing rollout_phase_keep_best_epoch raw_and_kfac \
@@ -154,14 +168,7 @@ lds-objective-metrics: setup
 # 0-2 (lds_ensemble_features.*). The default before on every method and metric: lds_builtin_single.* and
 # evaluate_builtin_single.* (the commands of lds-builtin / evaluate-builtin with --ensemble 1 --a-factors pair).
 lds-ensemble: setup
-	$(LDS_SPLITS) --seeds 0 1 2 3 4 5 6 7 8 --variants raw_and_kfac_lexical raw_and_kfac_lexical_ensemble3 \
-		--out $(R)/lds_ensemble_splits.json --markdown $(R)/lds_ensemble_splits.md
-	$(BIN)/python benchmarks/lds_splits.py --builtin-dir runs/draw1 --lds-dir '*=runs/draw1' --work runs/lds-splits-draw1 \
-		--seeds 0 1 2 --tasks sentiment yesno data2text translation \
-		--variants raw_and_kfac_lexical raw_and_kfac_lexical_ensemble3 \
-		--out $(R)/lds_ensemble_draw1.json --markdown $(R)/lds_ensemble_draw1.md
-	$(LDS_SPLITS) --variants features_lexical features_lexical_ensemble3 \
-		--out $(R)/lds_ensemble_features.json --markdown $(R)/lds_ensemble_features.md
+	$(call lds_compare,lds_ensemble,raw_and_kfac_lexical,raw_and_kfac_lexical_ensemble3,features_lexical,features_lexical_ensemble3)
 
 # Pool-mean A factors (--a-factors pool_mean, the default since this version; README "What raised LDS (7)"):
 # loss LDS of the ensemble with the paper's per-pair A (the default before) and with pool-mean A over
@@ -172,15 +179,7 @@ lds-ensemble: setup
 # verify-builtin at commit 07f07ef; gptfluence lds / evaluate take --a-factors pair --b-projection pair for the
 # same rows).
 lds-a-factors: setup
-	$(LDS_SPLITS) --seeds 0 1 2 3 4 5 6 7 8 \
-		--variants raw_and_kfac_lexical_ensemble3 raw_and_kfac_lexical_ensemble3_pool_mean \
-		--out $(R)/lds_a_factors_splits.json --markdown $(R)/lds_a_factors_splits.md
-	$(BIN)/python benchmarks/lds_splits.py --builtin-dir runs/draw1 --lds-dir '*=runs/draw1' --work runs/lds-splits-draw1 \
-		--seeds 0 1 2 --tasks sentiment yesno data2text translation \
-		--variants raw_and_kfac_lexical_ensemble3 raw_and_kfac_lexical_ensemble3_pool_mean \
-		--out $(R)/lds_a_factors_draw1.json --markdown $(R)/lds_a_factors_draw1.md
-	$(LDS_SPLITS) --variants features_lexical_ensemble3 features_lexical_ensemble3_pool_mean \
-		--out $(R)/lds_a_factors_features.json --markdown $(R)/lds_a_factors_features.md
+	$(call lds_compare,lds_a_factors,raw_and_kfac_lexical_ensemble3,raw_and_kfac_lexical_ensemble3_pool_mean,features_lexical_ensemble3,features_lexical_ensemble3_pool_mean)
 
 # Pool-mean B projection (--b-projection pool_mean; the default 'auto' uses it when the similarity terms are
 # gradients; README "What raised LDS (8)"): loss LDS of the ensemble with pool-mean A, per-pair vs pool-mean B
@@ -190,15 +189,7 @@ lds-a-factors: setup
 # verify_builtin{,_pool,_by_label}_b_pair.json (lds-builtin / evaluate-builtin / verify-builtin at commit
 # 6649eeb; gptfluence lds / evaluate take --b-projection pair for the same rows).
 lds-b-projection: setup
-	$(LDS_SPLITS) --seeds 0 1 2 3 4 5 6 7 8 \
-		--variants raw_and_kfac_lexical_ensemble3_pool_mean raw_and_kfac_lexical_ensemble3_pool_mean_b \
-		--out $(R)/lds_b_projection_splits.json --markdown $(R)/lds_b_projection_splits.md
-	$(BIN)/python benchmarks/lds_splits.py --builtin-dir runs/draw1 --lds-dir '*=runs/draw1' --work runs/lds-splits-draw1 \
-		--seeds 0 1 2 --tasks sentiment yesno data2text translation \
-		--variants raw_and_kfac_lexical_ensemble3_pool_mean raw_and_kfac_lexical_ensemble3_pool_mean_b \
-		--out $(R)/lds_b_projection_draw1.json --markdown $(R)/lds_b_projection_draw1.md
-	$(LDS_SPLITS) --variants features_lexical_ensemble3_pool_mean features_lexical_ensemble3_pool_mean_b \
-		--out $(R)/lds_b_projection_features.json --markdown $(R)/lds_b_projection_features.md
+	$(call lds_compare,lds_b_projection,raw_and_kfac_lexical_ensemble3_pool_mean,raw_and_kfac_lexical_ensemble3_pool_mean_b,features_lexical_ensemble3_pool_mean,features_lexical_ensemble3_pool_mean_b)
 
 # K-FAC-whitened gradient features (split seed 0; benchmarks/results/lds_kfac.*; README "What raised LDS")
 lds-kfac: setup
@@ -227,8 +218,7 @@ LEXICAL_VARIANTS = raw_and_kfac raw_and_kfac_lexical raw_and_kfac_lexical_proj1 
 	raw_and_kfac_proj1 features features_lexical features_lexical_proj1
 lds-lexical: setup
 	$(LDS_SPLITS) --variants $(LEXICAL_VARIANTS) --out $(R)/lds_lexical_splits.json --markdown $(R)/lds_lexical_splits.md
-	$(BIN)/python benchmarks/lds_splits.py --builtin-dir runs/draw1 --lds-dir '*=runs/draw1' --work runs/lds-splits-draw1 \
-		--seeds 0 --tasks sentiment yesno data2text translation --variants $(LEXICAL_VARIANTS) \
+	$(LDS_SPLITS_DRAW1) --seeds 0 --variants $(LEXICAL_VARIANTS) \
 		--out $(R)/lds_lexical_draw1.json --markdown $(R)/lds_lexical_draw1.md
 	for t in $(BUILTIN_TASKS); do d=runs/lds-builtin-full; if [ $$t = sentiment ]; then d=runs/lds-builtin; fi; \
 		$(BIN)/gptfluence lds $(BUILTIN_DIR)/$$t $$d/$$t-heldout --no-progress --proj-dim 1 $(ONE) --out $$d/$$t-lds-proj1.json || exit 1; \

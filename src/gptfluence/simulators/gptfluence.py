@@ -184,16 +184,15 @@ class FeaturizedFactors(nn.Module):
     """
 
     def __init__(self, in_dim: int, hidden: int, proj_dim: int, order: int, share: bool, factor_bias: bool,
-                 sim_dim: int = 0, sim_blocks: int = 1, sim_norms: bool = False, lex_dim: int = 0,
-                 a_pair: bool = True, b_pair: bool = True) -> None:
+                 sim_dim: int = 0, sim_blocks: int = 1, sim_norms: bool = False, lex_dim: int = 0) -> None:
         super().__init__()
         k = order + 1
         self.order = order
-        # False (a_factors="pool_mean", set after fitting): A_1..A_n from the training pool's mean feature
-        self.a_pair = bool(a_pair)
-        # False (b_projection="pool_mean", set after fitting): B's projection term from the pool's mean
-        # feature (B keeps its similarity terms)
-        self.b_pair = bool(b_pair)
+        # per-pair factors as fitted; GPTfluenceSimulator._apply_pooling sets False after fitting / loading:
+        # a_pair (a_factors="pool_mean"): A_1..A_n from the training pool's mean feature; b_pair
+        # (b_projection resolves to "pool_mean"): B's projection term likewise (B keeps its similarity terms)
+        self.a_pair = True
+        self.b_pair = True
         self.share = share
         self.f = nn.ModuleList(Projection(in_dim, hidden, proj_dim) for _ in range(k))
         self.g = None if share else nn.ModuleList(Projection(in_dim, hidden, proj_dim) for _ in range(k))
@@ -743,13 +742,18 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         are replaced by their training-pool mean, with ``b_projection="pool_mean"`` B's projection term
         likewise (the history's validation numbers are those of the per-pair fit)."""
         hist = super().fit(dynamics, fit_runs, val_runs, progress=progress)
+        self._apply_pooling()
+        hist.update(a_factors=self.config.a_factors, b_projection=self.b_projection())
+        return hist
+
+    def _apply_pooling(self) -> None:
+        """Set every member's factors to what the config simulates (``a_factors``, `b_projection`):
+        after fitting, and on an artifact's fitted weights when it is loaded."""
         assert self.module is not None
         members = self.module.members if isinstance(self.module, FactorEnsemble) else [self.module]
         for m in members:
             m.a_pair = self.config.a_factors == "pair"
             m.b_pair = self.b_projection() == "pair"
-        hist.update(a_factors=self.config.a_factors, b_projection=self.b_projection())
-        return hist
 
     def b_projection(self) -> str:
         """The B projection this simulator uses: ``config.b_projection``, with ``auto`` resolved
@@ -814,8 +818,7 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         def member() -> FeaturizedFactors:
             return FeaturizedFactors(int(meta["feature_dim"]), c.hidden, c.proj_dim, c.order, c.share_projection,
                                      c.factor_bias, sim_dim=sim._sim_dim(), sim_blocks=sim._sim_blocks(),
-                                     sim_norms=sim._sim_norms(), lex_dim=sim._lex_dim(),
-                                     a_pair=c.a_factors == "pair", b_pair=sim.b_projection() == "pair")
+                                     sim_norms=sim._sim_norms(), lex_dim=sim._lex_dim())
 
         state = {k[len("module."):]: torch.as_tensor(v) for k, v in tensors.items() if k.startswith("module.")}
         if c.ensemble > 1:
@@ -830,6 +833,7 @@ class GPTfluenceSimulator(RecurrenceSimulator):
                     raise ArtifactMismatchError(f"gptfluence ensemble member {k}: weights do not match its config ({e})") from None
             sim.module = FactorEnsemble(members)
             sim.module.eval()
+            sim._apply_pooling()
             return sim
         sim.module = member()
         state.setdefault("center", torch.zeros(int(meta["feature_dim"])))  # artifacts written before centring
@@ -845,4 +849,5 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         except RuntimeError as e:
             raise ArtifactMismatchError(f"gptfluence weights do not match its config ({e})") from None
         sim.module.eval()
+        sim._apply_pooling()
         return sim
