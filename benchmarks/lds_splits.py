@@ -16,8 +16,9 @@ TF-IDF similarity term and rank-1 factor projections (``raw_and_kfac_lexical``, 
 ``raw_and_kfac_lexical_proj1``), and the encoder-feature similarity a store without a model gets
 (``features``, ``features_lexical_proj1``); bagged ensembles of 3 (``*_ensemble3``), and with the
 A factors averaged over the training pool after fitting (``*_pool_mean``, ``--a-factors pool_mean``),
-B's projection term too (``*_pool_mean_b``, ``--b-projection pool_mean``); every variant that does not
-name them runs with ``--a-factors pair`` / ``--b-projection pair``, the defaults before).
+B's projection term too (``*_pool_mean_b``, ``--b-projection pool_mean``), with lagged additive factors
+(``*_lags3``, ``--b-lags 3``; ``_lags1``, ``_lags6``: other lag counts); every variant that does not name them runs with ``--a-factors pair`` /
+``--b-projection pair`` / ``--b-lags 0``, the defaults before).
 
     python benchmarks/lds_splits.py --work runs/lds-splits --out benchmarks/results/lds_splits.json \
         --markdown benchmarks/results/lds_splits.md
@@ -89,10 +90,25 @@ VARIANTS = {
                                                    "--b-projection", "pool_mean"],
     "features_lexical_ensemble3_pool_mean_b": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim", "32",
                                                "--ensemble", "3", "--a-factors", "pool_mean", "--b-projection", "pool_mean"],
+    # ... and lagged additive factors D_1..D_3 (--b-lags 3): the batches of the last 3 steps act again on beta
+    "raw_and_kfac_lexical_ensemble3_pool_mean_b_lags3": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac",
+                                                         "--lexical", "--proj-dim", "32", "--ensemble", "3",
+                                                         "--a-factors", "pool_mean", "--b-projection", "pool_mean",
+                                                         "--b-lags", "3"],
+    "raw_and_kfac_lexical_ensemble3_pool_mean_b_lags1": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac",
+                                                         "--lexical", "--proj-dim", "32", "--ensemble", "3",
+                                                         "--a-factors", "pool_mean", "--b-projection", "pool_mean",
+                                                         "--b-lags", "1"],
+    "raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac",
+                                                         "--lexical", "--proj-dim", "32", "--ensemble", "3",
+                                                         "--a-factors", "pool_mean", "--b-projection", "pool_mean",
+                                                         "--b-lags", "6"],
+    "features_lexical_ensemble3_pool_mean_lags3": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim",
+                                                   "32", "--ensemble", "3", "--a-factors", "pool_mean", "--b-lags", "3"],
 }
 # every variant that does not name its A factors (its B projection) ran with the paper's per-pair ones (the
-# defaults until pool_mean)
-PAIR_PINS = {"--a-factors": "pair", "--b-projection": "pair"}
+# defaults until pool_mean), and every one that does not name --b-lags without lagged additive factors
+PAIR_PINS = {"--a-factors": "pair", "--b-projection": "pair", "--b-lags": "0"}
 DESIGNS = ("both", "membership", "order")
 
 

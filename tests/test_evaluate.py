@@ -166,8 +166,10 @@ def test_cli_fit_simulate_evaluate(tmp_path, stores, capsys):
     flags = ["--encoder", "bow:16", "--epochs", "2", "--hidden", "8", "--proj-dim", "4", "--no-progress"]
     capsys.readouterr()
     assert main(["fit", a, "--method", "gptfluence", "--metric", "loss", "--out", str(sim), *flags]) == 0
-    # no model in a synthetic store: A pooled (the default), B per pair (b_projection auto)
-    assert "then the A factors replaced by their mean over the training pool" in capsys.readouterr().out
+    # no model in a synthetic store: A pooled (the default), B per pair (b_projection auto), lagged factors
+    out = capsys.readouterr().out
+    assert "then the A factors replaced by their mean over the training pool" in out
+    assert "with lagged additive factors of the last 3 batches" in out
     assert (sim / "config.json").exists() and (sim / "weights.safetensors").exists()
     cfg = json.loads((sim / "config.json").read_text())
     assert cfg["config"]["hidden"] == 8 and cfg["method"] == "gptfluence" and cfg["encoder_spec"]["dim"] == 16

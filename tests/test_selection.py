@@ -259,7 +259,7 @@ def test_select_fit_preset(tiny_store, tmp_path, capsys):
                                                                   "similarity_preconditioner": "none",
                                                                   "proj_dim": 32, "lexical": False,
                                                                   "ensemble": 1, "a_factors": "pair",
-                                                                  "b_projection": "pair"}
+                                                                  "b_projection": "pair", "b_lags": 0}
     assert selection_fit_overrides("gptfluence", "default") == {}
     assert selection_fit_overrides("simfluence", "selection") == {}
     with pytest.raises(InputError, match="fit-preset"):

@@ -979,3 +979,139 @@ def test_factor_ensemble_rejects_members_with_other_buffers():
         b.center.fill_(1.0)
     with pytest.raises(ArtifactMismatchError, match="center"):
         FactorEnsemble([a, b])
+
+
+# ---------------------------------------------------------------------------------------------
+# lagged additive factors (b_lags)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_lagged_factors_rollout_equals_a_per_step_loop(stream, monkeypatch):
+    """``lags`` L: slot n+l of the factor tensor acts on beta at step t through the batch of step
+    t-l (steps before the first: nothing). Matrix rollout (all batch sums at once, or per step when
+    they would not fit) == a plain loop over steps and lags."""
+    if stream:
+        monkeypatch.setattr(engine, "ROLLOUT_SUMS_MAX_ELEMS", 1)
+    g = torch.Generator().manual_seed(5)
+    n, L, N, M, R, T, b = 2, 3, 7, 4, 3, 9, 2
+    Fp = engine.pad_factors(0.1 * torch.randn(n + 1 + L, N, M, generator=g))
+    rows = torch.randint(0, N + 1, (R, T, b), generator=g)  # N = padding
+    start = torch.randn(R, M, generator=g)
+    fast = engine.rollout_tensor(Fp, rows, start, residual=True, lags=L)
+    hist, slow = [start] * n, [start]
+    for t in range(T):
+        s = [Fp[k][rows[:, t]].sum(1) for k in range(n + 1)]
+        beta = s[n] + sum(Fp[n + lag][rows[:, t - lag]].sum(1) for lag in range(1, L + 1) if t - lag >= 0)
+        new = hist[0] + beta + sum(s[j] * hist[j] for j in range(n))
+        slow.append(new)
+        hist = [new] + hist[:-1]
+    torch.testing.assert_close(fast, torch.stack(slow, 1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("order,gaps", [(1, False), (1, True), (2, False)])
+def test_lagged_factors_teacher_forcing_reproduces_a_rollout(order, gaps):
+    """Teacher forcing with lagged factors: from a rollout's own values as the 'recorded' ones, every
+    one-step prediction (and, with unrecorded steps, every bridged segment: exact for order 1)
+    equals the recorded value, so both objectives fit the same model."""
+    g = torch.Generator().manual_seed(order + 2 * gaps)
+    L, N, M, R, T, b = 2, 6, 3, 2, 8, 2
+    Fp = engine.pad_factors(0.1 * torch.randn(order + 1 + L, N, M, generator=g))
+    rows = torch.randint(0, N + 1, (R, T, b), generator=g)
+    values = engine.rollout_tensor(Fp, rows, torch.randn(R, M, generator=g), residual=True, lags=L)
+    if gaps:
+        values[:, 3] = float("nan")
+        values[1, 6, 1] = float("nan")
+    block = engine.RunBlock(values, rows, torch.arange(M), 0)
+    tr = block.transitions(order, bridge_gaps=True)
+    pred, target = block.predict(Fp, tr, order, residual=True, lags=L)
+    assert tr.shape[0] > 0
+    torch.testing.assert_close(pred, target, rtol=1e-5, atol=1e-5)
+    # without the lagged slots the same values are not reproduced
+    assert not torch.allclose(block.predict(Fp[:order + 1], tr, order, residual=True)[0], target, atol=1e-4)
+
+
+def test_a_lagged_factor_that_cancels_b_makes_a_one_step_effect_by_hand():
+    """Order 1, residual, A = 0; example 0 has B = +0.5 and D_1 = -0.5 on the test example, example
+    1 has B = -0.2 and no lagged factor: example 0 raises the value for one step only, example 1
+    lowers it for good."""
+    F = torch.zeros(3, 2, 1)  # slots A_1, B, D_1; training rows 0, 1; one test column
+    F[1, 0, 0], F[2, 0, 0] = 0.5, -0.5
+    F[1, 1, 0] = -0.2
+    rows = torch.tensor([[[2], [0], [2], [1], [2]]])  # row 2 = padding: steps 1..5 = -, ex 0, -, ex 1, -
+    out = engine.rollout_tensor(engine.pad_factors(F), rows, torch.tensor([[1.0]]), residual=True, lags=1)
+    np.testing.assert_allclose(out[0, :, 0].numpy(), [1.0, 1.0, 1.5, 1.0, 0.8, 0.8], atol=1e-6)
+
+
+def _transient_dynamics(seed: int = 13):
+    """Loss-like runs in which a training example first raises a similar test example's loss
+    (+0.15 <h_i, h_m>, centred over the pool, for one step: -0.25 at the next) and lowers it for good
+    (-0.1 <h_i, h_m>),
+    on top of a shared trend: an effect with a sign that changes over time, which per-step factors
+    of the current batch alone cannot express."""
+    from gptfluence.dynamics.store import Dynamics, Run
+
+    base, enc = synthetic_dynamics(n_runs=12, n_steps=30, n_train=48, n_test=16, dim=24, eta=0.0, seed=seed)
+    Htr = enc.encode([e.text for e in base.task.train]).astype(np.float64)
+    Hte = enc.encode([e.text for e in base.task.test]).astype(np.float64)
+    S = Htr @ Hte.T
+    S = S - S.mean(0)  # centred over the pool: a random batch moves nothing on average
+    rng = np.random.default_rng(seed)
+    runs = []
+    for r in base.runs():
+        now = S[r.curriculum].sum(1)  # [T, M]: summed similarity of each step's batch
+        before = np.vstack([np.zeros((1, now.shape[1])), now[:-1]])
+        steps = 0.15 * now - 0.25 * before  # +0.15 at once, -0.25 one step later: net -0.1
+        phi = 3.0 - 0.01 * np.arange(31)[:, None] + np.vstack([np.zeros((1, S.shape[1])), np.cumsum(steps, 0)])
+        phi = phi + 0.001 * rng.standard_normal(phi.shape)
+        runs.append(Run(r.run_id, r.curriculum, r.steps, r.test_ids, {"loss": phi.astype(np.float32)}, seed=r.seed))
+    return Dynamics(base.task, runs, manifest=dict(base.manifest, metrics=["loss"])), enc
+
+
+def test_gptfluence_b_lags_learns_a_transient_effect_and_reloads(tmp_path):
+    """``b_lags=1`` fits a transient effect (a similar example raises the loss for one step, then
+    lowers it) better on held-out runs than the paper's model (``b_lags=0``), with the sign of the
+    process: the lagged weight of the similarity term is negative where B's is positive; the lagged
+    weights are part of the artifact; `factors` still returns A [n, N, M] and B [N, M];
+    leave-one-out influence runs on it."""
+    from gptfluence.analysis.influence import run_loo_influence
+
+    dyn, enc = _transient_dynamics()
+    ids = dyn.run_ids
+    fit, val, test = ids[:8], ids[8:10], ids[10:]
+    cfg = dict(order=1, epochs=100, patience=30, lr=1e-2, ensemble=1, similarity="features", lexical=False,
+               objective="teacher_forcing")
+    mse, sims = {}, {}
+    for lags in (0, 1):
+        sim = make_simulator("gptfluence", "loss", encoder=enc, b_lags=lags, **cfg)
+        sim.fit(dyn, fit, val)
+        mse[lags], _ = _heldout_mse(sim, dyn, test)
+        sims[lags] = sim
+    assert mse[1] < 0.9 * mse[0], mse  # measured: 0.81x
+    sim = sims[1]
+    assert sim.module.lag_weight.shape == (1, sim.module.sim_terms)
+    assert float(sim.module.lag_weight[0, 0].detach()) < -0.1 < 0.1 < float(sim.module.sim_weight[1, 0].detach())
+    tr, te = np.arange(len(dyn.task.train)), dyn.test_ids
+    A, B = sim.factors(tr, te)
+    assert A.shape == (sim.config.order, len(tr), len(te)) and B.shape == (len(tr), len(te))
+    sim.save(tmp_path / "lags")
+    back = load_simulator(tmp_path / "lags", dynamics=dyn)
+    assert back.config.b_lags == 1
+    np.testing.assert_array_equal(_heldout_mse(back, dyn, test)[1], _heldout_mse(sim, dyn, test)[1])
+    infl = run_loo_influence(back, dyn.run(test[0]), dynamics=dyn)
+    assert np.isfinite(infl.scores).all()
+
+
+def test_b_lags_is_checked_and_needs_similarity_terms():
+    """A negative ``b_lags`` is refused by name; the default (3) applies where there are similarity
+    terms and gives no lagged factors without them (similarity none, no lexical term: the paper's
+    factors), which the fit history records."""
+    with pytest.raises(InputError, match="b_lags"):
+        make_simulator("gptfluence", "loss", b_lags=-1)
+    assert make_simulator("gptfluence", "loss").config.b_lags == 3
+    dyn, enc = _transient_dynamics()
+    fit, val = dyn.run_ids[:8], dyn.run_ids[8:10]
+    bare = make_simulator("gptfluence", "loss", encoder=enc, similarity="none", lexical=False, ensemble=1, epochs=1)
+    assert bare.fit(dyn, fit, val)["b_lags"] == 0 and bare.lags == 0 and not hasattr(bare.module, "lag_weight")
+    ens = make_simulator("gptfluence", "loss", encoder=enc, similarity="features", lexical=False, ensemble=2, epochs=1)
+    assert ens.fit(dyn, fit, val)["b_lags"] == 3 and ens.lags == 3
+    assert all(m.lag_weight.shape == (3, m.sim_terms) for m in ens.module.members)

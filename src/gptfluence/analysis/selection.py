@@ -460,7 +460,7 @@ SELECTION_FIT_OVERRIDES: dict[str, dict[str, Any]] = {
     # as measured in README "Choosing training data" (the defaults then: 32-dimensional projections, no lexical
     # term, one model, per-pair A factors)
     "gptfluence": {"objective": "teacher_forcing", "similarity_preconditioner": "none", "proj_dim": 32, "lexical": False,
-                   "ensemble": 1, "a_factors": "pair", "b_projection": "pair"},
+                   "ensemble": 1, "a_factors": "pair", "b_projection": "pair", "b_lags": 0},
 }
 FIT_PRESETS = ("selection", "default")
 

@@ -196,6 +196,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if pooled:  # gptfluence: what it simulates differs from what was validated
         msg += (f"; then {' and '.join(pooled)} replaced by their mean over the training pool "
                 f"(--a-factors / --b-projection; the validation MSE is the per-pair fit's)")
+    if hist.get("b_lags"):
+        msg += f"; with lagged additive factors of the last {hist['b_lags']} batches (--b-lags)"
     print(msg + f" -> {out}")
     held = [r for r in store.run_ids if r not in set(fit_runs) | set(val_runs)]
     if held:

@@ -391,7 +391,7 @@ class RecurrenceSimulator(SimulatorBase):
     engine (`gptfluence.simulators.engine`); subclasses provide the factors.
 
     Subclasses implement ``_init_params(dynamics, train_ids, test_ids, fit_train_ids, fit_runs)``, ``_factor_fn(train_ids,
-    test_ids, unseen) -> callable returning F [n+1, N, M]`` (normalised units) and the
+    test_ids, unseen) -> callable returning F [n+1+L, N, M]`` (normalised units; L = `lags`) and the
     ``_state``/``_set_state`` pair for artifacts; they set ``self.order`` and ``self.residual``.
     """
 
@@ -399,6 +399,11 @@ class RecurrenceSimulator(SimulatorBase):
     order: int = 1
     residual: bool = True
     module: torch.nn.Module | None
+
+    @property
+    def lags(self) -> int:
+        """Lagged additive factors D_1..D_L in the factor tensor after A_1..A_n, B (0: none)."""
+        return int(getattr(self.config, "b_lags", 0) or 0)
 
     @property
     def history_padding(self) -> str:
@@ -503,7 +508,7 @@ class RecurrenceSimulator(SimulatorBase):
                                  objective=resolve_objective(c.objective, self.metric), rollout_runs=c.rollout_runs,
                                  rollout_phase_keep=c.rollout_phase_keep, optimizer=c.optimizer,
                                  lr_schedule=c.lr_schedule, early_stopping=c.early_stopping,
-                                 history_padding=self.history_padding)
+                                 history_padding=self.history_padding, lags=self.lags)
         modules, hists = [], []
         for k, (fr, vr) in enumerate(splits):
             if k:
@@ -550,7 +555,7 @@ class RecurrenceSimulator(SimulatorBase):
         if uniq.size:
             fn = self._factor_fn(uniq, tid, unseen=getattr(self.config, "unseen", "error"))
         else:  # only padding (or no steps): every batch sum is zero, no factor is computed
-            fn = lambda: torch.zeros(self.order + 1, 0, tid.size, device=device)  # noqa: E731
+            fn = lambda: torch.zeros(self.order + 1 + self.lags, 0, tid.size, device=device)  # noqa: E731
         trend = None
         if self.trend is not None:
             trend = self.trend.values(tid, np.arange(first_step, first_step + cur.shape[1] + 1))  # [T+1, M]
@@ -559,7 +564,7 @@ class RecurrenceSimulator(SimulatorBase):
             Fp = engine.pad_factors(fn())
             start_t = torch.as_tensor(st / self.scale, dtype=torch.float32, device=device)
             out = engine.rollout_tensor(Fp, torch.as_tensor(rows, device=device), start_t, self.residual,
-                                        zero_history=self.history_padding == "zeros")
+                                        zero_history=self.history_padding == "zeros", lags=self.lags)
         pred = out.cpu().numpy().astype(np.float64) * self.scale
         if trend is not None:
             pred = pred + trend[None]
@@ -567,7 +572,8 @@ class RecurrenceSimulator(SimulatorBase):
 
     def factors(self, train_ids: Sequence[int], test_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Per-pair factors: ``A [n, N, M]`` (dimensionless; alpha_1 = 1 + sum A_1 when residual)
-        and ``B [N, M]`` in metric units (the additive change per step a training example makes)."""
+        and ``B [N, M]`` in metric units (the additive change per step a training example makes);
+        lagged additive factors (GPTfluence's ``b_lags``) are not part of it."""
         if self.module is None:
             raise InputError(f"{self.method} simulator is not fitted")
         tr = np.asarray(train_ids, dtype=np.int64).reshape(-1)
@@ -575,7 +581,7 @@ class RecurrenceSimulator(SimulatorBase):
         fn = self._factor_fn(tr, te, unseen=getattr(self.config, "unseen", "error"))
         with torch.no_grad():
             F = fn().cpu().numpy().astype(np.float64)
-        n = F.shape[0] - 1
+        n = self.order
         return F[:n], F[n] * self.scale
 
     def _meta(self) -> dict[str, Any]:
@@ -596,7 +602,7 @@ class RecurrenceSimulator(SimulatorBase):
 LEGACY_FIELD_VALUES = {"detrend": False, "center_features": False, "similarity": "none", "similarity_checkpoints": 1,
                        "similarity_norms": False, "similarity_preconditioner": "none", "lexical": False,
                        "ensemble": 1, "a_factors": "pair",
-                       "b_projection": "pair"}
+                       "b_projection": "pair", "b_lags": 0}
 
 
 def stored_config(meta: dict[str, Any], cls: type) -> dict[str, Any]:

@@ -6,9 +6,11 @@ Model (n-th order, per test example m, after optimizer step t)::
     alpha_1[t, m] = off + sum_{i in batch t} A_1[i, m]          (off = 1 if ``residual`` else 0)
     alpha_j[t, m] =       sum_{i in batch t} A_j[i, m]          (j = 2..n)
     beta[t, m]    =       sum_{i in batch t} B[i, m]
+                    + sum_{l=1..L} sum_{i in batch t-l} D_l[i, m]   (``lags`` L, default 0)
 
-A *factor provider* is any callable returning the stacked factor tensor ``F [n+1, N, M]``
-(``F[j-1] = A_j`` for j = 1..n, ``F[n] = B``) over its own training rows (N) and test columns
+A *factor provider* is any callable returning the stacked factor tensor ``F [n+1+L, N, M]``
+(``F[j-1] = A_j`` for j = 1..n, ``F[n] = B``, ``F[n+l] = D_l``: the additive factors of the
+batch l steps back, for l = 1..L) over its own training rows (N) and test columns
 (M), in *normalised* metric units (values divided by the simulator's ``scale``; A is
 dimensionless, B is in normalised units). GPTfluence computes F from features through MLPs;
 Simfluence holds F as free parameters. The engine computes F once per optimizer step and then
@@ -20,6 +22,8 @@ Simfluence holds F as free parameters. The engine computes F once per optimizer 
 
 Histories before the start value equal the start value (``history_padding="start"``, default) or
 zero (``"zeros"``: the authors' code pads the n previous values of the first steps with 0).
+Batches before the first simulated (or teacher-forced) step count as padding for the lagged
+factors D_l.
 """
 
 from __future__ import annotations
@@ -89,37 +93,60 @@ def step_update(sums: torch.Tensor, hist: list[torch.Tensor], residual: bool) ->
 ROLLOUT_SUMS_MAX_ELEMS = 1 << 27  # 512 MB of float32 batch sums; beyond, rollouts gather per step
 
 
+def _with_lags(sums: torch.Tensor, lags: int) -> torch.Tensor:
+    """Batch sums ``[n+1+L, R, T, M]`` (slot n+l summed over each step's own batch) -> ``[n+1, R,
+    T, M]``: slot n (beta) gets, at step t, slot n+l's sum of step t-l added (0 for t < l)."""
+    if not lags:
+        return sums
+    n = sums.shape[0] - 1 - lags
+    beta = sums[n]
+    for lag in range(1, lags + 1):
+        if lag < sums.shape[2]:
+            beta = beta + torch.nn.functional.pad(sums[n + lag, :, :-lag], (0, 0, lag, 0))
+    return torch.cat([sums[:n], beta[None]])
+
+
 def rollout_tensor(Fp: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, residual: bool,
-                   zero_history: bool = False) -> torch.Tensor:
-    """Autoregressive rollout. ``Fp [n+1, N+1, M]`` (already restricted to the M test columns),
-    ``rows [R, T, b]`` (row t-1 = batch of the t-th simulated step, N = padding), ``start [R, M]``
-    -> ``[R, T+1, M]`` with ``out[:, 0] = start``. The n-1 values before the start equal the start
-    value, or 0 with ``zero_history`` (the authors' padding)."""
-    n = Fp.shape[0] - 1
+                   zero_history: bool = False, lags: int = 0) -> torch.Tensor:
+    """Autoregressive rollout. ``Fp [n+1+L, N+1, M]`` (already restricted to the M test columns;
+    ``lags`` = L), ``rows [R, T, b]`` (row t-1 = batch of the t-th simulated step, N = padding),
+    ``start [R, M]`` -> ``[R, T+1, M]`` with ``out[:, 0] = start``. The n-1 values before the start
+    equal the start value, or 0 with ``zero_history`` (the authors' padding)."""
+    n = Fp.shape[0] - 1 - lags
     R, T, _ = rows.shape
     if T == 0:
         return start[:, None].clone()
-    # all batch sums at once [n+1, R, T, M], or step by step when that would exceed
+    # all batch sums at once [n+1+L, R, T, M], or step by step when that would exceed
     # ROLLOUT_SUMS_MAX_ELEMS (many long runs: LDS on paper-size dynamics); same values
-    stream = (n + 1) * R * T * Fp.shape[2] > ROLLOUT_SUMS_MAX_ELEMS
-    sums = None if stream else batch_sums(Fp, rows)
+    stream = Fp.shape[0] * R * T * Fp.shape[2] > ROLLOUT_SUMS_MAX_ELEMS
+    sums = None if stream else _with_lags(batch_sums(Fp, rows), lags)
     hist = [start] + [torch.zeros_like(start) if zero_history else start] * (n - 1)
     outs = [start]
     for t in range(T):
-        new = step_update(Fp[:, rows[:, t]].sum(-2) if stream else sums[:, :, t], hist, residual)
+        if stream:
+            step = Fp[:n + 1, rows[:, t]].sum(-2)
+            for lag in range(1, min(lags, t) + 1):
+                step = torch.cat([step[:n], (step[n] + Fp[n + lag, rows[:, t - lag]].sum(-2))[None]])
+        new = step_update(step if stream else sums[:, :, t], hist, residual)
         outs.append(new)
         hist = [new] + hist[:-1]
     return torch.stack(outs, dim=1)  # differentiable (objective="rollout" backpropagates through it)
 
 
 def teacher_forced_pred(Fp: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, prev: torch.Tensor,
-                        residual: bool) -> torch.Tensor:
+                        residual: bool, lag_rows: torch.Tensor | None = None) -> torch.Tensor:
     """One-step predictions for K transitions at once.
 
-    ``Fp [n+1, N+1, M]``, ``rows [K, b]`` (batch of the transition's step, N = padding),
-    ``cols [K]`` (test column), ``prev [n, K]`` (true phi_{t-1}..phi_{t-n}) -> ``[K]``.
+    ``Fp [n+1+L, N+1, M]``, ``rows [K, b]`` (batch of the transition's step, N = padding),
+    ``cols [K]`` (test column), ``prev [n, K]`` (true phi_{t-1}..phi_{t-n}), ``lag_rows [L, K, b]``
+    (the batches 1..L steps before; None = no lagged factors) -> ``[K]``.
     """
-    sums = Fp[:, rows, cols[:, None]].sum(-1)  # [n+1, K]
+    lags = 0 if lag_rows is None else int(lag_rows.shape[0])
+    n = Fp.shape[0] - 1 - lags
+    sums = Fp[:n + 1, rows, cols[:, None]].sum(-1)  # [n+1, K]
+    if lags:
+        beta = sums[n] + sum(Fp[n + lag, lag_rows[lag - 1], cols[:, None]].sum(-1) for lag in range(1, lags + 1))
+        sums = torch.cat([sums[:n], beta[None]])
     return step_update(sums, list(prev), residual)
 
 
@@ -204,11 +231,11 @@ class RunBlock:
         return r, k0, k1 - k0, self.cols[m], torch.stack(hist), self.values[r, k1, m]
 
     def predict(self, Fp: torch.Tensor, tr: torch.Tensor, order: int, residual: bool,
-                zero_history: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                zero_history: bool = False, lags: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced predictions and targets [K] for targets ``tr``: one tensor expression
         per step of the longest gap in the minibatch (1 when every step is recorded)."""
         r, k0, gap, cols, hist, target = self.gather(tr, order, zero_history)
-        return segment_pred(Fp, self.rows, r, k0, gap, cols, hist, residual), target
+        return segment_pred(Fp, self.rows, r, k0, gap, cols, hist, residual, lags), target
 
 
 class TransitionIndex:
@@ -272,15 +299,23 @@ class TransitionIndex:
 
 
 def segment_pred(Fp: torch.Tensor, rows_grid: torch.Tensor, r: torch.Tensor, k0: torch.Tensor, gap: torch.Tensor,
-                 cols: torch.Tensor, hist: torch.Tensor, residual: bool) -> torch.Tensor:
-    """Roll K segments forward from their recorded start: ``Fp [n+1, N+1, M]``, ``rows_grid
-    [R, S-1, b]``, run/start index/gap/test column ``[K]``, ``hist [n, K]`` -> prediction at k0 + gap."""
+                 cols: torch.Tensor, hist: torch.Tensor, residual: bool, lags: int = 0) -> torch.Tensor:
+    """Roll K segments forward from their recorded start: ``Fp [n+1+L, N+1, M]`` (``lags`` = L),
+    ``rows_grid [R, S-1, b]``, run/start index/gap/test column ``[K]``, ``hist [n, K]`` ->
+    prediction at k0 + gap. The lagged factors see the grid's earlier batches (before grid
+    step 1: padding)."""
     G = int(gap.max()) if gap.numel() else 0
     h = list(hist)
     last_row = rows_grid.shape[1] - 1
+    pad_row = Fp.shape[1] - 1
     for s in range(G):
         rows = rows_grid[r, torch.clamp(k0 + s, max=last_row)]  # batch of grid step k0 + s + 1
-        new = teacher_forced_pred(Fp, rows, cols, torch.stack(h), residual)
+        lag_rows = None
+        if lags:
+            lag_rows = torch.stack([torch.where((k0 + s - lag >= 0)[:, None],
+                                                rows_grid[r, torch.clamp(k0 + s - lag, min=0, max=last_row)],
+                                                torch.full_like(rows, pad_row)) for lag in range(1, lags + 1)])
+        new = teacher_forced_pred(Fp, rows, cols, torch.stack(h), residual, lag_rows)
         if G == 1:
             h = [new] + h[:-1]
             continue
@@ -290,14 +325,14 @@ def segment_pred(Fp: torch.Tensor, rows_grid: torch.Tensor, r: torch.Tensor, k0:
 
 
 def rollout_loss(Fp: torch.Tensor, block: RunBlock, residual: bool, runs: torch.Tensor | None = None,
-                 zero_history: bool = False) -> torch.Tensor:
+                 zero_history: bool = False, lags: int = 0) -> torch.Tensor:
     """Mean squared error (normalised units, a differentiable scalar) of rollouts of ``block``'s
     runs (or the subset ``runs``) from the first grid value over all recorded later values;
     NaN if nothing is recorded."""
     V = block.values if runs is None else block.values[runs]
     rows = block.rows if runs is None else block.rows[runs]
     start = V[:, 0]
-    pred = rollout_tensor(Fp[:, :, block.cols], rows, torch.nan_to_num(start), residual, zero_history)
+    pred = rollout_tensor(Fp[:, :, block.cols], rows, torch.nan_to_num(start), residual, zero_history, lags)
     # mask before squaring: a NaN target must not reach the gradient (NaN * 0 is NaN)
     ok = torch.isfinite(V[:, 1:]) & torch.isfinite(start)[:, None, :]
     if not ok.any():
@@ -306,9 +341,10 @@ def rollout_loss(Fp: torch.Tensor, block: RunBlock, residual: bool, runs: torch.
     return (diff * diff).sum() / ok.sum()
 
 
-def rollout_mse(Fp: torch.Tensor, block: RunBlock, residual: bool, zero_history: bool = False) -> float:
+def rollout_mse(Fp: torch.Tensor, block: RunBlock, residual: bool, zero_history: bool = False,
+                lags: int = 0) -> float:
     """`rollout_loss` as a float."""
-    return float(rollout_loss(Fp, block, residual, zero_history=zero_history).detach())
+    return float(rollout_loss(Fp, block, residual, zero_history=zero_history, lags=lags).detach())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +372,7 @@ class FitOptions:
     lr_schedule: str = "warmup_constant"
     early_stopping: str = "patience"
     history_padding: str = "start"
+    lags: int = 0  # lagged additive factors D_1..D_L after A_1..A_n, B in the factor tensor
 
 
 def make_optimizer(kind: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -449,7 +486,7 @@ def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val:
     v0 = None
     if val is not None:
         with torch.no_grad():
-            v0 = rollout_mse(pad_factors(factor_fn()), val, opt.residual, zh)
+            v0 = rollout_mse(pad_factors(factor_fn()), val, opt.residual, zh, opt.lags)
         history["val_mse_init"] = v0
     stopper = EarlyStopping(opt.early_stopping, opt.patience, v0 if start_competes else None)
     bar = None
@@ -465,11 +502,13 @@ def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val:
         for s in range(steps_per_epoch):
             idx = perm[s * bs:(s + 1) * bs]
             if rollout:
-                loss = rollout_loss(pad_factors(factor_fn()), fit, opt.residual, runs=idx, zero_history=zh)
+                loss = rollout_loss(pad_factors(factor_fn()), fit, opt.residual, runs=idx, zero_history=zh,
+                                    lags=opt.lags)
                 if not torch.isfinite(loss):
                     continue
             else:
-                pred, target = fit.predict(pad_factors(factor_fn()), tr_all[idx], opt.order, opt.residual, zh)
+                pred, target = fit.predict(pad_factors(factor_fn()), tr_all[idx], opt.order, opt.residual, zh,
+                                           opt.lags)
                 loss = torch.mean((pred - target) ** 2)
             if penalty is not None:
                 loss = loss + penalty()
@@ -484,7 +523,7 @@ def fit_engine(module: torch.nn.Module, factor_fn: FactorFn, fit: RunBlock, val:
         stop = False
         if val is not None:
             with torch.no_grad():
-                v = rollout_mse(pad_factors(factor_fn()), val, opt.residual, zh)
+                v = rollout_mse(pad_factors(factor_fn()), val, opt.residual, zh, opt.lags)
             history["val_mse"].append(v)
             better, stop = stopper.update(epoch, v)
             if better:

@@ -5,8 +5,9 @@ feature of the examples seen in fitting)::
 
     A_j(i, m) = < f_j(h_i), g_j(h_m) > + w_j s(i, m) + c_j          j = 1..n
     B(i, m)   = < f_B(h_i), g_B(h_m) > + w_B s(i, m) + c_B
+    D_l(i, m) = v_l s(i, m)                                           l = 1..L (``b_lags``)
     phi_t[m]  = (1 + sum_{i in c_t} A_1(i, m)) phi_{t-1}[m] + sum_{j>=2} (sum_i A_j(i, m)) phi_{t-j}[m]
-                + sum_{i in c_t} B(i, m)
+                + sum_{i in c_t} B(i, m) + sum_l sum_{i in c_{t-l}} D_l(i, m)
 
 f, g: projections H -> proj_dim, linear by default (``hidden=0``) or 2-layer MLPs (H -> hidden ->
 proj_dim, ReLU). c_j: one learned scalar per factor (``factor_bias``, init 0).
@@ -62,6 +63,17 @@ side is the projection of the pool's mean feature, so which training example act
 example is carried by the similarity terms alone (README, "What raised LDS (8)"); with encoder-cosine
 and TF-IDF terms only (no model) that loses a label task's same-label effect, so ``auto`` keeps
 ``pair`` there.
+
+Lagged additive factors (``b_lags`` L, default 3; 0: the paper's model). beta_t also gets, for
+l = 1..L, ``sum_{i in c_{t-l}} D_l(i, m)`` with ``D_l(i, m) = sum_t v_lt s_t(i, m)``: the similarity
+terms (no projection, no bias, so a random batch adds nothing on average) of the batch l steps
+back, each lag with its own learned weights v_l (init 0: the fit starts from the paper's model).
+An example can thus move a test example's value for a few steps and then undo part of it, or
+more: on the built-in generation tasks a training example similar to the test example raises its
+loss right after it is trained on (a transient interference) while lowering it in the long run,
+so the *order* of a curriculum matters through the last few batches, which the paper's
+recurrence of the current batch alone cannot express (README, "What raised LDS (9)"). Batches
+before the first simulated step count as padding. `factors` returns A and B only.
 
 Stability at initialisation (``residual=True``, default): alpha_1 carries a fixed identity offset
 (alpha_1 = 1 + sum A_1) and the projections' last layers are scaled so that |A|, |B| ~ ``init_std``:
@@ -128,6 +140,7 @@ class GPTfluenceConfig(FitConfig):
     lexical_max_features: int = arg(8192, "lexical: vocabulary size (the most frequent words of the store's texts)")
     a_factors: str = arg("pool_mean", "the multiplicative factors A_1..A_n in simulation: pair (the paper: A_j(i, m) from the training example i and the test example m) or pool_mean (our variant: fitted as pair, then each A_j(i, m) is replaced by its mean over the fitted training pool, <f_j(mean h_i), g_j(h_m)> + c_j; the similarity terms' pool mean is 0 by their centring), so a batch acts on the recurrence's dynamics alpha_j by its size alone and which examples it holds acts through B). Against pair (the default until this version) it raises loss LDS over held-out curricula on the built-in tasks (ensembles of 3, mean over five tasks and nine validation splits: random curricula 0.507 -> 0.527, membership-only 0.519 -> 0.535, order-only 0.272 -> 0.320; the second task-data draw, three splits: 0.498 -> 0.504, 0.514 -> 0.527, 0.296 -> 0.298; without a model 0.403 -> 0.430, 0.403 -> 0.422, 0.213 -> 0.261; benchmarks/results/lds_a_factors_*.md) and lowers the held-out trajectory MSE (README \"What raised LDS (7)\"); it is lower on sentiment's order-only curricula and on the second draw's sentiment")
     b_projection: str = arg("auto", "the projection term <f_B(h_i), g_B(h_m)> of the additive factor B in simulation: pair (the paper), pool_mean (fitted as pair, then the training side is the projection of the fitted pool's mean feature, so which training example acts on which test example is carried by the similarity terms alone) or auto (the default: pool_mean when the similarity terms are the model's gradients, similarity 'grad', else pair). With gradient terms pool_mean raises loss LDS over held-out curricula on the built-in tasks (ensembles with pool-mean A, mean over five tasks and nine validation splits: random curricula 0.527 -> 0.540, membership-only 0.535 -> 0.551, order-only 0.320 -> 0.330; data2text 0.661 -> 0.701; the second task-data draw 0.504 -> 0.523, 0.527 -> 0.546, 0.298 -> 0.301) at a held-out trajectory MSE within -1.7 % to +2.4 % of pair's; without a model (encoder-cosine and TF-IDF terms, which do not carry a label task's same-label effect) it ranks the label tasks' curricula near chance (sentiment 0.380 -> 0.091), hence auto (README \"What raised LDS (8)\", benchmarks/results/lds_b_projection_*.md)")
+    b_lags: int = arg(3, "lagged additive factors (our extension, 0 = the paper's model): beta_t also gets, for l = 1..b_lags, D_l(c_{t-l}) = the batch l steps back, each example's D_l a learned-weight sum of its similarity terms with the test example (no projection), so a batch can move a test example's value for a few steps and then partly or wholly undo it (a transient effect, e.g. a similar example raising the loss right after it is trained on while helping in the long run). Without similarity terms (similarity none and no lexical term) there are none; fitted with the other factors")
     ensemble: int = arg(3, "bagged ensemble: fit this many members, the first on the given fit / validation split, each further one validating on other runs of the same pool (fit + validation runs) and fitting on the rest, with its own initialisation seed (seed + k); the simulator's factors are the members' mean, so it is still one recurrence (rollouts, influence scores and artifacts as for one model). Trend and scale then come from the runs no member validates on. Costs k fits. One model (1, the default until this version) depends strongly on which runs validate it (data2text loss LDS 0.61-0.73 over nine validation splits of the built-in store); 3 members lower the held-out trajectory MSE on 8 of the 12 built-in (task, metric) rows (loss -4 to -12 %) and, averaged over nine validation splits, raise loss LDS (mean over the five built-in tasks: random curricula 0.496 -> 0.507, membership-only 0.513 -> 0.519, order-only 0.257 -> 0.272; the second task-data draw 0.471 -> 0.498, 0.488 -> 0.514, 0.280 -> 0.296) with about half the spread over splits on four of the five tasks; data2text's random and membership-only LDS stay where they were (README \"What raised LDS (6)\", benchmarks/results/lds_ensemble_splits.md)")
     objective: str = arg("auto", "fitting loss: teacher_forcing (the paper: one-step MSE from true previous values), rollout (MSE of whole autoregressive rollouts of the fit runs, backpropagated through time), teacher_forcing_then_rollout (teacher forcing to its best validation epoch, then rollout from those weights, kept only if a rollout epoch beats them on the validation runs) or auto (the default: rollout for the metrics of decoded text, bleu, rougeL and accuracy; teacher_forcing_then_rollout for loss and any other metric). The two-phase objective raises loss LDS over held-out curricula on the built-in tasks (mean over the five tasks, random curricula 0.384 -> 0.440, membership-only 0.414 -> 0.459, order-only 0.262 -> 0.311; measured with raw gradient features, benchmarks/results/lds_builtin_raw_gradients.json) at a held-out trajectory MSE that was lower or equal on 8 of the 12 (task, metric) rows and up to 17 % higher on sentiment (README \"Accuracy on the built-in tasks\"); teacher_forcing keeps the lower MSE there. On bleu, rougeL and accuracy a rollout fit from the initial factors ranks held-out curricula better than the two-phase fit, whose rollout phase starts from teacher-forced weights that learned the metrics' step-to-step jumps (benchmarks/results/lds_objective_metrics.md; keeping the rollout phase's best epoch always changes nothing: lds_objective_keep_best_epoch.md). Both rollout objectives and the K-FAC terms make the simulator extrapolate worse to extreme curricula (one label only), which the data-selection search visits: `gptfluence select` fits with teacher_forcing and raw gradients (--fit-preset selection)")
     rollout_runs: int = arg(4, "objective=rollout / the rollout phase: fit runs per optimizer step (0 = all)")
@@ -144,7 +157,7 @@ class GPTfluenceConfig(FitConfig):
     def validate(self) -> None:
         super().validate()
         for name, low in (("order", 1), ("proj_dim", 1), ("similarity_dim", 1), ("similarity_checkpoints", 1),
-                          ("hidden", 0), ("lexical_max_features", 1), ("ensemble", 1)):
+                          ("hidden", 0), ("lexical_max_features", 1), ("ensemble", 1), ("b_lags", 0)):
             if getattr(self, name) < low:
                 raise config_error(self, name, f">= {low}")
         if not self.init_std > 0:
@@ -184,10 +197,12 @@ class FeaturizedFactors(nn.Module):
     """
 
     def __init__(self, in_dim: int, hidden: int, proj_dim: int, order: int, share: bool, factor_bias: bool,
-                 sim_dim: int = 0, sim_blocks: int = 1, sim_norms: bool = False, lex_dim: int = 0) -> None:
+                 sim_dim: int = 0, sim_blocks: int = 1, sim_norms: bool = False, lex_dim: int = 0,
+                 lags: int = 0) -> None:
         super().__init__()
         k = order + 1
         self.order = order
+        self.lags = int(lags)
         # per-pair factors as fitted; GPTfluenceSimulator._apply_pooling sets False after fitting / loading:
         # a_pair (a_factors="pool_mean"): A_1..A_n from the training pool's mean feature; b_pair
         # (b_projection resolves to "pool_mean"): B's projection term likewise (B keeps its similarity terms)
@@ -220,6 +235,10 @@ class FeaturizedFactors(nn.Module):
             if self.sim_norms:  # mean block norm of the fitted training / test examples
                 self.register_buffer("sim_norm_train", torch.ones(self.sim_blocks))
                 self.register_buffer("sim_norm_test", torch.ones(self.sim_blocks))
+        if not self.sim_dim:
+            self.lags = 0  # D_l are made of similarity terms: without any, no lagged factors
+        if self.lags:  # D_l(i, m) = sum_t lag_weight[l-1, t] * similarity term t (b_lags)
+            self.lag_weight = nn.Parameter(torch.zeros(self.lags, self.sim_terms))
 
     @property
     def sim_terms(self) -> int:
@@ -266,6 +285,8 @@ class FeaturizedFactors(nn.Module):
                     raise InputError("gptfluence: this simulator has a similarity term; give s_train and s_test")
                 similarity = self.similarity(s_train, s_test)
             out = out + torch.einsum("kb,bnm->knm", self._sim_weight(), similarity)
+            if self.lags:  # the lagged additive factors D_1..D_L: similarity terms only
+                out = torch.cat([out, torch.einsum("lb,bnm->lnm", self.lag_weight, similarity)])
         return out
 
     def _sim_weight(self) -> torch.Tensor:
@@ -290,7 +311,10 @@ class FeaturizedFactors(nn.Module):
 
     def pair(self, k: int, h_train: torch.Tensor, h_test: torch.Tensor, s_train: torch.Tensor | None = None,
              s_test: torch.Tensor | None = None) -> torch.Tensor:
-        """Factor k for rows of ``h_train [b, H]`` against one ``h_test [H]`` -> [b]."""
+        """Factor k for rows of ``h_train [b, H]`` against one ``h_test [H]`` -> [b] (k > n: the
+        lagged additive factor D_{k-n})."""
+        if k > self.order:
+            return self.lag_weight[k - self.order - 1] @ self.similarity(s_train, s_test[None])[:, :, 0]
         out = self._train_side(k, h_train - self.center) @ self._g(k)((h_test - self.center)[None])[0]
         if self.bias is not None:
             out = out + self.bias[k]
@@ -361,6 +385,10 @@ class FactorEnsemble(nn.Module):
     @property
     def order(self) -> int:
         return self.members[0].order
+
+    @property
+    def lags(self) -> int:
+        return self.members[0].lags
 
     @property
     def center(self) -> torch.Tensor:
@@ -699,7 +727,7 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         self.module = FeaturizedFactors(self.train_features.dim or 0, c.hidden, c.proj_dim, c.order,
                                         c.share_projection, c.factor_bias, sim_dim=self._sim_dim(),
                                         sim_blocks=self._sim_blocks(), sim_norms=self._sim_norms(),
-                                        lex_dim=self._lex_dim())
+                                        lex_dim=self._lex_dim(), lags=c.b_lags)
         htr = torch.as_tensor(self.train_features.get(train_ids, "training"))
         hte = torch.as_tensor(self.test_features.get(test_ids, "test"))
         if self.module.sim_dim:
@@ -743,8 +771,16 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         likewise (the history's validation numbers are those of the per-pair fit)."""
         hist = super().fit(dynamics, fit_runs, val_runs, progress=progress)
         self._apply_pooling()
-        hist.update(a_factors=self.config.a_factors, b_projection=self.b_projection())
+        hist.update(a_factors=self.config.a_factors, b_projection=self.b_projection(), b_lags=self.lags)
         return hist
+
+    @property
+    def lags(self) -> int:
+        """Lagged additive factors in use: ``config.b_lags``, or 0 without similarity terms (the
+        D_l are made of them; `similarity` none and no lexical term)."""
+        if self.module is not None:
+            return int(self.module.lags)
+        return int(self.config.b_lags) if self._sim_dim() + self._lex_dim() else 0
 
     def _apply_pooling(self) -> None:
         """Set every member's factors to what the config simulates (``a_factors``, `b_projection`):
@@ -818,7 +854,7 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         def member() -> FeaturizedFactors:
             return FeaturizedFactors(int(meta["feature_dim"]), c.hidden, c.proj_dim, c.order, c.share_projection,
                                      c.factor_bias, sim_dim=sim._sim_dim(), sim_blocks=sim._sim_blocks(),
-                                     sim_norms=sim._sim_norms(), lex_dim=sim._lex_dim())
+                                     sim_norms=sim._sim_norms(), lex_dim=sim._lex_dim(), lags=c.b_lags)
 
         state = {k[len("module."):]: torch.as_tensor(v) for k, v in tensors.items() if k.startswith("module.")}
         if c.ensemble > 1:

@@ -105,7 +105,7 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
         "hidden": 384, "proj_dim": 384, "share_projection": True,
         "residual": False, "factor_bias": False, "init": "pytorch_default",
         "center_features": False, "similarity": "none", "lexical": False, "ensemble": 1,
-        "a_factors": "pair", "b_projection": "pair",
+        "a_factors": "pair", "b_projection": "pair", "b_lags": 0,
         "history_padding": "zeros", "order": 1,
     },
     "simfluence": {
