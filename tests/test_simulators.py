@@ -1115,3 +1115,115 @@ def test_b_lags_is_checked_and_needs_similarity_terms():
     ens = make_simulator("gptfluence", "loss", encoder=enc, similarity="features", lexical=False, ensemble=2, epochs=1)
     assert ens.fit(dyn, fit, val)["b_lags"] == 3 and ens.lags == 3
     assert all(m.lag_weight.shape == (3, m.sim_terms) for m in ens.module.members)
+
+
+# ---------------------------------------------------------------------------------------------
+# learning-rate-scaled steps (step_lr_scaling)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_step_scale_multiplies_each_steps_sums_in_rollouts_and_teacher_forcing(stream, monkeypatch):
+    """``step_scale`` w_t multiplies every batch sum of step t (A, B, and a lagged factor of the
+    batch of step t where it acts, with that step's w): rollout == a per-step loop; teacher forcing
+    from the rollout's values reproduces them; all ones == no scaling, exactly."""
+    if stream:
+        monkeypatch.setattr(engine, "ROLLOUT_SUMS_MAX_ELEMS", 1)
+    g = torch.Generator().manual_seed(9)
+    n, L, N, M, R, T, b = 2, 2, 6, 3, 2, 8, 2
+    Fp = engine.pad_factors(0.1 * torch.randn(n + 1 + L, N, M, generator=g))
+    rows = torch.randint(0, N + 1, (R, T, b), generator=g)
+    start = torch.randn(R, M, generator=g)
+    w = torch.rand(R, T, generator=g)
+    fast = engine.rollout_tensor(Fp, rows, start, residual=True, lags=L, step_scale=w)
+    hist, slow = [start] * n, [start]
+    for t in range(T):
+        s = [Fp[k][rows[:, t]].sum(1) * w[:, t, None] for k in range(n + 1)]
+        beta = s[n] + sum(Fp[n + lag][rows[:, t - lag]].sum(1) * w[:, t - lag, None]
+                          for lag in range(1, L + 1) if t - lag >= 0)
+        new = hist[0] + beta + sum(s[j] * hist[j] for j in range(n))
+        slow.append(new)
+        hist = [new] + hist[:-1]
+    torch.testing.assert_close(fast, torch.stack(slow, 1), rtol=1e-5, atol=1e-6)
+    ones = engine.rollout_tensor(Fp, rows, start, residual=True, lags=L, step_scale=torch.ones(R, T))
+    assert torch.equal(ones, engine.rollout_tensor(Fp, rows, start, residual=True, lags=L))
+    block = engine.RunBlock(fast.clone(), rows, torch.arange(M), 0, w)
+    tr = block.transitions(n, bridge_gaps=True)
+    pred, target = block.predict(Fp, tr, n, residual=True, lags=L)
+    torch.testing.assert_close(pred, target, rtol=1e-5, atol=1e-5)
+
+
+def test_schedule_factors_are_the_fine_tunings_learning_rates():
+    """`schedule_factors` == the learning rates `make_optimizer`'s scheduler sets (over the peak),
+    as `collect` trains: warmup, then constant or linear decay to 0."""
+    from gptfluence.lm.training import make_optimizer, schedule_factors
+
+    for schedule, warmup in (("linear", 3), ("constant", 2), ("linear", 0)):
+        opt, sched = make_optimizer(torch.nn.Linear(1, 1), lr=0.5, warmup_steps=warmup, total_steps=10,
+                                    schedule=schedule)
+        got = []
+        for _ in range(10):
+            got.append(sched.get_last_lr()[0] / 0.5)
+            opt.step()
+            sched.step()
+        np.testing.assert_allclose(schedule_factors(10, warmup, schedule), got, rtol=1e-12)
+    np.testing.assert_allclose(schedule_factors(4, 0, "linear"), [1.0, 0.75, 0.5, 0.25])
+
+
+def _decaying_lr_dynamics(schedule: str = "linear", seed: int = 17):
+    """Loss-like runs fine-tuned under a learning rate that decays linearly to 0 over the run: a
+    training example lowers a similar test example's loss by -0.05 <h_i, h_m> (centred) times the
+    step's learning rate over the peak; the store's manifest records the schedule as `collect`
+    writes it."""
+    from gptfluence.dynamics.store import Dynamics, Run
+    from gptfluence.lm.training import schedule_factors
+
+    base, enc = synthetic_dynamics(n_runs=12, n_steps=30, n_train=48, n_test=16, dim=24, eta=0.0, seed=seed)
+    Htr = enc.encode([e.text for e in base.task.train]).astype(np.float64)
+    Hte = enc.encode([e.text for e in base.task.test]).astype(np.float64)
+    S = Htr @ Hte.T
+    S = S - S.mean(0)
+    w = schedule_factors(30, 0, schedule)
+    rng = np.random.default_rng(seed)
+    runs = []
+    for r in base.runs():
+        steps = -0.05 * S[r.curriculum].sum(1) * w[:, None]
+        phi = 3.0 - 0.01 * np.arange(31)[:, None] + np.vstack([np.zeros((1, S.shape[1])), np.cumsum(steps, 0)])
+        phi = phi + 0.001 * rng.standard_normal(phi.shape)
+        runs.append(Run(r.run_id, r.curriculum, r.steps, r.test_ids, {"loss": phi.astype(np.float32)}, seed=r.seed))
+    manifest = dict(base.manifest, metrics=["loss"], config={"model": "default", "lr_schedule": schedule,
+                                                             "warmup_steps": 0})
+    return Dynamics(base.task, runs, manifest=manifest), enc
+
+
+def test_step_lr_scaling_follows_the_stores_schedule_and_fits_a_decaying_one_better(tmp_path):
+    """With the store's linear-decay schedule, ``step_lr_scaling`` (default) weights each step by
+    its learning rate: held-out MSE well below the stationary model's (``step_lr_scaling=False``);
+    the schedule is saved in the artifact and reloaded; a constant schedule or a store without a
+    collection config gives no weights (the stationary model)."""
+    dyn, enc = _decaying_lr_dynamics()
+    ids = dyn.run_ids
+    fit, val, test = ids[:8], ids[8:10], ids[10:]
+    cfg = dict(order=1, epochs=60, patience=20, lr=3e-3, ensemble=1, similarity="features", lexical=False,
+               b_lags=0, objective="teacher_forcing")
+    mse, sims = {}, {}
+    for on in (False, True):
+        sim = make_simulator("gptfluence", "loss", encoder=enc, step_lr_scaling=on, **cfg)
+        hist = sim.fit(dyn, fit, val)
+        mse[on], _ = _heldout_mse(sim, dyn, test)
+        sims[on] = sim
+        assert (hist["lr_spec"] is not None) == on
+    assert mse[True] < 0.7 * mse[False], mse  # measured: 0.45x (the mean curve: 1.6x)
+    w = sims[True].step_weights(30)
+    np.testing.assert_allclose(w, np.arange(30, 0, -1) / 30)
+    sims[True].save(tmp_path / "lr")
+    back = load_simulator(tmp_path / "lr", dynamics=dyn)
+    assert back.lr_spec == {"lr_schedule": "linear", "warmup_steps": 0}
+    np.testing.assert_array_equal(_heldout_mse(back, dyn, test)[1], _heldout_mse(sims[True], dyn, test)[1])
+    const, _ = _decaying_lr_dynamics("constant")
+    sim = make_simulator("gptfluence", "loss", encoder=enc, **{**cfg, "epochs": 1})
+    sim.fit(const, fit, val)
+    assert sim.lr_spec is not None and sim.step_weights(30) is None
+    bare, _ = _transient_dynamics()  # no collection config in the manifest
+    sim = make_simulator("simfluence", "loss", epochs=1)
+    sim.fit(bare, fit, val)
+    assert sim.lr_spec is None and sim.step_weights(30) is None

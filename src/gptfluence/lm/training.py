@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from gptfluence.errors import GptfluenceError
@@ -101,10 +102,22 @@ def make_optimizer(model, lr: float, weight_decay: float = 0.0, warmup_steps: in
     opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
     def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        return lr_factor(step, warmup_steps, total_steps, schedule)
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) over the peak lr, as `make_optimizer`'s
+    schedule sets it: (step + 1) / (warmup + 1) during warmup, then 1 (``"constant"``) or linear
+    decay to 0 at ``total_steps`` (``"linear"``)."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def schedule_factors(num_steps: int, warmup_steps: int, schedule: str) -> np.ndarray:
+    """``[num_steps]`` float64: `lr_factor` of steps 1..T of a fine-tuning of ``num_steps`` steps."""
+    return np.asarray([lr_factor(t, warmup_steps, num_steps, schedule) for t in range(int(num_steps))], dtype=np.float64)

@@ -65,6 +65,7 @@ class FitConfig:
     normalize: bool = arg(True, "fit on metric / scale (scale = mean |value| over the fit runs); outputs stay in metric units")
     optimizer: str = arg("adamw", "adamw (decoupled weight decay) or adam_l2 (Adam with coupled weight decay, the authors' code)")
     lr_schedule: str = arg("warmup_constant", "warmup_constant (linear warmup, then constant) or warmup_linear_decay (linear warmup from 0, then linear decay to 0 at the last epoch; the authors' code)")
+    step_lr_scaling: bool = arg(True, "multiply each simulated step's factor sums by the fine-tuning's learning rate at that step over its peak (the store's collection schedule: warmup, then constant or linear decay; our extension, with residual=True): to first order an optimizer step moves the model, and so the metrics, in proportion to its learning rate, so under a decaying schedule early batches weigh more than late ones. A constant schedule without warmup (the built-in default) gives 1 at every step: no change. Stores without a collection config (imported GPTDynamics) and residual=False: no scaling; false = the paper's stationary model")
     early_stopping: str = arg("patience", "patience (stop after `patience` epochs without a new best; the untrained start is a candidate) or consecutive_increases (the authors' code: stop after `patience` epochs in a row each worse than the epoch before; only trained epochs are candidates); the best epoch's weights are kept")
 
     def validate(self) -> None:
@@ -420,6 +421,34 @@ class RecurrenceSimulator(SimulatorBase):
         self.fit_first_step: int | None = None
         self.module = None
         self.trend: Trend | None = None
+        # step_lr_scaling: the fine-tuning's learning-rate schedule {"lr_schedule", "warmup_steps"}
+        # (None: no scaling; set by fit from the store's collection config, saved in the artifact)
+        self.lr_spec: dict[str, Any] | None = None
+
+    def _resolve_lr_spec(self, dynamics: Dynamics) -> None:
+        """``self.lr_spec`` from the store's collection config when ``step_lr_scaling`` applies
+        (config on, ``residual``, a store collected by `gptfluence collect`), else None."""
+        self.lr_spec = None
+        if not getattr(self.config, "step_lr_scaling", False) or not self.residual:
+            return
+        raw = dynamics.manifest.get("config") or {}
+        if not raw.get("model") or "lr_schedule" not in raw:
+            return
+        self.lr_spec = {"lr_schedule": str(raw["lr_schedule"]), "warmup_steps": int(raw.get("warmup_steps") or 0)}
+
+    def step_weights(self, num_steps: int) -> np.ndarray | None:
+        """``[num_steps]`` float64: w_t = the fine-tuning's learning rate at steps 1..T of a run of
+        ``num_steps`` steps over the schedule's peak (``step_lr_scaling``); None when there is no
+        scaling or every w_t is 1 (a constant schedule without warmup)."""
+        if self.lr_spec is None or num_steps < 1:
+            return None
+        from gptfluence.lm.training import schedule_factors
+
+        w = schedule_factors(num_steps, self.lr_spec["warmup_steps"], self.lr_spec["lr_schedule"])
+        peak = float(w.max())
+        if peak <= 0 or bool(np.all(w == peak)):
+            return None
+        return w / peak
 
     # -- hooks ------------------------------------------------------------------------------
     def _init_params(self, dynamics: Dynamics, train_ids: np.ndarray, test_ids: np.ndarray,
@@ -443,12 +472,22 @@ class RecurrenceSimulator(SimulatorBase):
         if self.trend is not None:
             V = V - self.trend.values(tids, steps[first_step:])[None]
         V = V / self.scale
-        cur = stack_curricula(dynamics, run_ids)[:, first_step:]
+        full = stack_curricula(dynamics, run_ids)
+        cur = full[:, first_step:]
         rows = np.searchsorted(train_ids, np.maximum(cur, 0))
         rows[cur < 0] = train_ids.size
         cols = np.searchsorted(test_ids, tids)
+        scale = None
+        if self.lr_spec is not None:  # each run's own schedule (its number of steps)
+            ws = [self.step_weights(dynamics.run(r).num_steps) for r in run_ids]
+            if any(w is not None for w in ws):
+                grid = np.ones(full.shape[:2], dtype=np.float32)
+                for k, w in enumerate(ws):
+                    if w is not None:
+                        grid[k, :w.size] = w[:grid.shape[1]]
+                scale = torch.as_tensor(grid[:, first_step:])
         return engine.RunBlock(torch.as_tensor(V, dtype=torch.float32), torch.as_tensor(rows),
-                               torch.as_tensor(cols), first_step)
+                               torch.as_tensor(cols), first_step, scale)
 
     def _ensemble_size(self) -> int:
         """Members of a bagged ensemble (`ensemble_splits`); 1 = one model (simulators without the field)."""
@@ -493,6 +532,7 @@ class RecurrenceSimulator(SimulatorBase):
             base = [r for r in fit_runs + val_runs if r not in validated] or fit_runs + val_runs  # tiny pools: all
             V, steps, fit_tids = dynamics.stack(self.metric, base)
         self.trend = Trend.from_runs(V, steps, fit_tids) if getattr(self.config, "detrend", False) else None
+        self._resolve_lr_spec(dynamics)
         dev = V if self.trend is None else V - self.trend.values(fit_tids, steps)[None]
         self.scale = metric_scale(dev[:, self.fit_first_step:]) if self.config.normalize else 1.0
         fit_cur = stack_curricula(dynamics, fit_runs)
@@ -532,7 +572,7 @@ class RecurrenceSimulator(SimulatorBase):
             self.module = self._combine(modules).to(device)
             self.module.eval()
             hist = ensemble_history(hists, splits)
-        hist.update(objective=opts.objective, fit_runs=fit_runs, val_runs=val_runs, scale=self.scale,
+        hist.update(objective=opts.objective, fit_runs=fit_runs, val_runs=val_runs, scale=self.scale, lr_spec=self.lr_spec,
                     fit_first_step=self.fit_first_step,
                     total_seconds=time.perf_counter() - t0)
         self.history = hist
@@ -560,11 +600,14 @@ class RecurrenceSimulator(SimulatorBase):
         if self.trend is not None:
             trend = self.trend.values(tid, np.arange(first_step, first_step + cur.shape[1] + 1))  # [T+1, M]
             st = st - trend[0][None]
+        w = self.step_weights(cur.shape[1] + first_step)  # the schedule of a run of this many steps
         with torch.no_grad():
             Fp = engine.pad_factors(fn())
             start_t = torch.as_tensor(st / self.scale, dtype=torch.float32, device=device)
             out = engine.rollout_tensor(Fp, torch.as_tensor(rows, device=device), start_t, self.residual,
-                                        zero_history=self.history_padding == "zeros", lags=self.lags)
+                                        zero_history=self.history_padding == "zeros", lags=self.lags,
+                                        step_scale=None if w is None else torch.as_tensor(
+                                            w[first_step:][None], dtype=torch.float32, device=device))
         pred = out.cpu().numpy().astype(np.float64) * self.scale
         if trend is not None:
             pred = pred + trend[None]
@@ -587,7 +630,8 @@ class RecurrenceSimulator(SimulatorBase):
     def _meta(self) -> dict[str, Any]:
         m = super()._meta()
         m.update(config=to_dict(self.config), scale=self.scale, fit_first_step=self.fit_first_step,
-                 order=self.order, residual=self.residual, trend=self.trend.to_dict() if self.trend else None)
+                 order=self.order, residual=self.residual, trend=self.trend.to_dict() if self.trend else None,
+                 lr_spec=self.lr_spec)
         return m
 
     def _load_meta(self, meta: dict[str, Any]) -> None:
@@ -595,14 +639,16 @@ class RecurrenceSimulator(SimulatorBase):
         self.scale = float(meta.get("scale", 1.0))
         self.fit_first_step = meta.get("fit_first_step")
         self.trend = Trend.from_dict(meta["trend"]) if meta.get("trend") else None
+        self.lr_spec = dict(meta["lr_spec"]) if meta.get("lr_spec") else None
 
 
 # Fields added to the simulator configs after artifacts of format 1 were first written, with the
-# behaviour of an artifact that lacks them (not today's defaults).
+# behaviour of an artifact that lacks them (not today's defaults). (step_lr_scaling: the schedule an
+# artifact scales by is in its meta, "lr_spec", absent = none.)
 LEGACY_FIELD_VALUES = {"detrend": False, "center_features": False, "similarity": "none", "similarity_checkpoints": 1,
                        "similarity_norms": False, "similarity_preconditioner": "none", "lexical": False,
                        "ensemble": 1, "a_factors": "pair",
-                       "b_projection": "pair", "b_lags": 0}
+                       "b_projection": "pair", "b_lags": 0, "step_lr_scaling": False}
 
 
 def stored_config(meta: dict[str, Any], cls: type) -> dict[str, Any]:

@@ -24,6 +24,11 @@ Histories before the start value equal the start value (``history_padding="start
 zero (``"zeros"``: the authors' code pads the n previous values of the first steps with 0).
 Batches before the first simulated (or teacher-forced) step count as padding for the lagged
 factors D_l.
+
+``step_scale`` w_t (optional, ``lr_scaling``): every batch sum of step t (A_1..A_n, B, and D_l of
+the batch trained at step t, wherever it acts) is multiplied by w_t, the learning rate of step t
+over the schedule's peak, so a step moves the values in proportion to its learning rate (to first
+order an optimizer step's effect is); the identity offset of alpha_1 is not scaled.
 """
 
 from __future__ import annotations
@@ -93,9 +98,12 @@ def step_update(sums: torch.Tensor, hist: list[torch.Tensor], residual: bool) ->
 ROLLOUT_SUMS_MAX_ELEMS = 1 << 27  # 512 MB of float32 batch sums; beyond, rollouts gather per step
 
 
-def _with_lags(sums: torch.Tensor, lags: int) -> torch.Tensor:
+def _with_lags(sums: torch.Tensor, lags: int, step_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Batch sums ``[n+1+L, R, T, M]`` (slot n+l summed over each step's own batch) -> ``[n+1, R,
-    T, M]``: slot n (beta) gets, at step t, slot n+l's sum of step t-l added (0 for t < l)."""
+    T, M]``: slot n (beta) gets, at step t, slot n+l's sum of step t-l added (0 for t < l). With
+    ``step_scale [R or 1, T]`` every sum of step t is first multiplied by its w_t."""
+    if step_scale is not None:
+        sums = sums * step_scale[None, :, :, None]
     if not lags:
         return sums
     n = sums.shape[0] - 1 - lags
@@ -107,11 +115,12 @@ def _with_lags(sums: torch.Tensor, lags: int) -> torch.Tensor:
 
 
 def rollout_tensor(Fp: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, residual: bool,
-                   zero_history: bool = False, lags: int = 0) -> torch.Tensor:
+                   zero_history: bool = False, lags: int = 0, step_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Autoregressive rollout. ``Fp [n+1+L, N+1, M]`` (already restricted to the M test columns;
     ``lags`` = L), ``rows [R, T, b]`` (row t-1 = batch of the t-th simulated step, N = padding),
     ``start [R, M]`` -> ``[R, T+1, M]`` with ``out[:, 0] = start``. The n-1 values before the start
-    equal the start value, or 0 with ``zero_history`` (the authors' padding)."""
+    equal the start value, or 0 with ``zero_history`` (the authors' padding). ``step_scale [R or 1,
+    T]``: w_t of each simulated step (None: 1)."""
     n = Fp.shape[0] - 1 - lags
     R, T, _ = rows.shape
     if T == 0:
@@ -119,14 +128,19 @@ def rollout_tensor(Fp: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, re
     # all batch sums at once [n+1+L, R, T, M], or step by step when that would exceed
     # ROLLOUT_SUMS_MAX_ELEMS (many long runs: LDS on paper-size dynamics); same values
     stream = Fp.shape[0] * R * T * Fp.shape[2] > ROLLOUT_SUMS_MAX_ELEMS
-    sums = None if stream else _with_lags(batch_sums(Fp, rows), lags)
+    sums = None if stream else _with_lags(batch_sums(Fp, rows), lags, step_scale)
     hist = [start] + [torch.zeros_like(start) if zero_history else start] * (n - 1)
     outs = [start]
     for t in range(T):
         if stream:
             step = Fp[:n + 1, rows[:, t]].sum(-2)
+            if step_scale is not None:
+                step = step * step_scale[None, :, t, None]
             for lag in range(1, min(lags, t) + 1):
-                step = torch.cat([step[:n], (step[n] + Fp[n + lag, rows[:, t - lag]].sum(-2))[None]])
+                lagged = Fp[n + lag, rows[:, t - lag]].sum(-2)
+                if step_scale is not None:
+                    lagged = lagged * step_scale[:, t - lag, None]
+                step = torch.cat([step[:n], (step[n] + lagged)[None]])
         new = step_update(step if stream else sums[:, :, t], hist, residual)
         outs.append(new)
         hist = [new] + hist[:-1]
@@ -134,19 +148,25 @@ def rollout_tensor(Fp: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, re
 
 
 def teacher_forced_pred(Fp: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, prev: torch.Tensor,
-                        residual: bool, lag_rows: torch.Tensor | None = None) -> torch.Tensor:
+                        residual: bool, lag_rows: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                        lag_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One-step predictions for K transitions at once.
 
     ``Fp [n+1+L, N+1, M]``, ``rows [K, b]`` (batch of the transition's step, N = padding),
     ``cols [K]`` (test column), ``prev [n, K]`` (true phi_{t-1}..phi_{t-n}), ``lag_rows [L, K, b]``
-    (the batches 1..L steps before; None = no lagged factors) -> ``[K]``.
+    (the batches 1..L steps before; None = no lagged factors); ``scale [K]`` / ``lag_scale [L, K]``:
+    w of the transition's step / of the steps of ``lag_rows`` (None: 1) -> ``[K]``.
     """
     lags = 0 if lag_rows is None else int(lag_rows.shape[0])
     n = Fp.shape[0] - 1 - lags
     sums = Fp[:n + 1, rows, cols[:, None]].sum(-1)  # [n+1, K]
+    if scale is not None:
+        sums = sums * scale[None]
     if lags:
-        beta = sums[n] + sum(Fp[n + lag, lag_rows[lag - 1], cols[:, None]].sum(-1) for lag in range(1, lags + 1))
-        sums = torch.cat([sums[:n], beta[None]])
+        lagged = [Fp[n + lag, lag_rows[lag - 1], cols[:, None]].sum(-1) for lag in range(1, lags + 1)]
+        if lag_scale is not None:
+            lagged = [x * w for x, w in zip(lagged, lag_scale)]
+        sums = torch.cat([sums[:n], (sums[n] + sum(lagged))[None]])
     return step_update(sums, list(prev), residual)
 
 
@@ -175,9 +195,11 @@ class RunBlock:
     rows: torch.Tensor
     cols: torch.Tensor
     first_step: int
+    step_scale: torch.Tensor | None = None  # [R, S-1] float32: w of the batch of grid step k = column k-1
 
     def to(self, device: str) -> "RunBlock":
-        return RunBlock(self.values.to(device), self.rows.to(device), self.cols.to(device), self.first_step)
+        return RunBlock(self.values.to(device), self.rows.to(device), self.cols.to(device), self.first_step,
+                        None if self.step_scale is None else self.step_scale.to(device))
 
     def transitions(self, order: int, bridge_gaps: bool = False) -> torch.Tensor:
         """Teacher-forcing targets ``[K, 4]``: (run, k0, k1, test position), predicting the value
@@ -235,7 +257,7 @@ class RunBlock:
         """Teacher-forced predictions and targets [K] for targets ``tr``: one tensor expression
         per step of the longest gap in the minibatch (1 when every step is recorded)."""
         r, k0, gap, cols, hist, target = self.gather(tr, order, zero_history)
-        return segment_pred(Fp, self.rows, r, k0, gap, cols, hist, residual, lags), target
+        return segment_pred(Fp, self.rows, r, k0, gap, cols, hist, residual, lags, self.step_scale), target
 
 
 class TransitionIndex:
@@ -299,23 +321,28 @@ class TransitionIndex:
 
 
 def segment_pred(Fp: torch.Tensor, rows_grid: torch.Tensor, r: torch.Tensor, k0: torch.Tensor, gap: torch.Tensor,
-                 cols: torch.Tensor, hist: torch.Tensor, residual: bool, lags: int = 0) -> torch.Tensor:
+                 cols: torch.Tensor, hist: torch.Tensor, residual: bool, lags: int = 0,
+                 scale_grid: torch.Tensor | None = None) -> torch.Tensor:
     """Roll K segments forward from their recorded start: ``Fp [n+1+L, N+1, M]`` (``lags`` = L),
     ``rows_grid [R, S-1, b]``, run/start index/gap/test column ``[K]``, ``hist [n, K]`` ->
     prediction at k0 + gap. The lagged factors see the grid's earlier batches (before grid
-    step 1: padding)."""
+    step 1: padding). ``scale_grid [R, S-1]``: w of each grid step's batch (None: 1)."""
     G = int(gap.max()) if gap.numel() else 0
     h = list(hist)
     last_row = rows_grid.shape[1] - 1
     pad_row = Fp.shape[1] - 1
     for s in range(G):
-        rows = rows_grid[r, torch.clamp(k0 + s, max=last_row)]  # batch of grid step k0 + s + 1
-        lag_rows = None
+        col = torch.clamp(k0 + s, max=last_row)
+        rows = rows_grid[r, col]  # batch of grid step k0 + s + 1
+        scale = None if scale_grid is None else scale_grid[r, col]
+        lag_rows = lag_scale = None
         if lags:
-            lag_rows = torch.stack([torch.where((k0 + s - lag >= 0)[:, None],
-                                                rows_grid[r, torch.clamp(k0 + s - lag, min=0, max=last_row)],
-                                                torch.full_like(rows, pad_row)) for lag in range(1, lags + 1)])
-        new = teacher_forced_pred(Fp, rows, cols, torch.stack(h), residual, lag_rows)
+            lag_cols = [torch.clamp(k0 + s - lag, min=0, max=last_row) for lag in range(1, lags + 1)]
+            lag_rows = torch.stack([torch.where((k0 + s - lag >= 0)[:, None], rows_grid[r, c],
+                                                torch.full_like(rows, pad_row)) for lag, c in zip(range(1, lags + 1), lag_cols)])
+            if scale_grid is not None:
+                lag_scale = torch.stack([scale_grid[r, c] for c in lag_cols])
+        new = teacher_forced_pred(Fp, rows, cols, torch.stack(h), residual, lag_rows, scale, lag_scale)
         if G == 1:
             h = [new] + h[:-1]
             continue
@@ -331,8 +358,9 @@ def rollout_loss(Fp: torch.Tensor, block: RunBlock, residual: bool, runs: torch.
     NaN if nothing is recorded."""
     V = block.values if runs is None else block.values[runs]
     rows = block.rows if runs is None else block.rows[runs]
+    w = block.step_scale if runs is None or block.step_scale is None else block.step_scale[runs]
     start = V[:, 0]
-    pred = rollout_tensor(Fp[:, :, block.cols], rows, torch.nan_to_num(start), residual, zero_history, lags)
+    pred = rollout_tensor(Fp[:, :, block.cols], rows, torch.nan_to_num(start), residual, zero_history, lags, w)
     # mask before squaring: a NaN target must not reach the gradient (NaN * 0 is NaN)
     ok = torch.isfinite(V[:, 1:]) & torch.isfinite(start)[:, None, :]
     if not ok.any():

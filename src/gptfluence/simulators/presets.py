@@ -105,12 +105,12 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
         "hidden": 384, "proj_dim": 384, "share_projection": True,
         "residual": False, "factor_bias": False, "init": "pytorch_default",
         "center_features": False, "similarity": "none", "lexical": False, "ensemble": 1,
-        "a_factors": "pair", "b_projection": "pair", "b_lags": 0,
+        "a_factors": "pair", "b_projection": "pair", "b_lags": 0, "step_lr_scaling": False,
         "history_padding": "zeros", "order": 1,
     },
     "simfluence": {
         **_PAPER_FIT, "lr": 1e-3,
-        "residual": False, "init": "normal", "l2_penalty": 0.0,
+        "residual": False, "init": "normal", "l2_penalty": 0.0, "step_lr_scaling": False,
     },
 }
 """Config fields of the two presets (see the module docstring for each item's source)."""
