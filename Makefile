@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation lds-lexical lds-ensemble lds-a-factors lds-b-projection verify-builtin applications-builtin
+.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation lds-lexical lds-ensemble lds-a-factors lds-b-projection lds-b-lags lds-draw2 verify-builtin applications-builtin
 
 setup: $(VENV)/.installed
 
@@ -190,6 +190,25 @@ lds-a-factors: setup
 # 6649eeb; gptfluence lds / evaluate take --b-projection pair for the same rows).
 lds-b-projection: setup
 	$(call lds_compare,lds_b_projection,raw_and_kfac_lexical_ensemble3_pool_mean,raw_and_kfac_lexical_ensemble3_pool_mean_b,features_lexical_ensemble3_pool_mean,features_lexical_ensemble3_pool_mean_b)
+
+# Lagged additive factors (--b-lags 3, the default since this version; README "What raised LDS (9)"): loss LDS
+# of the ensemble with pool-mean A and B projection without and with D_1..D_3, split seeds 0-8
+# (lds_b_lags_splits.*), the second draw (lds_b_lags_draw1.*) and without a model (lds_b_lags_features.*);
+# other lag counts on split seed 0 (lds_b_lags_count.*). The default before on every method and metric:
+# lds_builtin_b_lags0.*, evaluate_builtin_b_lags0.*, lds_draw1_b_lags0.* (gptfluence lds / evaluate take
+# --b-lags 0 for the same rows).
+lds-b-lags: setup
+	$(call lds_compare,lds_b_lags,raw_and_kfac_lexical_ensemble3_pool_mean_b,raw_and_kfac_lexical_ensemble3_pool_mean_b_lags3,features_lexical_ensemble3_pool_mean,features_lexical_ensemble3_pool_mean_lags3)
+	$(LDS_SPLITS) --seeds 0 --variants raw_and_kfac_lexical_ensemble3_pool_mean_b \
+		raw_and_kfac_lexical_ensemble3_pool_mean_b_lags1 raw_and_kfac_lexical_ensemble3_pool_mean_b_lags3 \
+		raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6 --out $(R)/lds_b_lags_count.json --markdown $(R)/lds_b_lags_count.md
+
+# Task kinds and settings never used to choose a default (runs/draw2: the mixed task, sentiment with batch 4 and
+# a decaying learning rate, translation on a larger model; loss only): every method at today's defaults
+# (lds_draw2.*), GPTfluence at the previous default (lds_draw2_previous.*) and without learning-rate scaling
+# (lds_draw2_no_lr_scaling.*); see benchmarks/lds_draw2.sh
+lds-draw2: setup
+	BIN=$(BIN) benchmarks/lds_draw2.sh
 
 # K-FAC-whitened gradient features (split seed 0; benchmarks/results/lds_kfac.*; README "What raised LDS")
 lds-kfac: setup

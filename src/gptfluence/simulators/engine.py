@@ -25,10 +25,11 @@ zero (``"zeros"``: the authors' code pads the n previous values of the first ste
 Batches before the first simulated (or teacher-forced) step count as padding for the lagged
 factors D_l.
 
-``step_scale`` w_t (optional, ``lr_scaling``): every batch sum of step t (A_1..A_n, B, and D_l of
-the batch trained at step t, wherever it acts) is multiplied by w_t, the learning rate of step t
-over the schedule's peak, so a step moves the values in proportion to its learning rate (to first
-order an optimizer step's effect is); the identity offset of alpha_1 is not scaled.
+``step_scale`` w_t (optional; the simulators' ``step_lr_scaling``): every batch sum of step t
+(A_1..A_n, B, and D_l of the batch trained at step t, wherever it acts) is multiplied by w_t, the
+learning rate of step t over the schedule's peak, so a step moves the values in proportion to its
+learning rate (as an optimizer step's effect is, to first order); the identity offset of alpha_1
+is not scaled.
 """
 
 from __future__ import annotations
