@@ -191,13 +191,15 @@ lds-a-factors: setup
 lds-b-projection: setup
 	$(call lds_compare,lds_b_projection,raw_and_kfac_lexical_ensemble3_pool_mean,raw_and_kfac_lexical_ensemble3_pool_mean_b,features_lexical_ensemble3_pool_mean,features_lexical_ensemble3_pool_mean_b)
 
-# Lagged additive factors (--b-lags 3, the default since this version; README "What raised LDS (9)"): loss LDS
-# of the ensemble with pool-mean A and B projection without and with D_1..D_3, split seeds 0-8
-# (lds_b_lags_splits.*), the second draw (lds_b_lags_draw1.*) and without a model (lds_b_lags_features.*);
+# Lagged additive factors (--b-lags 3, the default since this version; README "What raised LDS (9)"): whether
+# recent similar examples help or hurt (lds_similarity_recency.json); loss LDS of the ensemble with pool-mean A
+# and B projection without and with D_1..D_3, split seeds 0-8 (lds_b_lags_splits.*), the second draw (lds_b_lags_draw1.*) and without a model (lds_b_lags_features.*);
 # other lag counts on split seed 0 (lds_b_lags_count.*). The default before on every method and metric:
 # lds_builtin_b_lags0.*, evaluate_builtin_b_lags0.*, lds_draw1_b_lags0.* (gptfluence lds / evaluate take
 # --b-lags 0 for the same rows).
 lds-b-lags: setup
+	$(BIN)/python benchmarks/lds_similarity_recency.py runs/lds-builtin-full/data2text-heldout runs/draw1/data2text-heldout \
+		runs/lds-builtin-full/translation-heldout runs/draw1/translation-heldout --out $(R)/lds_similarity_recency.json
 	$(call lds_compare,lds_b_lags,raw_and_kfac_lexical_ensemble3_pool_mean_b,raw_and_kfac_lexical_ensemble3_pool_mean_b_lags3,features_lexical_ensemble3_pool_mean,features_lexical_ensemble3_pool_mean_lags3)
 	$(LDS_SPLITS) --seeds 0 --variants raw_and_kfac_lexical_ensemble3_pool_mean_b \
 		raw_and_kfac_lexical_ensemble3_pool_mean_b_lags1 raw_and_kfac_lexical_ensemble3_pool_mean_b_lags3 \
