@@ -194,7 +194,8 @@ lds-b-projection: setup
 # Lagged additive factors (--b-lags 3, the default since this version; README "What raised LDS (9)"): whether
 # recent similar examples help or hurt (lds_similarity_recency.json); loss LDS of the ensemble with pool-mean A
 # and B projection without and with D_1..D_3, split seeds 0-8 (lds_b_lags_splits.*), the second draw (lds_b_lags_draw1.*) and without a model (lds_b_lags_features.*);
-# other lag counts on split seed 0 (lds_b_lags_count.*). The default before on every method and metric:
+# other lag counts on split seed 0 (lds_b_lags_count.*), 6 lags against 3 on split seeds 0-2 and the second draw
+# (lds_b_lags6_{splits,draw1}.*). The default before on every method and metric:
 # lds_builtin_b_lags0.*, evaluate_builtin_b_lags0.*, lds_draw1_b_lags0.* (gptfluence lds / evaluate take
 # --b-lags 0 for the same rows).
 lds-b-lags: setup
@@ -204,6 +205,10 @@ lds-b-lags: setup
 	$(LDS_SPLITS) --seeds 0 --variants raw_and_kfac_lexical_ensemble3_pool_mean_b \
 		raw_and_kfac_lexical_ensemble3_pool_mean_b_lags1 raw_and_kfac_lexical_ensemble3_pool_mean_b_lags3 \
 		raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6 --out $(R)/lds_b_lags_count.json --markdown $(R)/lds_b_lags_count.md
+	$(LDS_SPLITS) --seeds 0 1 2 --variants raw_and_kfac_lexical_ensemble3_pool_mean_b_lags3 \
+		raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6 --out $(R)/lds_b_lags6_splits.json --markdown $(R)/lds_b_lags6_splits.md
+	$(LDS_SPLITS_DRAW1) --seeds 0 1 2 --variants raw_and_kfac_lexical_ensemble3_pool_mean_b_lags3 \
+		raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6 --out $(R)/lds_b_lags6_draw1.json --markdown $(R)/lds_b_lags6_draw1.md
 
 # Task kinds and settings never used to choose a default (runs/draw2: the mixed task, sentiment with batch 4 and
 # a decaying learning rate, translation on a larger model; loss only): every method at today's defaults
