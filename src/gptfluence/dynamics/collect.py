@@ -408,22 +408,12 @@ def train_and_evaluate(dynamics: Dynamics, curriculum: np.ndarray, seed: int, ta
 def curriculum_lrs(dynamics: Dynamics, num_steps: int) -> np.ndarray:
     """``[num_steps]`` float64: the learning rate of each step 1..T of a fine-tuning of that many
     steps with the store's collection settings (its schedule; what `RunCollector.train` uses)."""
-    import torch
-
-    from gptfluence.lm import make_optimizer
+    from gptfluence.lm.training import schedule_factors
 
     cfg = store_collect_config(dynamics)
     if num_steps < 1:
         return np.zeros(0, dtype=np.float64)
-    dummy = torch.nn.Linear(1, 1)
-    opt, sched = make_optimizer(dummy, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-                                total_steps=int(num_steps), schedule=cfg.lr_schedule)
-    out = np.zeros(int(num_steps), dtype=np.float64)
-    for t in range(int(num_steps)):
-        out[t] = float(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
-    return out
+    return float(cfg.lr) * schedule_factors(int(num_steps), cfg.warmup_steps, cfg.lr_schedule)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,10 +86,7 @@ def make_optimizer(model, lr: float, weight_decay: float = 0.0, warmup_steps: in
                    total_steps: int = 1, schedule: str = "linear", betas: tuple[float, float] = (0.9, 0.999),
                    eps: float = 1e-8) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """``(AdamW, LambdaLR)``: warmup then linear decay to 0 at ``total_steps`` (or constant)."""
-    if schedule not in ("linear", "constant"):
-        raise GptfluenceError(f"unknown learning-rate schedule {schedule!r} (linear or constant)")
-    if total_steps < 1 or warmup_steps < 0:
-        raise GptfluenceError(f"invalid schedule: total_steps={total_steps}, warmup_steps={warmup_steps}")
+    _check_schedule(schedule, warmup_steps, total_steps)
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if not p.requires_grad:
@@ -107,6 +104,13 @@ def make_optimizer(model, lr: float, weight_decay: float = 0.0, warmup_steps: in
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def _check_schedule(schedule: str, warmup_steps: int, total_steps: int) -> None:
+    if schedule not in ("linear", "constant"):
+        raise GptfluenceError(f"unknown learning-rate schedule {schedule!r} (linear or constant)")
+    if total_steps < 1 or warmup_steps < 0:
+        raise GptfluenceError(f"invalid schedule: total_steps={total_steps}, warmup_steps={warmup_steps}")
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
     """The learning rate of optimizer step ``step`` (0-based) over the peak lr, as `make_optimizer`'s
     schedule sets it: (step + 1) / (warmup + 1) during warmup, then 1 (``"constant"``) or linear
@@ -120,4 +124,5 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
 
 def schedule_factors(num_steps: int, warmup_steps: int, schedule: str) -> np.ndarray:
     """``[num_steps]`` float64: `lr_factor` of steps 1..T of a fine-tuning of ``num_steps`` steps."""
+    _check_schedule(schedule, warmup_steps, num_steps)
     return np.asarray([lr_factor(t, warmup_steps, num_steps, schedule) for t in range(int(num_steps))], dtype=np.float64)

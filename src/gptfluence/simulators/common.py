@@ -403,8 +403,10 @@ class RecurrenceSimulator(SimulatorBase):
 
     @property
     def lags(self) -> int:
-        """Lagged additive factors D_1..D_L in the factor tensor after A_1..A_n, B (0: none)."""
-        return int(getattr(self.config, "b_lags", 0) or 0)
+        """Lagged additive factors D_1..D_L in the factor tensor after A_1..A_n, B: the fitted
+        module's (GPTfluence's ``b_lags``, 0 without similarity terms); 0 for modules without any
+        and before fitting."""
+        return int(getattr(self.module, "lags", 0) or 0)
 
     @property
     def history_padding(self) -> str:

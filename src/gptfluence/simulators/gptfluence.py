@@ -774,14 +774,6 @@ class GPTfluenceSimulator(RecurrenceSimulator):
         hist.update(a_factors=self.config.a_factors, b_projection=self.b_projection(), b_lags=self.lags)
         return hist
 
-    @property
-    def lags(self) -> int:
-        """Lagged additive factors in use: ``config.b_lags``, or 0 without similarity terms (the
-        D_l are made of them; `similarity` none and no lexical term)."""
-        if self.module is not None:
-            return int(self.module.lags)
-        return int(self.config.b_lags) if self._sim_dim() + self._lex_dim() else 0
-
     def _apply_pooling(self) -> None:
         """Set every member's factors to what the config simulates (``a_factors``, `b_projection`):
         after fitting, and on an artifact's fitted weights when it is loaded."""
