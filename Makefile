@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation lds-lexical lds-ensemble lds-a-factors lds-b-projection lds-b-lags lds-draw2 verify-builtin applications-builtin
+.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation lds-lexical lds-ensemble lds-a-factors lds-b-projection lds-b-lags lds-b-lags6 lds-draw2 verify-builtin applications-builtin
 
 setup: $(VENV)/.installed
 
@@ -129,11 +129,12 @@ lds-builtin: setup
 # default (raw_and_kfac = none+kfac), on the stores of lds-builtin (benchmarks/results/lds_splits.*;
 # README "What raised LDS (1)"). Sentiment's held-out store is in runs/lds-builtin, the others' in
 # runs/lds-builtin-full (see lds_builtin.json's configs).
+LDS_JOBS ?= 2
 LDS_SPLITS = $(BIN)/python benchmarks/lds_splits.py --builtin-dir $(BUILTIN_DIR) --lds-dir '*=runs/lds-builtin-full' \
-	--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits
+	--lds-dir sentiment=runs/lds-builtin --work runs/lds-splits --jobs $(LDS_JOBS)
 # the same on the second task-data draw (runs/draw1: four tasks, loss only)
 LDS_SPLITS_DRAW1 = $(BIN)/python benchmarks/lds_splits.py --builtin-dir runs/draw1 --lds-dir '*=runs/draw1' \
-	--work runs/lds-splits-draw1 --tasks sentiment yesno data2text translation
+	--work runs/lds-splits-draw1 --jobs $(LDS_JOBS) --tasks sentiment yesno data2text translation
 # $(call lds_compare,NAME,BEFORE,AFTER,FEATURES_BEFORE,FEATURES_AFTER): a default change measured three ways,
 # $(R)/NAME_splits.* (BEFORE vs AFTER, split seeds 0-8 on the lds-builtin stores), NAME_draw1.* (seeds 0-2 on
 # the second draw) and NAME_features.* (the no-model variants, seeds 0-2)
@@ -194,8 +195,7 @@ lds-b-projection: setup
 # Lagged additive factors (--b-lags 3, the default since this version; README "What raised LDS (9)"): whether
 # recent similar examples help or hurt (lds_similarity_recency.json); loss LDS of the ensemble with pool-mean A
 # and B projection without and with D_1..D_3, split seeds 0-8 (lds_b_lags_splits.*), the second draw (lds_b_lags_draw1.*) and without a model (lds_b_lags_features.*);
-# other lag counts on split seed 0 (lds_b_lags_count.*), 6 lags against 3 on split seeds 0-2 and the second draw
-# (lds_b_lags6_{splits,draw1}.*). The default before on every method and metric:
+# other lag counts on split seed 0 (lds_b_lags_count.*; 6 against 3: lds-b-lags6). The default before on every method and metric:
 # lds_builtin_b_lags0.*, evaluate_builtin_b_lags0.*, lds_draw1_b_lags0.* (gptfluence lds / evaluate take
 # --b-lags 0 for the same rows).
 lds-b-lags: setup
@@ -205,10 +205,14 @@ lds-b-lags: setup
 	$(LDS_SPLITS) --seeds 0 --variants raw_and_kfac_lexical_ensemble3_pool_mean_b \
 		raw_and_kfac_lexical_ensemble3_pool_mean_b_lags1 raw_and_kfac_lexical_ensemble3_pool_mean_b_lags3 \
 		raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6 --out $(R)/lds_b_lags_count.json --markdown $(R)/lds_b_lags_count.md
-	$(LDS_SPLITS) --seeds 0 1 2 --variants raw_and_kfac_lexical_ensemble3_pool_mean_b_lags3 \
-		raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6 --out $(R)/lds_b_lags6_splits.json --markdown $(R)/lds_b_lags6_splits.md
-	$(LDS_SPLITS_DRAW1) --seeds 0 1 2 --variants raw_and_kfac_lexical_ensemble3_pool_mean_b_lags3 \
-		raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6 --out $(R)/lds_b_lags6_draw1.json --markdown $(R)/lds_b_lags6_draw1.md
+
+# Six lagged additive factors (--b-lags 6, the default since this version; README "What raised LDS (11)"): loss
+# LDS of the ensemble with 3 and with 6 lags, split seeds 0-8 (lds_b_lags6_splits.*), the second draw
+# (lds_b_lags6_draw1.*) and without a model (lds_b_lags6_features.*). The default before on every method
+# and metric: lds_builtin_b_lags3.*, evaluate_builtin_b_lags3.* (gptfluence lds / evaluate take --b-lags 3
+# for the same rows).
+lds-b-lags6: setup
+	$(call lds_compare,lds_b_lags6,raw_and_kfac_lexical_ensemble3_pool_mean_b_lags3,raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6,features_lexical_ensemble3_pool_mean_lags3,features_lexical_ensemble3_pool_mean_lags6)
 
 # Task kinds and settings never used to choose a default (runs/draw2: the mixed task, sentiment with batch 4 and
 # a decaying learning rate, translation on a larger model; loss only): every method at today's defaults

@@ -17,7 +17,7 @@ TF-IDF similarity term and rank-1 factor projections (``raw_and_kfac_lexical``, 
 (``features``, ``features_lexical_proj1``); bagged ensembles of 3 (``*_ensemble3``), and with the
 A factors averaged over the training pool after fitting (``*_pool_mean``, ``--a-factors pool_mean``),
 B's projection term too (``*_pool_mean_b``, ``--b-projection pool_mean``), with lagged additive factors
-(``*_lags3``, ``--b-lags 3``; ``_lags1``, ``_lags6``: other lag counts); every variant that does not name them runs with ``--a-factors pair`` /
+(``*_lags3``, ``--b-lags 3``; ``_lags1``, ``_lags6``, ``_lags12``: other lag counts); every variant that does not name them runs with ``--a-factors pair`` /
 ``--b-projection pair`` / ``--b-lags 0``, the defaults before).
 
     python benchmarks/lds_splits.py --work runs/lds-splits --out benchmarks/results/lds_splits.json \
@@ -31,6 +31,7 @@ import json
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -103,8 +104,14 @@ VARIANTS = {
                                                          "--lexical", "--proj-dim", "32", "--ensemble", "3",
                                                          "--a-factors", "pool_mean", "--b-projection", "pool_mean",
                                                          "--b-lags", "6"],
+    "raw_and_kfac_lexical_ensemble3_pool_mean_b_lags12": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac",
+                                                          "--lexical", "--proj-dim", "32", "--ensemble", "3",
+                                                          "--a-factors", "pool_mean", "--b-projection", "pool_mean",
+                                                          "--b-lags", "12"],
     "features_lexical_ensemble3_pool_mean_lags3": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim",
                                                    "32", "--ensemble", "3", "--a-factors", "pool_mean", "--b-lags", "3"],
+    "features_lexical_ensemble3_pool_mean_lags6": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim",
+                                                   "32", "--ensemble", "3", "--a-factors", "pool_mean", "--b-lags", "6"],
 }
 # every variant that does not name its A factors (its B projection) ran with the paper's per-pair ones (the
 # defaults until pool_mean), and every one that does not name --b-lags without lagged additive factors
@@ -157,11 +164,18 @@ def main() -> int:
     p.add_argument("--work", default="runs/lds-splits")
     p.add_argument("--out", required=True)
     p.add_argument("--markdown", default=None)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs of gptfluence lds at once (each with 1 thread; default 1); results do not depend on it")
     a = p.parse_args()
     lds_dirs = {"*": "runs/lds-builtin"}
     lds_dirs.update(dict(s.split("=", 1) for s in a.lds_dir))
     recorded = {t: set(Dynamics.open(f"{a.builtin_dir}/{t}").metrics) for t in a.tasks}
     pairs = [(m, t) for m in a.metrics for t in a.tasks if m in recorded[t]]
+    if a.jobs > 1:  # fill the cache in parallel; the loop below then reads it in a fixed order
+        todo = [(t, seed, v, m) for m, t in pairs for seed in a.seeds for v in a.variants]
+        with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+            for f in [pool.submit(run_one, t, seed, v, m, a, lds_dirs) for t, seed, v, m in todo]:
+                f.result()
     results = []
     for metric, task in pairs:
         for seed in a.seeds:
