@@ -207,12 +207,24 @@ lds-b-lags: setup
 		raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6 --out $(R)/lds_b_lags_count.json --markdown $(R)/lds_b_lags_count.md
 
 # Six lagged additive factors (--b-lags 6, the default since this version; README "What raised LDS (11)"): loss
-# LDS of the ensemble with 3 and with 6 lags, split seeds 0-8 (lds_b_lags6_splits.*), the second draw
-# (lds_b_lags6_draw1.*) and without a model (lds_b_lags6_features.*). The default before on every method
+# LDS of the ensemble with 3 and with 6 lags, split seeds 0-2 (lds_b_lags6_splits.*), the second draw
+# (lds_b_lags6_draw1.*) and without a model (lds_b_lags6_features.*); BLEU, ROUGE-L and accuracy with each metric's
+# default objective, split seeds 0-2 (lds_b_lags6_metrics.*); 3, 6 and 12 lags on split seed 0
+# (lds_b_lags12.*). The default before on every method
 # and metric: lds_builtin_b_lags3.*, evaluate_builtin_b_lags3.* (gptfluence lds / evaluate take --b-lags 3
 # for the same rows).
+LAGS3 = raw_and_kfac_lexical_ensemble3_pool_mean_b_lags3
 lds-b-lags6: setup
-	$(call lds_compare,lds_b_lags6,raw_and_kfac_lexical_ensemble3_pool_mean_b_lags3,raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6,features_lexical_ensemble3_pool_mean_lags3,features_lexical_ensemble3_pool_mean_lags6)
+	$(LDS_SPLITS) --seeds 0 1 2 --variants $(LAGS3) raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6 \
+		--out $(R)/lds_b_lags6_splits.json --markdown $(R)/lds_b_lags6_splits.md
+	$(LDS_SPLITS_DRAW1) --seeds 0 1 2 --variants $(LAGS3) raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6 \
+		--out $(R)/lds_b_lags6_draw1.json --markdown $(R)/lds_b_lags6_draw1.md
+	$(LDS_SPLITS) --variants features_lexical_ensemble3_pool_mean_lags3 features_lexical_ensemble3_pool_mean_lags6 \
+		--out $(R)/lds_b_lags6_features.json --markdown $(R)/lds_b_lags6_features.md
+	$(LDS_SPLITS) --metrics bleu rougeL accuracy --variants ensemble3_pool_mean_b_lags3_auto ensemble3_pool_mean_b_lags6_auto \
+		--out $(R)/lds_b_lags6_metrics.json --markdown $(R)/lds_b_lags6_metrics.md
+	$(LDS_SPLITS) --seeds 0 --variants $(LAGS3) raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6 raw_and_kfac_lexical_ensemble3_pool_mean_b_lags12 \
+		--out $(R)/lds_b_lags12.json --markdown $(R)/lds_b_lags12.md
 
 # Task kinds and settings never used to choose a default (runs/draw2: the mixed task, sentiment with batch 4 and
 # a decaying learning rate, translation on a larger model; loss only): every method at today's defaults

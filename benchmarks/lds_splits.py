@@ -17,7 +17,7 @@ TF-IDF similarity term and rank-1 factor projections (``raw_and_kfac_lexical``, 
 (``features``, ``features_lexical_proj1``); bagged ensembles of 3 (``*_ensemble3``), and with the
 A factors averaged over the training pool after fitting (``*_pool_mean``, ``--a-factors pool_mean``),
 B's projection term too (``*_pool_mean_b``, ``--b-projection pool_mean``), with lagged additive factors
-(``*_lags3``, ``--b-lags 3``; ``_lags1``, ``_lags6``, ``_lags12``: other lag counts); every variant that does not name them runs with ``--a-factors pair`` /
+(``*_lags3``, ``--b-lags 3``; ``_lags1``, ``_lags6``, ``_lags12``: other lag counts; ``*_auto``: with ``--objective auto``); every variant that does not name them runs with ``--a-factors pair`` /
 ``--b-projection pair`` / ``--b-lags 0``, the defaults before).
 
     python benchmarks/lds_splits.py --work runs/lds-splits --out benchmarks/results/lds_splits.json \
@@ -108,6 +108,13 @@ VARIANTS = {
                                                           "--lexical", "--proj-dim", "32", "--ensemble", "3",
                                                           "--a-factors", "pool_mean", "--b-projection", "pool_mean",
                                                           "--b-lags", "12"],
+    # the same with the default objective per metric (--objective auto: rollout for bleu, rougeL and accuracy)
+    "ensemble3_pool_mean_b_lags3_auto": ["--objective", "auto", "--similarity-preconditioner", "none+kfac", "--lexical",
+                                         "--proj-dim", "32", "--ensemble", "3", "--a-factors", "pool_mean",
+                                         "--b-projection", "pool_mean", "--b-lags", "3"],
+    "ensemble3_pool_mean_b_lags6_auto": ["--objective", "auto", "--similarity-preconditioner", "none+kfac", "--lexical",
+                                         "--proj-dim", "32", "--ensemble", "3", "--a-factors", "pool_mean",
+                                         "--b-projection", "pool_mean", "--b-lags", "6"],
     "features_lexical_ensemble3_pool_mean_lags3": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim",
                                                    "32", "--ensemble", "3", "--a-factors", "pool_mean", "--b-lags", "3"],
     "features_lexical_ensemble3_pool_mean_lags6": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim",
