@@ -3,8 +3,9 @@
 # (mix: every built-in member in one pool), sentiment trained with batch 4, 96 examples per run, 2 epochs
 # and lr 1e-3 with 10 warmup steps and linear decay (sentiment-b4), translation on a 3-layer, 96-wide model
 # (translation-l3); task seed 2, held-out curricula seed 2. Per store: every method at today's defaults
-# (-> lds_draw2.*), GPTfluence at the previous default, without lagged factors and learning-rate
-# scaling (--b-lags 0 --no-step-lr-scaling -> lds_draw2_previous.*), and GPTfluence without
+# (-> lds_draw2.*), GPTfluence at the default before lagged factors, without them and learning-rate
+# scaling (--b-lags 0 --no-step-lr-scaling -> lds_draw2_previous.*), with 3 lagged factors (the default
+# before 6: --b-lags 3 -> lds_draw2_b_lags3.*), and GPTfluence without
 # learning-rate scaling alone (--no-step-lr-scaling; only sentiment-b4's schedule is not constant ->
 # lds_draw2_no_lr_scaling.*). Resumable: a store or result that exists is not redone.
 #   benchmarks/lds_draw2.sh        (BIN: the virtual environment's bin folder, default .venv/bin)
@@ -28,6 +29,7 @@ collect() {  # name, collection flags...
       --record-steps ends --out $D/$n-heldout
   lds $n default
   lds $n previous --methods gptfluence --no-references --b-lags 0 --no-step-lr-scaling
+  lds $n b_lags3 --methods gptfluence --no-references --b-lags 3
 }
 collect mix --task mix --task-seed 2
 collect sentiment-b4 --task sentiment --task-seed 2 --batch-size 4 --examples-per-run 96 --epochs 2 --lr 0.001 \
@@ -39,5 +41,7 @@ $B/python benchmarks/merge_lds.py $(for n in $S; do echo $D/$n-lds-default.json;
   --out $R/lds_draw2.json --markdown $R/lds_draw2.md
 $B/python benchmarks/merge_lds.py $(for n in $S; do echo $D/$n-lds-previous.json; done) \
   --out $R/lds_draw2_previous.json --markdown $R/lds_draw2_previous.md
+$B/python benchmarks/merge_lds.py $(for n in $S; do echo $D/$n-lds-b_lags3.json; done) \
+  --out $R/lds_draw2_b_lags3.json --markdown $R/lds_draw2_b_lags3.md
 $B/python benchmarks/merge_lds.py $D/sentiment-b4-lds-no_lr_scaling.json \
   --out $R/lds_draw2_no_lr_scaling.json --markdown $R/lds_draw2_no_lr_scaling.md
