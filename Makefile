@@ -210,7 +210,8 @@ lds-b-lags: setup
 # LDS of the ensemble with 3 and with 6 lags, split seeds 0-2 (lds_b_lags6_splits.*), the second draw
 # (lds_b_lags6_draw1.*) and without a model (lds_b_lags6_features.*); BLEU, ROUGE-L and accuracy with each metric's
 # default objective, split seeds 0-2 (lds_b_lags6_metrics.*); 3, 6 and 12 lags on split seed 0
-# (lds_b_lags12.*). The default before on every method
+# (lds_b_lags12.*) and 12 lags alone on split seeds 1, 2 (lds_b_lags12_splits.*; 6 lags there: lds_b_lags6_splits).
+# The default before on every method
 # and metric: lds_builtin_b_lags3.*, evaluate_builtin_b_lags3.* (gptfluence lds / evaluate take --b-lags 3
 # for the same rows).
 LAGS3 = raw_and_kfac_lexical_ensemble3_pool_mean_b_lags3
@@ -225,6 +226,8 @@ lds-b-lags6: setup
 		--out $(R)/lds_b_lags6_metrics.json --markdown $(R)/lds_b_lags6_metrics.md
 	$(LDS_SPLITS) --seeds 0 --variants $(LAGS3) raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6 raw_and_kfac_lexical_ensemble3_pool_mean_b_lags12 \
 		--out $(R)/lds_b_lags12.json --markdown $(R)/lds_b_lags12.md
+	$(LDS_SPLITS) --seeds 1 2 --variants raw_and_kfac_lexical_ensemble3_pool_mean_b_lags12 \
+		--out $(R)/lds_b_lags12_splits.json --markdown $(R)/lds_b_lags12_splits.md
 
 # Task kinds and settings never used to choose a default (runs/draw2: the mixed task, sentiment with batch 4 and
 # a decaying learning rate, translation on a larger model; loss only): every method at today's defaults
