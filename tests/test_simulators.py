@@ -488,7 +488,9 @@ def test_rollout_objective_fits_and_its_loss_is_the_rollout_mse(synth, fitted):
         make_simulator("gptfluence", "loss", encoder=enc, objective="magic", **FAST)
 
 
-@pytest.mark.parametrize("extra, rollout_wins", [({}, True), ({"lr": 3e-2}, False)])
+# the second case is a setting whose rollout phase does not validate better on this data (a high
+# learning rate; with the default 6 lags its rollout phase wins there too, with 3 it does not)
+@pytest.mark.parametrize("extra, rollout_wins", [({}, True), ({"lr": 3e-2, "b_lags": 3}, False)])
 def test_teacher_forcing_then_rollout_starts_from_the_teacher_forced_fit_and_never_validates_worse(synth, extra, rollout_wins):
     """The default objective: its first phase is exactly a teacher-forced fit (same seed, same
     history); the rollout phase starts from that fit's best weights and keeps them unless a rollout
