@@ -215,16 +215,17 @@ lds-b-lags: setup
 # and metric: lds_builtin_b_lags3.*, evaluate_builtin_b_lags3.* (gptfluence lds / evaluate take --b-lags 3
 # for the same rows).
 LAGS3 = raw_and_kfac_lexical_ensemble3_pool_mean_b_lags3
+LAGS6 = raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6
 lds-b-lags6: setup
-	$(LDS_SPLITS) --seeds 0 1 2 --variants $(LAGS3) raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6 \
+	$(LDS_SPLITS) --seeds 0 1 2 --variants $(LAGS3) $(LAGS6) \
 		--out $(R)/lds_b_lags6_splits.json --markdown $(R)/lds_b_lags6_splits.md
-	$(LDS_SPLITS_DRAW1) --seeds 0 1 2 --variants $(LAGS3) raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6 \
+	$(LDS_SPLITS_DRAW1) --seeds 0 1 2 --variants $(LAGS3) $(LAGS6) \
 		--out $(R)/lds_b_lags6_draw1.json --markdown $(R)/lds_b_lags6_draw1.md
 	$(LDS_SPLITS) --variants features_lexical_ensemble3_pool_mean_lags3 features_lexical_ensemble3_pool_mean_lags6 \
 		--out $(R)/lds_b_lags6_features.json --markdown $(R)/lds_b_lags6_features.md
 	$(LDS_SPLITS) --metrics bleu rougeL accuracy --variants ensemble3_pool_mean_b_lags3_auto ensemble3_pool_mean_b_lags6_auto \
 		--out $(R)/lds_b_lags6_metrics.json --markdown $(R)/lds_b_lags6_metrics.md
-	$(LDS_SPLITS) --seeds 0 --variants $(LAGS3) raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6 raw_and_kfac_lexical_ensemble3_pool_mean_b_lags12 \
+	$(LDS_SPLITS) --seeds 0 --variants $(LAGS3) $(LAGS6) raw_and_kfac_lexical_ensemble3_pool_mean_b_lags12 \
 		--out $(R)/lds_b_lags12.json --markdown $(R)/lds_b_lags12.md
 	$(LDS_SPLITS) --seeds 1 2 --variants raw_and_kfac_lexical_ensemble3_pool_mean_b_lags12 \
 		--out $(R)/lds_b_lags12_splits.json --markdown $(R)/lds_b_lags12_splits.md

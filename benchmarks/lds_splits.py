@@ -50,6 +50,12 @@ PROJ32 = ["--proj-dim", "32", "--no-lexical", "--ensemble", "1"]
 ONE = ["--ensemble", "1"]  # one model, not a bagged ensemble (the default until --ensemble)
 RAW = ["--similarity-preconditioner", "none", *PROJ32]
 TWO_PHASE = ["--objective", "teacher_forcing_then_rollout"]  # the default objective of loss (objective="auto")
+# the bagged ensemble of 3 with the TF-IDF term and pool-mean A, with gradient terms and pool-mean B projection
+# (POOL_MEAN_B) or with encoder-feature terms (FEATURES_POOL_MEAN): the bases of the lagged-factor variants
+POOL_MEAN_B = ["--similarity-preconditioner", "none+kfac", "--lexical", "--proj-dim", "32", "--ensemble", "3",
+               "--a-factors", "pool_mean", "--b-projection", "pool_mean"]
+FEATURES_POOL_MEAN = ["--similarity", "features", "--lexical", "--proj-dim", "32", "--ensemble", "3",
+                      "--a-factors", "pool_mean"]
 VARIANTS = {
     "raw_gradients": [*TWO_PHASE, *RAW],
     "teacher_forcing": ["--objective", "teacher_forcing", *RAW],
@@ -86,39 +92,15 @@ VARIANTS = {
     "features_lexical_ensemble3_pool_mean": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim", "32",
                                              "--ensemble", "3", "--a-factors", "pool_mean"],
     # ... and B's projection term too (--b-projection pool_mean): the pair-specific part of B is its similarity terms
-    "raw_and_kfac_lexical_ensemble3_pool_mean_b": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac", "--lexical",
-                                                   "--proj-dim", "32", "--ensemble", "3", "--a-factors", "pool_mean",
-                                                   "--b-projection", "pool_mean"],
-    "features_lexical_ensemble3_pool_mean_b": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim", "32",
-                                               "--ensemble", "3", "--a-factors", "pool_mean", "--b-projection", "pool_mean"],
-    # ... and lagged additive factors D_1..D_3 (--b-lags 3): the batches of the last 3 steps act again on beta
-    "raw_and_kfac_lexical_ensemble3_pool_mean_b_lags3": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac",
-                                                         "--lexical", "--proj-dim", "32", "--ensemble", "3",
-                                                         "--a-factors", "pool_mean", "--b-projection", "pool_mean",
-                                                         "--b-lags", "3"],
-    "raw_and_kfac_lexical_ensemble3_pool_mean_b_lags1": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac",
-                                                         "--lexical", "--proj-dim", "32", "--ensemble", "3",
-                                                         "--a-factors", "pool_mean", "--b-projection", "pool_mean",
-                                                         "--b-lags", "1"],
-    "raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac",
-                                                         "--lexical", "--proj-dim", "32", "--ensemble", "3",
-                                                         "--a-factors", "pool_mean", "--b-projection", "pool_mean",
-                                                         "--b-lags", "6"],
-    "raw_and_kfac_lexical_ensemble3_pool_mean_b_lags12": [*TWO_PHASE, "--similarity-preconditioner", "none+kfac",
-                                                          "--lexical", "--proj-dim", "32", "--ensemble", "3",
-                                                          "--a-factors", "pool_mean", "--b-projection", "pool_mean",
-                                                          "--b-lags", "12"],
+    "raw_and_kfac_lexical_ensemble3_pool_mean_b": [*TWO_PHASE, *POOL_MEAN_B],
+    "features_lexical_ensemble3_pool_mean_b": [*TWO_PHASE, *FEATURES_POOL_MEAN, "--b-projection", "pool_mean"],
+    # ... and lagged additive factors D_1..D_L (--b-lags L; 3: the batches of the last 3 steps act again on beta)
+    **{f"raw_and_kfac_lexical_ensemble3_pool_mean_b_lags{n}": [*TWO_PHASE, *POOL_MEAN_B, "--b-lags", str(n)]
+       for n in (3, 1, 6, 12)},
     # the same with the default objective per metric (--objective auto: rollout for bleu, rougeL and accuracy)
-    "ensemble3_pool_mean_b_lags3_auto": ["--objective", "auto", "--similarity-preconditioner", "none+kfac", "--lexical",
-                                         "--proj-dim", "32", "--ensemble", "3", "--a-factors", "pool_mean",
-                                         "--b-projection", "pool_mean", "--b-lags", "3"],
-    "ensemble3_pool_mean_b_lags6_auto": ["--objective", "auto", "--similarity-preconditioner", "none+kfac", "--lexical",
-                                         "--proj-dim", "32", "--ensemble", "3", "--a-factors", "pool_mean",
-                                         "--b-projection", "pool_mean", "--b-lags", "6"],
-    "features_lexical_ensemble3_pool_mean_lags3": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim",
-                                                   "32", "--ensemble", "3", "--a-factors", "pool_mean", "--b-lags", "3"],
-    "features_lexical_ensemble3_pool_mean_lags6": [*TWO_PHASE, "--similarity", "features", "--lexical", "--proj-dim",
-                                                   "32", "--ensemble", "3", "--a-factors", "pool_mean", "--b-lags", "6"],
+    **{f"ensemble3_pool_mean_b_lags{n}_auto": ["--objective", "auto", *POOL_MEAN_B, "--b-lags", str(n)] for n in (3, 6)},
+    **{f"features_lexical_ensemble3_pool_mean_lags{n}": [*TWO_PHASE, *FEATURES_POOL_MEAN, "--b-lags", str(n)]
+       for n in (3, 6)},
 }
 # every variant that does not name its A factors (its B projection) ran with the paper's per-pair ones (the
 # defaults until pool_mean), and every one that does not name --b-lags without lagged additive factors
