@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation lds-lexical lds-ensemble lds-a-factors lds-b-projection lds-b-lags lds-b-lags6 lds-draw2 verify-builtin applications-builtin
+.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation lds-lexical lds-ensemble lds-a-factors lds-b-projection lds-b-lags lds-b-lags6 lds-b-lags24 lds-draw2 verify-builtin applications-builtin
 
 setup: $(VENV)/.installed
 
@@ -206,7 +206,7 @@ lds-b-lags: setup
 		raw_and_kfac_lexical_ensemble3_pool_mean_b_lags1 raw_and_kfac_lexical_ensemble3_pool_mean_b_lags3 \
 		raw_and_kfac_lexical_ensemble3_pool_mean_b_lags6 --out $(R)/lds_b_lags_count.json --markdown $(R)/lds_b_lags_count.md
 
-# Six lagged additive factors (--b-lags 6, the default since this version; README "What raised LDS (11)"): loss
+# Six lagged additive factors (--b-lags 6, the default of the version before 24; README "What raised LDS (11)"): loss
 # LDS of the ensemble with 3 and with 6 lags, split seeds 0-2 (lds_b_lags6_splits.*), the second draw
 # (lds_b_lags6_draw1.*) and without a model (lds_b_lags6_features.*); BLEU, ROUGE-L and accuracy with each metric's
 # default objective, split seeds 0-2 (lds_b_lags6_metrics.*); 3, 6 and 12 lags on split seed 0
@@ -229,6 +229,25 @@ lds-b-lags6: setup
 		--out $(R)/lds_b_lags12.json --markdown $(R)/lds_b_lags12.md
 	$(LDS_SPLITS) --seeds 1 2 --variants raw_and_kfac_lexical_ensemble3_pool_mean_b_lags12 \
 		--out $(R)/lds_b_lags12_splits.json --markdown $(R)/lds_b_lags12_splits.md
+
+# Longer lags (README "What raised LDS (12)"): loss LDS of the ensemble with 6, 12, 24 and 48 lagged additive factors on
+# split seed 0 (lds_b_lags_long.*); BLEU, ROUGE-L and accuracy with each metric's default objective, 6 / 12 / 24 lags,
+# split seed 0 (lds_b_lags24_metrics.*); 6 against 24 on the second draw, split seeds 0-1 (lds_b_lags24_draw1.*),
+# without a model, split seed 0 (lds_b_lags24_features.*) and on split seeds 1, 2 (lds_b_lags24_splits.*)
+LAGS12 = raw_and_kfac_lexical_ensemble3_pool_mean_b_lags12
+LAGS24 = raw_and_kfac_lexical_ensemble3_pool_mean_b_lags24
+lds-b-lags24: setup
+	$(LDS_SPLITS) --seeds 0 --variants $(LAGS6) $(LAGS12) $(LAGS24) raw_and_kfac_lexical_ensemble3_pool_mean_b_lags48 \
+		--out $(R)/lds_b_lags_long.json --markdown $(R)/lds_b_lags_long.md
+	$(LDS_SPLITS) --seeds 0 --metrics bleu rougeL accuracy \
+		--variants ensemble3_pool_mean_b_lags6_auto ensemble3_pool_mean_b_lags12_auto ensemble3_pool_mean_b_lags24_auto \
+		--out $(R)/lds_b_lags24_metrics.json --markdown $(R)/lds_b_lags24_metrics.md
+	$(LDS_SPLITS_DRAW1) --seeds 0 1 --variants $(LAGS6) $(LAGS24) \
+		--out $(R)/lds_b_lags24_draw1.json --markdown $(R)/lds_b_lags24_draw1.md
+	$(LDS_SPLITS) --seeds 0 --variants features_lexical_ensemble3_pool_mean_lags6 features_lexical_ensemble3_pool_mean_lags24 \
+		--out $(R)/lds_b_lags24_features.json --markdown $(R)/lds_b_lags24_features.md
+	$(LDS_SPLITS) --seeds 1 2 --variants $(LAGS6) $(LAGS24) \
+		--out $(R)/lds_b_lags24_splits.json --markdown $(R)/lds_b_lags24_splits.md
 
 # Task kinds and settings never used to choose a default (runs/draw2: the mixed task, sentiment with batch 4 and
 # a decaying learning rate, translation on a larger model; loss only): every method at today's defaults

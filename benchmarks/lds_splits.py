@@ -17,7 +17,7 @@ TF-IDF similarity term and rank-1 factor projections (``raw_and_kfac_lexical``, 
 (``features``, ``features_lexical_proj1``); bagged ensembles of 3 (``*_ensemble3``), and with the
 A factors averaged over the training pool after fitting (``*_pool_mean``, ``--a-factors pool_mean``),
 B's projection term too (``*_pool_mean_b``, ``--b-projection pool_mean``), with lagged additive factors
-(``*_lags3``, ``--b-lags 3``; ``_lags1``, ``_lags6``, ``_lags12``: other lag counts; ``*_auto``: with ``--objective auto``); every variant that does not name them runs with ``--a-factors pair`` /
+(``*_lags3``, ``--b-lags 3``; ``_lags1``, ``_lags6``, ``_lags12``, ``_lags24``, ``_lags48``: other lag counts; ``*_auto``: with ``--objective auto``); every variant that does not name them runs with ``--a-factors pair`` /
 ``--b-projection pair`` / ``--b-lags 0``, the defaults before).
 
     python benchmarks/lds_splits.py --work runs/lds-splits --out benchmarks/results/lds_splits.json \
@@ -96,11 +96,11 @@ VARIANTS = {
     "features_lexical_ensemble3_pool_mean_b": [*TWO_PHASE, *FEATURES_POOL_MEAN, "--b-projection", "pool_mean"],
     # ... and lagged additive factors D_1..D_L (--b-lags L; 3: the batches of the last 3 steps act again on beta)
     **{f"raw_and_kfac_lexical_ensemble3_pool_mean_b_lags{n}": [*TWO_PHASE, *POOL_MEAN_B, "--b-lags", str(n)]
-       for n in (3, 1, 6, 12)},
+       for n in (3, 1, 6, 12, 24, 48)},
     # the same with the default objective per metric (--objective auto: rollout for bleu, rougeL and accuracy)
-    **{f"ensemble3_pool_mean_b_lags{n}_auto": ["--objective", "auto", *POOL_MEAN_B, "--b-lags", str(n)] for n in (3, 6)},
+    **{f"ensemble3_pool_mean_b_lags{n}_auto": ["--objective", "auto", *POOL_MEAN_B, "--b-lags", str(n)] for n in (3, 6, 12, 24, 48)},
     **{f"features_lexical_ensemble3_pool_mean_lags{n}": [*TWO_PHASE, *FEATURES_POOL_MEAN, "--b-lags", str(n)]
-       for n in (3, 6)},
+       for n in (3, 6, 12, 24, 48)},
 }
 # every variant that does not name its A factors (its B projection) ran with the paper's per-pair ones (the
 # defaults until pool_mean), and every one that does not name --b-lags without lagged additive factors
