@@ -169,7 +169,7 @@ def test_cli_fit_simulate_evaluate(tmp_path, stores, capsys):
     # no model in a synthetic store: A pooled (the default), B per pair (b_projection auto), lagged factors
     out = capsys.readouterr().out
     assert "then the A factors replaced by their mean over the training pool" in out
-    assert "with lagged additive factors of the last 6 batches" in out
+    assert "with lagged additive factors of the last 24 batches" in out
     assert (sim / "config.json").exists() and (sim / "weights.safetensors").exists()
     cfg = json.loads((sim / "config.json").read_text())
     assert cfg["config"]["hidden"] == 8 and cfg["method"] == "gptfluence" and cfg["encoder_spec"]["dim"] == 16

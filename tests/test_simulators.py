@@ -489,7 +489,7 @@ def test_rollout_objective_fits_and_its_loss_is_the_rollout_mse(synth, fitted):
 
 
 # the second case is a setting whose rollout phase does not validate better on this data (a high
-# learning rate; with the default 6 lags its rollout phase wins there too, with 3 it does not)
+# learning rate; with the default 24 lags its rollout phase wins there too, with 3 it does not)
 @pytest.mark.parametrize("extra, rollout_wins", [({}, True), ({"lr": 3e-2, "b_lags": 3}, False)])
 def test_teacher_forcing_then_rollout_starts_from_the_teacher_forced_fit_and_never_validates_worse(synth, extra, rollout_wins):
     """The default objective: its first phase is exactly a teacher-forced fit (same seed, same
@@ -1104,19 +1104,19 @@ def test_gptfluence_b_lags_learns_a_transient_effect_and_reloads(tmp_path):
 
 
 def test_b_lags_is_checked_and_needs_similarity_terms():
-    """A negative ``b_lags`` is refused by name; the default (6) applies where there are similarity
+    """A negative ``b_lags`` is refused by name; the default (24) applies where there are similarity
     terms and gives no lagged factors without them (similarity none, no lexical term: the paper's
     factors), which the fit history records."""
     with pytest.raises(InputError, match="b_lags"):
         make_simulator("gptfluence", "loss", b_lags=-1)
-    assert make_simulator("gptfluence", "loss").config.b_lags == 6
+    assert make_simulator("gptfluence", "loss").config.b_lags == 24
     dyn, enc = _transient_dynamics()
     fit, val = dyn.run_ids[:8], dyn.run_ids[8:10]
     bare = make_simulator("gptfluence", "loss", encoder=enc, similarity="none", lexical=False, ensemble=1, epochs=1)
     assert bare.fit(dyn, fit, val)["b_lags"] == 0 and bare.lags == 0 and not hasattr(bare.module, "lag_weight")
     ens = make_simulator("gptfluence", "loss", encoder=enc, similarity="features", lexical=False, ensemble=2, epochs=1)
-    assert ens.fit(dyn, fit, val)["b_lags"] == 6 and ens.lags == 6
-    assert all(m.lag_weight.shape == (6, m.sim_terms) for m in ens.module.members)
+    assert ens.fit(dyn, fit, val)["b_lags"] == 24 and ens.lags == 24
+    assert all(m.lag_weight.shape == (24, m.sim_terms) for m in ens.module.members)
 
 
 # ---------------------------------------------------------------------------------------------
