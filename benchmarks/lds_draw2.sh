@@ -5,7 +5,8 @@
 # (translation-l3); task seed 2, held-out curricula seed 2. Per store: every method at today's defaults
 # (-> lds_draw2.*), GPTfluence at the default before lagged factors, without them and learning-rate
 # scaling (--b-lags 0 --no-step-lr-scaling -> lds_draw2_previous.*), with 3 lagged factors (the default
-# before 6: --b-lags 3 -> lds_draw2_b_lags3.*), and GPTfluence without
+# before 6: --b-lags 3 -> lds_draw2_b_lags3.*), with 6 (the default before 24: --b-lags 6 -> lds_draw2_b_lags6.*),
+# and GPTfluence without
 # learning-rate scaling alone (--no-step-lr-scaling; only sentiment-b4's schedule is not constant ->
 # lds_draw2_no_lr_scaling.*). Resumable: a store or result that exists is not redone.
 #   benchmarks/lds_draw2.sh        (BIN: the virtual environment's bin folder, default .venv/bin)
@@ -30,6 +31,7 @@ collect() {  # name, collection flags...
   lds $n default
   lds $n previous --methods gptfluence --no-references --b-lags 0 --no-step-lr-scaling
   lds $n b_lags3 --methods gptfluence --no-references --b-lags 3
+  lds $n b_lags6 --methods gptfluence --no-references --b-lags 6
 }
 collect mix --task mix --task-seed 2
 collect sentiment-b4 --task sentiment --task-seed 2 --batch-size 4 --examples-per-run 96 --epochs 2 --lr 0.001 \
@@ -43,5 +45,7 @@ $B/python benchmarks/merge_lds.py $(for n in $S; do echo $D/$n-lds-previous.json
   --out $R/lds_draw2_previous.json --markdown $R/lds_draw2_previous.md
 $B/python benchmarks/merge_lds.py $(for n in $S; do echo $D/$n-lds-b_lags3.json; done) \
   --out $R/lds_draw2_b_lags3.json --markdown $R/lds_draw2_b_lags3.md
+$B/python benchmarks/merge_lds.py $(for n in $S; do echo $D/$n-lds-b_lags6.json; done) \
+  --out $R/lds_draw2_b_lags6.json --markdown $R/lds_draw2_b_lags6.md
 $B/python benchmarks/merge_lds.py $D/sentiment-b4-lds-no_lr_scaling.json \
   --out $R/lds_draw2_no_lr_scaling.json --markdown $R/lds_draw2_no_lr_scaling.md
