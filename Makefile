@@ -251,7 +251,8 @@ lds-b-lags24: setup
 
 # Task kinds and settings never used to choose a default (runs/draw2: the mixed task, sentiment with batch 4 and
 # a decaying learning rate, translation on a larger model; loss only): every method at today's defaults
-# (lds_draw2.*), GPTfluence at the previous default (lds_draw2_previous.*) and without learning-rate scaling
+# (lds_draw2.*), GPTfluence before lagged factors and learning-rate scaling (lds_draw2_previous.*), with 3 and 6
+# lagged factors (lds_draw2_b_lags3.*, lds_draw2_b_lags6.*) and without learning-rate scaling
 # (lds_draw2_no_lr_scaling.*); see benchmarks/lds_draw2.sh
 lds-draw2: setup
 	BIN=$(BIN) benchmarks/lds_draw2.sh
