@@ -232,7 +232,7 @@ lds-b-lags6: setup
 
 # Longer lags (README "What raised LDS (12)"): loss LDS of the ensemble with 6, 12, 24 and 48 lagged additive factors on
 # split seed 0 (lds_b_lags_long.*); BLEU, ROUGE-L and accuracy with each metric's default objective, 6 / 12 / 24 lags,
-# split seed 0 (lds_b_lags24_metrics.*); 6 against 24 on the second draw, split seeds 0-1 (lds_b_lags24_draw1.*),
+# split seed 0 (lds_b_lags24_metrics.*); 6 against 24 on the second draw, split seeds 0-2 (lds_b_lags24_draw1.*),
 # without a model, split seed 0 (lds_b_lags24_features.*) and on split seeds 1, 2 (lds_b_lags24_splits.*)
 LAGS12 = raw_and_kfac_lexical_ensemble3_pool_mean_b_lags12
 LAGS24 = raw_and_kfac_lexical_ensemble3_pool_mean_b_lags24
@@ -242,7 +242,7 @@ lds-b-lags24: setup
 	$(LDS_SPLITS) --seeds 0 --metrics bleu rougeL accuracy \
 		--variants ensemble3_pool_mean_b_lags6_auto ensemble3_pool_mean_b_lags12_auto ensemble3_pool_mean_b_lags24_auto \
 		--out $(R)/lds_b_lags24_metrics.json --markdown $(R)/lds_b_lags24_metrics.md
-	$(LDS_SPLITS_DRAW1) --seeds 0 1 --variants $(LAGS6) $(LAGS24) \
+	$(LDS_SPLITS_DRAW1) --seeds 0 1 2 --variants $(LAGS6) $(LAGS24) \
 		--out $(R)/lds_b_lags24_draw1.json --markdown $(R)/lds_b_lags24_draw1.md
 	$(LDS_SPLITS) --seeds 0 --variants features_lexical_ensemble3_pool_mean_lags6 features_lexical_ensemble3_pool_mean_lags24 \
 		--out $(R)/lds_b_lags24_features.json --markdown $(R)/lds_b_lags24_features.md
