@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -68,7 +69,7 @@ def main() -> int:
             t0 = time.perf_counter()
             sim.simulate(curricula, test_ids, start)
             sim_s = time.perf_counter() - t0
-            epochs = hist.get("epochs_run") if isinstance(hist, dict) else None
+            epochs = hist.get("epochs_run")
             rows.append({"repeat": rep, "b_lags": lags, "fit_seconds": fit_s, "simulate_seconds": sim_s,
                          "epochs_run": epochs})
             print(f"repeat {rep} b_lags {lags:>3}: fit {fit_s:7.1f} s ({epochs} epochs), "
@@ -89,7 +90,7 @@ def main() -> int:
            "store": a.store, "metric": "loss", "threads": a.threads, "repeats": a.repeats,
            "steps": int(T), "batch_size": int(b), "n_train": int(pool.size), "n_test": int(test_ids.size),
            "rollout_curricula": 64, "warmup_fit_seconds": warm, "machine": platform.platform(),
-           "cpu_count": __import__("os").cpu_count(), "runs": rows, "summary": summary,
+           "cpu_count": os.cpu_count(), "runs": rows, "summary": summary,
            "note": "median over repeats; lag counts interleaved within each repeat; fits stop early on "
                    "validation, so fit time also reflects the epochs run"}
     write_text_atomic(a.out, json.dumps(out, indent=2) + "\n")
