@@ -164,10 +164,20 @@ def teacher_forced_pred(Fp: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
     if scale is not None:
         sums = sums * scale[None]
     if lags:
-        lagged = [Fp[n + lag, lag_rows[lag - 1], cols[:, None]].sum(-1) for lag in range(1, lags + 1)]
+        # every lag in one gather ([L, K]: slot n+l at the batch l steps back), then summed over
+        # the lags one after another (the order of summing them one by one, so values do not
+        # depend on this being vectorised)
+        P, M = Fp.shape[1], Fp.shape[2]
+        slots = torch.arange(n + 1, n + 1 + lags, device=Fp.device)[:, None, None]
+        flat = (slots * P + lag_rows) * M + cols[None, :, None]  # [L, K, b] positions in Fp.reshape(-1)
+        lagged = Fp.reshape(-1).index_select(0, flat.reshape(-1)).view(flat.shape).sum(-1)
         if lag_scale is not None:
-            lagged = [x * w for x, w in zip(lagged, lag_scale)]
-        sums = torch.cat([sums[:n], (sums[n] + sum(lagged))[None]])
+            lagged = lagged * lag_scale
+        per_lag = lagged.unbind(0)
+        total = per_lag[0]
+        for x in per_lag[1:]:
+            total = total + x
+        sums = torch.cat([sums[:n], (sums[n] + total)[None]])
     return step_update(sums, list(prev), residual)
 
 
@@ -332,17 +342,20 @@ def segment_pred(Fp: torch.Tensor, rows_grid: torch.Tensor, r: torch.Tensor, k0:
     h = list(hist)
     last_row = rows_grid.shape[1] - 1
     pad_row = Fp.shape[1] - 1
+    if lags:  # grids with L columns in front (padding batches; their w = the first step's, times 0)
+        rows_pad = torch.cat([torch.full_like(rows_grid[:, :1], pad_row).expand(-1, lags, -1), rows_grid], dim=1)
+        scale_pad = None if scale_grid is None else torch.cat([scale_grid[:, :1].expand(-1, lags), scale_grid], dim=1)
+        back_lags = torch.arange(1, lags + 1, device=k0.device)[:, None]
     for s in range(G):
         col = torch.clamp(k0 + s, max=last_row)
         rows = rows_grid[r, col]  # batch of grid step k0 + s + 1
         scale = None if scale_grid is None else scale_grid[r, col]
         lag_rows = lag_scale = None
-        if lags:
-            lag_cols = [torch.clamp(k0 + s - lag, min=0, max=last_row) for lag in range(1, lags + 1)]
-            lag_rows = torch.stack([torch.where((k0 + s - lag >= 0)[:, None], rows_grid[r, c],
-                                                torch.full_like(rows, pad_row)) for lag, c in zip(range(1, lags + 1), lag_cols)])
-            if scale_grid is not None:
-                lag_scale = torch.stack([scale_grid[r, c] for c in lag_cols])
+        if lags:  # [L, K]: padded-grid column of the batch l = 1..L steps back (before grid step 1: padding)
+            lag_cols = torch.clamp((k0 + s)[None] - back_lags, max=last_row) + lags
+            lag_rows = rows_pad[r[None], lag_cols]
+            if scale_pad is not None:
+                lag_scale = scale_pad[r[None], lag_cols]
         new = teacher_forced_pred(Fp, rows, cols, torch.stack(h), residual, lag_rows, scale, lag_scale)
         if G == 1:
             h = [new] + h[:-1]
