@@ -1171,11 +1171,12 @@ def test_b_lags_is_checked_and_needs_similarity_terms():
 # learning-rate-scaled steps (step_lr_scaling)
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_step_scale_multiplies_each_steps_sums_in_rollouts_and_teacher_forcing(stream, monkeypatch):
+@pytest.mark.parametrize("stream,lag_step", [(False, False), (True, False), (False, True), (True, True)])
+def test_step_scale_multiplies_each_steps_sums_in_rollouts_and_teacher_forcing(stream, lag_step, monkeypatch):
     """``step_scale`` w_t multiplies every batch sum of step t (A, B, and a lagged factor of the
-    batch of step t where it acts, with that step's w): rollout == a per-step loop; teacher forcing
-    from the rollout's values reproduces them; all ones == no scaling, exactly."""
+    batch of step t where it acts, with that step's w; with ``lag_step_scale`` the lagged factor
+    also by the w of the step at which it acts): rollout == a per-step loop; teacher forcing from
+    the rollout's values reproduces them; all ones == no scaling, exactly."""
     if stream:
         monkeypatch.setattr(engine, "ROLLOUT_SUMS_MAX_ELEMS", 1)
     g = torch.Generator().manual_seed(9)
@@ -1184,22 +1185,46 @@ def test_step_scale_multiplies_each_steps_sums_in_rollouts_and_teacher_forcing(s
     rows = torch.randint(0, N + 1, (R, T, b), generator=g)
     start = torch.randn(R, M, generator=g)
     w = torch.rand(R, T, generator=g)
-    fast = engine.rollout_tensor(Fp, rows, start, residual=True, lags=L, step_scale=w)
+    fast = engine.rollout_tensor(Fp, rows, start, residual=True, lags=L, step_scale=w, lag_step_scale=lag_step)
     hist, slow = [start] * n, [start]
     for t in range(T):
         s = [Fp[k][rows[:, t]].sum(1) * w[:, t, None] for k in range(n + 1)]
-        beta = s[n] + sum(Fp[n + lag][rows[:, t - lag]].sum(1) * w[:, t - lag, None]
+        at = w[:, t, None] if lag_step else 1.0
+        beta = s[n] + sum(Fp[n + lag][rows[:, t - lag]].sum(1) * w[:, t - lag, None] * at
                           for lag in range(1, L + 1) if t - lag >= 0)
         new = hist[0] + beta + sum(s[j] * hist[j] for j in range(n))
         slow.append(new)
         hist = [new] + hist[:-1]
     torch.testing.assert_close(fast, torch.stack(slow, 1), rtol=1e-5, atol=1e-6)
-    ones = engine.rollout_tensor(Fp, rows, start, residual=True, lags=L, step_scale=torch.ones(R, T))
-    assert torch.equal(ones, engine.rollout_tensor(Fp, rows, start, residual=True, lags=L))
-    block = engine.RunBlock(fast.clone(), rows, torch.arange(M), 0, w)
+    ones = engine.rollout_tensor(Fp, rows, start, residual=True, lags=L, step_scale=torch.ones(R, T),
+                                 lag_step_scale=lag_step)
+    unscaled = engine.rollout_tensor(Fp, rows, start, residual=True, lags=L)
+    if lag_step:  # the lagged sums are added up before scaling: equal up to rounding
+        torch.testing.assert_close(ones, unscaled, rtol=1e-6, atol=1e-7)
+    else:
+        assert torch.equal(ones, unscaled)
+    block = engine.RunBlock(fast.clone(), rows, torch.arange(M), 0, w, lag_step)
     tr = block.transitions(n, bridge_gaps=True)
     pred, target = block.predict(Fp, tr, n, residual=True, lags=L)
     torch.testing.assert_close(pred, target, rtol=1e-5, atol=1e-5)
+
+
+def test_a_step_with_learning_rate_zero_changes_nothing_only_when_lags_scale_by_it():
+    """b_lags_lr_scaling: with ``lag_step_scale`` (batch_and_step) a step whose learning rate is 0
+    leaves every value where it was, lagged factors of earlier batches included; with the batch
+    scaling alone the earlier batches' lagged factors still move the value at that step."""
+    g = torch.Generator().manual_seed(4)
+    n, L, N, M, R, T, b = 1, 3, 5, 2, 2, 6, 2
+    Fp = engine.pad_factors(0.1 * torch.randn(n + 1 + L, N, M, generator=g))
+    rows = torch.randint(0, N, (R, T, b), generator=g)
+    start = torch.randn(R, M, generator=g)
+    w = torch.ones(R, T)
+    w[:, 4] = 0.0  # step 5 trains with learning rate 0
+    both = engine.rollout_tensor(Fp, rows, start, residual=True, lags=L, step_scale=w, lag_step_scale=True)
+    assert torch.equal(both[:, 5], both[:, 4])
+    batch = engine.rollout_tensor(Fp, rows, start, residual=True, lags=L, step_scale=w)
+    assert not torch.allclose(batch[:, 5], batch[:, 4])
+    torch.testing.assert_close(both[:, :5], batch[:, :5], rtol=1e-6, atol=1e-7)  # w_t = 1 before: the same
 
 
 def test_schedule_factors_are_the_fine_tunings_learning_rates():

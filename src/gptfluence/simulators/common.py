@@ -438,6 +438,11 @@ class RecurrenceSimulator(SimulatorBase):
             return
         self.lr_spec = {"lr_schedule": str(raw["lr_schedule"]), "warmup_steps": int(raw.get("warmup_steps") or 0)}
 
+    def _lag_step_scale(self) -> bool:
+        """Lagged factors acting at a step also scaled by that step's learning rate (GPTfluence's
+        ``b_lags_lr_scaling`` = batch_and_step; see `engine`)."""
+        return getattr(self.config, "b_lags_lr_scaling", "batch") == "batch_and_step"
+
     def step_weights(self, num_steps: int) -> np.ndarray | None:
         """``[num_steps]`` float64: w_t = the fine-tuning's learning rate at steps 1..T of a run of
         ``num_steps`` steps over the schedule's peak (``step_lr_scaling``); None when there is no
@@ -489,7 +494,7 @@ class RecurrenceSimulator(SimulatorBase):
                         grid[k, :w.size] = w[:grid.shape[1]]
                 scale = torch.as_tensor(grid[:, first_step:])
         return engine.RunBlock(torch.as_tensor(V, dtype=torch.float32), torch.as_tensor(rows),
-                               torch.as_tensor(cols), first_step, scale)
+                               torch.as_tensor(cols), first_step, scale, self._lag_step_scale())
 
     def _ensemble_size(self) -> int:
         """Members of a bagged ensemble (`ensemble_splits`); 1 = one model (simulators without the field)."""
@@ -609,7 +614,8 @@ class RecurrenceSimulator(SimulatorBase):
             out = engine.rollout_tensor(Fp, torch.as_tensor(rows, device=device), start_t, self.residual,
                                         zero_history=self.history_padding == "zeros", lags=self.lags,
                                         step_scale=None if w is None else torch.as_tensor(
-                                            w[first_step:][None], dtype=torch.float32, device=device))
+                                            w[first_step:][None], dtype=torch.float32, device=device),
+                                        lag_step_scale=self._lag_step_scale())
         pred = out.cpu().numpy().astype(np.float64) * self.scale
         if trend is not None:
             pred = pred + trend[None]
@@ -650,7 +656,8 @@ class RecurrenceSimulator(SimulatorBase):
 LEGACY_FIELD_VALUES = {"detrend": False, "center_features": False, "similarity": "none", "similarity_checkpoints": 1,
                        "similarity_norms": False, "similarity_preconditioner": "none", "lexical": False,
                        "ensemble": 1, "a_factors": "pair",
-                       "b_projection": "pair", "b_lags": 0, "step_lr_scaling": False}
+                       "b_projection": "pair", "b_lags": 0, "step_lr_scaling": False,
+                       "b_lags_lr_scaling": "batch"}
 
 
 def stored_config(meta: dict[str, Any], cls: type) -> dict[str, Any]:

@@ -29,7 +29,9 @@ factors D_l.
 (A_1..A_n, B, and D_l of the batch trained at step t, wherever it acts) is multiplied by w_t, the
 learning rate of step t over the schedule's peak, so a step moves the values in proportion to its
 learning rate (as an optimizer step's effect is, to first order); the identity offset of alpha_1
-is not scaled.
+is not scaled. With ``lag_step_scale`` a lagged factor D_l of the batch of step t-l acting at step
+t is multiplied by w_t as well (w_{t-l} w_t): the later step's update is what carries the batch's
+delayed effect, so a step with learning rate 0 changes nothing.
 """
 
 from __future__ import annotations
@@ -99,15 +101,23 @@ def step_update(sums: torch.Tensor, hist: list[torch.Tensor], residual: bool) ->
 ROLLOUT_SUMS_MAX_ELEMS = 1 << 27  # 512 MB of float32 batch sums; beyond, rollouts gather per step
 
 
-def _with_lags(sums: torch.Tensor, lags: int, step_scale: torch.Tensor | None = None) -> torch.Tensor:
+def _with_lags(sums: torch.Tensor, lags: int, step_scale: torch.Tensor | None = None,
+               lag_step_scale: bool = False) -> torch.Tensor:
     """Batch sums ``[n+1+L, R, T, M]`` (slot n+l summed over each step's own batch) -> ``[n+1, R,
     T, M]``: slot n (beta) gets, at step t, slot n+l's sum of step t-l added (0 for t < l). With
-    ``step_scale [R or 1, T]`` every sum of step t is first multiplied by its w_t."""
+    ``step_scale [R or 1, T]`` every sum of step t is first multiplied by its w_t; with
+    ``lag_step_scale`` the lagged sums added at step t are multiplied by w_t as well."""
     if step_scale is not None:
         sums = sums * step_scale[None, :, :, None]
     if not lags:
         return sums
     n = sums.shape[0] - 1 - lags
+    if lag_step_scale and step_scale is not None:
+        lagged = torch.zeros_like(sums[n])
+        for lag in range(1, lags + 1):
+            if lag < sums.shape[2]:
+                lagged = lagged + torch.nn.functional.pad(sums[n + lag, :, :-lag], (0, 0, lag, 0))
+        return torch.cat([sums[:n], (sums[n] + lagged * step_scale[:, :, None])[None]])
     beta = sums[n]
     for lag in range(1, lags + 1):
         if lag < sums.shape[2]:
@@ -116,12 +126,14 @@ def _with_lags(sums: torch.Tensor, lags: int, step_scale: torch.Tensor | None = 
 
 
 def rollout_tensor(Fp: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, residual: bool,
-                   zero_history: bool = False, lags: int = 0, step_scale: torch.Tensor | None = None) -> torch.Tensor:
+                   zero_history: bool = False, lags: int = 0, step_scale: torch.Tensor | None = None,
+                   lag_step_scale: bool = False) -> torch.Tensor:
     """Autoregressive rollout. ``Fp [n+1+L, N+1, M]`` (already restricted to the M test columns;
     ``lags`` = L), ``rows [R, T, b]`` (row t-1 = batch of the t-th simulated step, N = padding),
     ``start [R, M]`` -> ``[R, T+1, M]`` with ``out[:, 0] = start``. The n-1 values before the start
     equal the start value, or 0 with ``zero_history`` (the authors' padding). ``step_scale [R or 1,
-    T]``: w_t of each simulated step (None: 1)."""
+    T]``: w_t of each simulated step (None: 1); ``lag_step_scale``: lagged factors acting at step t
+    also times w_t."""
     n = Fp.shape[0] - 1 - lags
     R, T, _ = rows.shape
     if T == 0:
@@ -129,7 +141,7 @@ def rollout_tensor(Fp: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, re
     # all batch sums at once [n+1+L, R, T, M], or step by step when that would exceed
     # ROLLOUT_SUMS_MAX_ELEMS (many long runs: LDS on paper-size dynamics); same values
     stream = Fp.shape[0] * R * T * Fp.shape[2] > ROLLOUT_SUMS_MAX_ELEMS
-    sums = None if stream else _with_lags(batch_sums(Fp, rows), lags, step_scale)
+    sums = None if stream else _with_lags(batch_sums(Fp, rows), lags, step_scale, lag_step_scale)
     hist = [start] + [torch.zeros_like(start) if zero_history else start] * (n - 1)
     outs = [start]
     for t in range(T):
@@ -141,6 +153,8 @@ def rollout_tensor(Fp: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, re
                 lagged = Fp[n + lag, rows[:, t - lag]].sum(-2)
                 if step_scale is not None:
                     lagged = lagged * step_scale[:, t - lag, None]
+                    if lag_step_scale:
+                        lagged = lagged * step_scale[:, t, None]
                 step = torch.cat([step[:n], (step[n] + lagged)[None]])
         new = step_update(step if stream else sums[:, :, t], hist, residual)
         outs.append(new)
@@ -150,13 +164,14 @@ def rollout_tensor(Fp: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, re
 
 def teacher_forced_pred(Fp: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, prev: torch.Tensor,
                         residual: bool, lag_rows: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                        lag_scale: torch.Tensor | None = None) -> torch.Tensor:
+                        lag_scale: torch.Tensor | None = None, lag_step_scale: bool = False) -> torch.Tensor:
     """One-step predictions for K transitions at once.
 
     ``Fp [n+1+L, N+1, M]``, ``rows [K, b]`` (batch of the transition's step, N = padding),
     ``cols [K]`` (test column), ``prev [n, K]`` (true phi_{t-1}..phi_{t-n}), ``lag_rows [L, K, b]``
     (the batches 1..L steps before; None = no lagged factors); ``scale [K]`` / ``lag_scale [L, K]``:
-    w of the transition's step / of the steps of ``lag_rows`` (None: 1) -> ``[K]``.
+    w of the transition's step / of the steps of ``lag_rows`` (None: 1); ``lag_step_scale``: the
+    lagged sums also times ``scale`` -> ``[K]``.
     """
     lags = 0 if lag_rows is None else int(lag_rows.shape[0])
     n = Fp.shape[0] - 1 - lags
@@ -177,6 +192,8 @@ def teacher_forced_pred(Fp: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
         total = per_lag[0]
         for x in per_lag[1:]:
             total = total + x
+        if lag_step_scale and scale is not None:
+            total = total * scale
         sums = torch.cat([sums[:n], (sums[n] + total)[None]])
     return step_update(sums, list(prev), residual)
 
@@ -207,10 +224,11 @@ class RunBlock:
     cols: torch.Tensor
     first_step: int
     step_scale: torch.Tensor | None = None  # [R, S-1] float32: w of the batch of grid step k = column k-1
+    lag_step_scale: bool = False  # lagged factors acting at a step also times that step's w (module docstring)
 
     def to(self, device: str) -> "RunBlock":
         return RunBlock(self.values.to(device), self.rows.to(device), self.cols.to(device), self.first_step,
-                        None if self.step_scale is None else self.step_scale.to(device))
+                        None if self.step_scale is None else self.step_scale.to(device), self.lag_step_scale)
 
     def transitions(self, order: int, bridge_gaps: bool = False) -> torch.Tensor:
         """Teacher-forcing targets ``[K, 4]``: (run, k0, k1, test position), predicting the value
@@ -268,7 +286,8 @@ class RunBlock:
         """Teacher-forced predictions and targets [K] for targets ``tr``: one tensor expression
         per step of the longest gap in the minibatch (1 when every step is recorded)."""
         r, k0, gap, cols, hist, target = self.gather(tr, order, zero_history)
-        return segment_pred(Fp, self.rows, r, k0, gap, cols, hist, residual, lags, self.step_scale), target
+        return segment_pred(Fp, self.rows, r, k0, gap, cols, hist, residual, lags, self.step_scale,
+                            self.lag_step_scale), target
 
 
 class TransitionIndex:
@@ -333,11 +352,12 @@ class TransitionIndex:
 
 def segment_pred(Fp: torch.Tensor, rows_grid: torch.Tensor, r: torch.Tensor, k0: torch.Tensor, gap: torch.Tensor,
                  cols: torch.Tensor, hist: torch.Tensor, residual: bool, lags: int = 0,
-                 scale_grid: torch.Tensor | None = None) -> torch.Tensor:
+                 scale_grid: torch.Tensor | None = None, lag_step_scale: bool = False) -> torch.Tensor:
     """Roll K segments forward from their recorded start: ``Fp [n+1+L, N+1, M]`` (``lags`` = L),
     ``rows_grid [R, S-1, b]``, run/start index/gap/test column ``[K]``, ``hist [n, K]`` ->
     prediction at k0 + gap. The lagged factors see the grid's earlier batches (before grid
-    step 1: padding). ``scale_grid [R, S-1]``: w of each grid step's batch (None: 1)."""
+    step 1: padding). ``scale_grid [R, S-1]``: w of each grid step's batch (None: 1);
+    ``lag_step_scale``: see `teacher_forced_pred`."""
     G = int(gap.max()) if gap.numel() else 0
     h = list(hist)
     last_row = rows_grid.shape[1] - 1
@@ -356,7 +376,8 @@ def segment_pred(Fp: torch.Tensor, rows_grid: torch.Tensor, r: torch.Tensor, k0:
             lag_rows = rows_pad[r[None], lag_cols]
             if scale_pad is not None:
                 lag_scale = scale_pad[r[None], lag_cols]
-        new = teacher_forced_pred(Fp, rows, cols, torch.stack(h), residual, lag_rows, scale, lag_scale)
+        new = teacher_forced_pred(Fp, rows, cols, torch.stack(h), residual, lag_rows, scale, lag_scale,
+                                  lag_step_scale)
         if G == 1:
             h = [new] + h[:-1]
             continue
@@ -374,7 +395,8 @@ def rollout_loss(Fp: torch.Tensor, block: RunBlock, residual: bool, runs: torch.
     rows = block.rows if runs is None else block.rows[runs]
     w = block.step_scale if runs is None or block.step_scale is None else block.step_scale[runs]
     start = V[:, 0]
-    pred = rollout_tensor(Fp[:, :, block.cols], rows, torch.nan_to_num(start), residual, zero_history, lags, w)
+    pred = rollout_tensor(Fp[:, :, block.cols], rows, torch.nan_to_num(start), residual, zero_history, lags, w,
+                          block.lag_step_scale)
     # mask before squaring: a NaN target must not reach the gradient (NaN * 0 is NaN)
     ok = torch.isfinite(V[:, 1:]) & torch.isfinite(start)[:, None, :]
     if not ok.any():
