@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation lds-lexical lds-ensemble lds-a-factors lds-b-projection lds-b-lags lds-b-lags6 lds-b-lags24 lds-draw2 verify-builtin applications-builtin
+.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation lds-lexical lds-ensemble lds-a-factors lds-b-projection lds-b-lags lds-b-lags6 lds-b-lags24 lds-draw2 lds-draw3 verify-builtin applications-builtin
 
 setup: $(VENV)/.installed
 
@@ -256,6 +256,21 @@ lds-b-lags24: setup
 # (lds_draw2_no_lr_scaling.*); see benchmarks/lds_draw2.sh
 lds-draw2: setup
 	BIN=$(BIN) benchmarks/lds_draw2.sh
+
+# How lagged factors scale with a decaying learning rate (--b-lags-lr-scaling): a new entailment store
+# trained under warmup and linear decay (runs/draw3; every method at the defaults -> lds_draw3.*, GPTfluence
+# with the other scaling -> lds_draw3_b_lags_lr_batch.*, and on draw 2's decaying-rate sentiment store ->
+# lds_draw2_b_lags_lr_batch.*; run lds-draw2 first), then both scalings over split seeds 0-2 on both stores
+# (lds_b_lags_lr_draw3.*, lds_b_lags_lr_draw2.*). README "What raised LDS (13)".
+LR_STEP_VARIANTS := ensemble3_pool_mean_b_lags24_auto ensemble3_pool_mean_b_lags24_auto_lr_step
+lds-draw3: setup
+	BIN=$(BIN) benchmarks/lds_draw3.sh
+	$(BIN)/python benchmarks/lds_splits.py --tasks entailment-decay --builtin-dir runs/draw3 --lds-dir '*=runs/draw3' \
+		--seeds 0 1 2 --variants $(LR_STEP_VARIANTS) --jobs 2 --work runs/lds-splits-decay \
+		--out $(R)/lds_b_lags_lr_draw3.json --markdown $(R)/lds_b_lags_lr_draw3.md
+	$(BIN)/python benchmarks/lds_splits.py --tasks sentiment-b4 --builtin-dir runs/draw2 --lds-dir '*=runs/draw2' \
+		--seeds 0 1 2 --variants $(LR_STEP_VARIANTS) --jobs 2 --work runs/lds-splits-decay \
+		--out $(R)/lds_b_lags_lr_draw2.json --markdown $(R)/lds_b_lags_lr_draw2.md
 
 # K-FAC-whitened gradient features (split seed 0; benchmarks/results/lds_kfac.*; README "What raised LDS")
 lds-kfac: setup

@@ -5,7 +5,8 @@
 # (translation-l3); task seed 2, held-out curricula seed 2. Per store: every method at today's defaults
 # (-> lds_draw2.*), GPTfluence at the default before lagged factors, without them and learning-rate
 # scaling (--b-lags 0 --no-step-lr-scaling -> lds_draw2_previous.*), with 3 lagged factors (the default
-# before 6: --b-lags 3 -> lds_draw2_b_lags3.*), with 6 (the default before 24: --b-lags 6 -> lds_draw2_b_lags6.*),
+# before 6: --b-lags 3 -> lds_draw2_b_lags3.*), with 6 (the default before 24: --b-lags 6 -> lds_draw2_b_lags6.*;
+# both with the lagged factors scaled as they were then, --b-lags-lr-scaling batch),
 # and GPTfluence without
 # learning-rate scaling alone (--no-step-lr-scaling; only sentiment-b4's schedule is not constant ->
 # lds_draw2_no_lr_scaling.*). Resumable: a store or result that exists is not redone.
@@ -30,8 +31,8 @@ collect() {  # name, collection flags...
       --record-steps ends --out $D/$n-heldout
   lds $n default
   lds $n previous --methods gptfluence --no-references --b-lags 0 --no-step-lr-scaling
-  lds $n b_lags3 --methods gptfluence --no-references --b-lags 3
-  lds $n b_lags6 --methods gptfluence --no-references --b-lags 6
+  lds $n b_lags3 --methods gptfluence --no-references --b-lags 3 --b-lags-lr-scaling batch
+  lds $n b_lags6 --methods gptfluence --no-references --b-lags 6 --b-lags-lr-scaling batch
 }
 collect mix --task mix --task-seed 2
 collect sentiment-b4 --task sentiment --task-seed 2 --batch-size 4 --examples-per-run 96 --epochs 2 --lr 0.001 \
