@@ -1227,6 +1227,35 @@ def test_a_step_with_learning_rate_zero_changes_nothing_only_when_lags_scale_by_
     torch.testing.assert_close(both[:, :5], batch[:, :5], rtol=1e-6, atol=1e-7)  # w_t = 1 before: the same
 
 
+def test_b_lags_lr_scaling_default_is_saved_and_an_artifact_without_it_loads_as_batch(tmp_path):
+    """Under a decaying schedule with lagged factors the two scalings simulate differently; the
+    default (batch_and_step) is written to config.json and reloaded with identical predictions; an
+    artifact that predates the field (no ``b_lags_lr_scaling`` in its config) loads as ``batch``,
+    the scaling it was made with."""
+    import json
+
+    dyn, enc = _decaying_lr_dynamics()
+    ids = dyn.run_ids
+    cfg = dict(order=1, epochs=3, lr=3e-3, ensemble=1, similarity="features", lexical=False, b_lags=3,
+               objective="teacher_forcing")
+    sim = make_simulator("gptfluence", "loss", encoder=enc, **cfg)
+    assert sim.config.b_lags_lr_scaling == "batch_and_step"
+    sim.fit(dyn, ids[:8], ids[8:10])
+    with torch.no_grad():  # lagged weights that are not all 0, so the two scalings differ
+        sim.module.lag_weight.add_(0.5)
+    _, pred = _heldout_mse(sim, dyn, ids[10:])
+    sim.save(tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert meta["config"]["b_lags_lr_scaling"] == "batch_and_step"
+    back = load_simulator(tmp_path / "a", dynamics=dyn)
+    np.testing.assert_array_equal(_heldout_mse(back, dyn, ids[10:])[1], pred)
+    del meta["config"]["b_lags_lr_scaling"]
+    (tmp_path / "a" / "config.json").write_text(json.dumps(meta))
+    old = load_simulator(tmp_path / "a", dynamics=dyn)
+    assert old.config.b_lags_lr_scaling == "batch"
+    assert not np.allclose(_heldout_mse(old, dyn, ids[10:])[1], pred, atol=1e-4)
+
+
 def test_schedule_factors_are_the_fine_tunings_learning_rates():
     """`schedule_factors` == the learning rates `make_optimizer`'s scheduler sets (over the peak),
     as `collect` trains: warmup, then constant or linear decay to 0."""
