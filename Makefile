@@ -262,6 +262,9 @@ lds-draw2: setup
 # with the other scaling -> lds_draw3_b_lags_lr_batch.*, and on draw 2's decaying-rate sentiment store ->
 # lds_draw2_b_lags_lr_batch.*; run lds-draw2 first), then both scalings over split seeds 0-2 on both stores
 # (lds_b_lags_lr_draw3.*, lds_b_lags_lr_draw2.*). README "What raised LDS (13)".
+# held-out trajectory MSE on both decaying-rate stores, both scalings, split seeds 0-2 (evaluate_decay*)
+EVAL_DECAY = $(BIN)/gptfluence evaluate runs/draw3/entailment-decay runs/draw2/sentiment-b4 --methods gptfluence mean_curve \
+	--metrics loss --no-progress --no-trajectories
 LR_STEP_VARIANTS := ensemble3_pool_mean_b_lags24_auto ensemble3_pool_mean_b_lags24_auto_lr_step
 lds-draw3: setup
 	BIN=$(BIN) benchmarks/lds_draw3.sh
@@ -271,6 +274,10 @@ lds-draw3: setup
 	$(BIN)/python benchmarks/lds_splits.py --tasks sentiment-b4 --builtin-dir runs/draw2 --lds-dir '*=runs/draw2' \
 		--seeds 0 1 2 --variants $(LR_STEP_VARIANTS) --jobs 2 --work runs/lds-splits-decay \
 		--out $(R)/lds_b_lags_lr_draw2.json --markdown $(R)/lds_b_lags_lr_draw2.md
+	for s in 0 1 2; do sfx=$$( [ $$s = 0 ] || echo _seed$$s ); \
+		$(EVAL_DECAY) --seed $$s --out $(R)/evaluate_decay$$sfx.json --markdown $(R)/evaluate_decay$$sfx.md || exit 1; \
+		$(EVAL_DECAY) --seed $$s --b-lags-lr-scaling batch --out $(R)/evaluate_decay_b_lags_lr_batch$$sfx.json \
+			--markdown $(R)/evaluate_decay_b_lags_lr_batch$$sfx.md || exit 1; done
 
 # K-FAC-whitened gradient features (split seed 0; benchmarks/results/lds_kfac.*; README "What raised LDS")
 lds-kfac: setup
