@@ -1209,6 +1209,35 @@ def test_step_scale_multiplies_each_steps_sums_in_rollouts_and_teacher_forcing(s
     torch.testing.assert_close(pred, target, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("lag_step", [False, True])
+def test_streamed_and_batched_rollouts_with_lags_and_step_scales_are_identical(lag_step, monkeypatch):
+    """The step-by-step rollout (beyond ROLLOUT_SUMS_MAX_ELEMS: long runs, LOO over many curricula)
+    adds the lagged sums in the same order as the all-at-once one, so which path a chunk of
+    curricula takes does not change a value, under either lagged-factor scaling."""
+    g = torch.Generator().manual_seed(21)
+    n, L, N, M, R, T, b = 2, 6, 9, 4, 4, 30, 3
+    Fp = engine.pad_factors(0.1 * torch.randn(n + 1 + L, N, M, generator=g))
+    rows = torch.randint(0, N + 1, (R, T, b), generator=g)
+    start = torch.randn(R, M, generator=g)
+    w = torch.rand(1, T, generator=g)
+    batched = engine.rollout_tensor(Fp, rows, start, residual=True, lags=L, step_scale=w, lag_step_scale=lag_step)
+    monkeypatch.setattr(engine, "ROLLOUT_SUMS_MAX_ELEMS", 1)
+    streamed = engine.rollout_tensor(Fp, rows, start, residual=True, lags=L, step_scale=w, lag_step_scale=lag_step)
+    assert torch.equal(batched, streamed)
+
+
+def test_teacher_forcing_with_lags_on_an_empty_grid_or_no_transitions():
+    """No transitions, or a grid without steps: the lagged gathers return the history unchanged
+    (no error from padding an empty grid)."""
+    n, L, N, M, R, b = 1, 4, 5, 3, 2, 2
+    Fp = engine.pad_factors(torch.randn(n + 1 + L, N, M))
+    e = torch.zeros(0, dtype=torch.long)
+    for S1 in (0, 6):
+        rows = torch.randint(0, N, (R, S1, b))
+        out = engine.segment_pred(Fp, rows, e, e, e, e, torch.zeros(n, 0), True, L, torch.ones(R, S1), True)
+        assert out.shape == (0,)
+
+
 def test_a_step_with_learning_rate_zero_changes_nothing_only_when_lags_scale_by_it():
     """b_lags_lr_scaling: with ``lag_step_scale`` (batch_and_step) a step whose learning rate is 0
     leaves every value where it was, lagged factors of earlier batches included; with the batch

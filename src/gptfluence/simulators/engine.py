@@ -149,13 +149,19 @@ def rollout_tensor(Fp: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, re
             step = Fp[:n + 1, rows[:, t]].sum(-2)
             if step_scale is not None:
                 step = step * step_scale[None, :, t, None]
-            for lag in range(1, min(lags, t) + 1):
-                lagged = Fp[n + lag, rows[:, t - lag]].sum(-2)
-                if step_scale is not None:
-                    lagged = lagged * step_scale[:, t - lag, None]
-                    if lag_step_scale:
-                        lagged = lagged * step_scale[:, t, None]
-                step = torch.cat([step[:n], (step[n] + lagged)[None]])
+            if lag_step_scale and step_scale is not None:  # as _with_lags: the lags summed, then times w_t
+                total = None
+                for lag in range(1, min(lags, t) + 1):
+                    lagged = Fp[n + lag, rows[:, t - lag]].sum(-2) * step_scale[:, t - lag, None]
+                    total = lagged if total is None else total + lagged
+                if total is not None:
+                    step = torch.cat([step[:n], (step[n] + total * step_scale[:, t, None])[None]])
+            else:
+                for lag in range(1, min(lags, t) + 1):
+                    lagged = Fp[n + lag, rows[:, t - lag]].sum(-2)
+                    if step_scale is not None:
+                        lagged = lagged * step_scale[:, t - lag, None]
+                    step = torch.cat([step[:n], (step[n] + lagged)[None]])
         new = step_update(step if stream else sums[:, :, t], hist, residual)
         outs.append(new)
         hist = [new] + hist[:-1]
@@ -185,7 +191,8 @@ def teacher_forced_pred(Fp: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
         P, M = Fp.shape[1], Fp.shape[2]
         slots = torch.arange(n + 1, n + 1 + lags, device=Fp.device)[:, None, None]
         flat = (slots * P + lag_rows) * M + cols[None, :, None]  # [L, K, b] positions in Fp.reshape(-1)
-        lagged = Fp.reshape(-1).index_select(0, flat.reshape(-1)).view(flat.shape).sum(-1)
+        # (advanced indexing: its backward accumulates deterministically on CUDA, index_select's does not)
+        lagged = Fp.reshape(-1)[flat.reshape(-1)].view(flat.shape).sum(-1)
         if lag_scale is not None:
             lagged = lagged * lag_scale
         per_lag = lagged.unbind(0)
@@ -362,9 +369,10 @@ def segment_pred(Fp: torch.Tensor, rows_grid: torch.Tensor, r: torch.Tensor, k0:
     h = list(hist)
     last_row = rows_grid.shape[1] - 1
     pad_row = Fp.shape[1] - 1
-    if lags:  # grids with L columns in front (padding batches; their w = the first step's, times 0)
-        rows_pad = torch.cat([torch.full_like(rows_grid[:, :1], pad_row).expand(-1, lags, -1), rows_grid], dim=1)
-        scale_pad = None if scale_grid is None else torch.cat([scale_grid[:, :1].expand(-1, lags), scale_grid], dim=1)
+    if lags:  # grids with L columns in front (padding batches, whose zero factors make their w irrelevant)
+        R, _, b = rows_grid.shape
+        rows_pad = torch.cat([rows_grid.new_full((R, lags, b), pad_row), rows_grid], dim=1)
+        scale_pad = None if scale_grid is None else torch.cat([scale_grid.new_ones(R, lags), scale_grid], dim=1)
         back_lags = torch.arange(1, lags + 1, device=k0.device)[:, None]
     for s in range(G):
         col = torch.clamp(k0 + s, max=last_row)
