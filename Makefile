@@ -265,6 +265,9 @@ lds-draw2: setup
 # held-out trajectory MSE on both decaying-rate stores, both scalings, split seeds 0-2 (evaluate_decay*)
 EVAL_DECAY = $(BIN)/gptfluence evaluate runs/draw3/entailment-decay runs/draw2/sentiment-b4 --methods gptfluence mean_curve \
 	--metrics loss --no-progress --no-trajectories
+# ... and 6 / 12 / 24 lags with batch_and_step, split seed 0 (lds_b_lags_lr_count_draw3.*, _draw2.*)
+LR_STEP_COUNTS := ensemble3_pool_mean_b_lags6_auto_lr_step ensemble3_pool_mean_b_lags12_auto_lr_step \
+	ensemble3_pool_mean_b_lags24_auto_lr_step
 LR_STEP_VARIANTS := ensemble3_pool_mean_b_lags24_auto ensemble3_pool_mean_b_lags24_auto_lr_step
 lds-draw3: setup
 	BIN=$(BIN) benchmarks/lds_draw3.sh
@@ -274,6 +277,10 @@ lds-draw3: setup
 	$(BIN)/python benchmarks/lds_splits.py --tasks sentiment-b4 --builtin-dir runs/draw2 --lds-dir '*=runs/draw2' \
 		--seeds 0 1 2 --variants $(LR_STEP_VARIANTS) --jobs 2 --work runs/lds-splits-decay \
 		--out $(R)/lds_b_lags_lr_draw2.json --markdown $(R)/lds_b_lags_lr_draw2.md
+	for d in draw3:entailment-decay draw2:sentiment-b4; do $(BIN)/python benchmarks/lds_splits.py --tasks $${d#*:} \
+		--builtin-dir runs/$${d%%:*} --lds-dir "*=runs/$${d%%:*}" --seeds 0 --variants $(LR_STEP_COUNTS) --jobs 2 \
+		--work runs/lds-splits-decay --out $(R)/lds_b_lags_lr_count_$${d%%:*}.json \
+		--markdown $(R)/lds_b_lags_lr_count_$${d%%:*}.md || exit 1; done
 	for s in 0 1 2; do sfx=$$( [ $$s = 0 ] || echo _seed$$s ); \
 		$(EVAL_DECAY) --seed $$s --out $(R)/evaluate_decay$$sfx.json --markdown $(R)/evaluate_decay$$sfx.md || exit 1; \
 		$(EVAL_DECAY) --seed $$s --b-lags-lr-scaling batch --out $(R)/evaluate_decay_b_lags_lr_batch$$sfx.json \

@@ -18,7 +18,7 @@ TF-IDF similarity term and rank-1 factor projections (``raw_and_kfac_lexical``, 
 A factors averaged over the training pool after fitting (``*_pool_mean``, ``--a-factors pool_mean``),
 B's projection term too (``*_pool_mean_b``, ``--b-projection pool_mean``), with lagged additive factors
 (``*_lags3``, ``--b-lags 3``; ``_lags1``, ``_lags6``, ``_lags12``, ``_lags24``, ``_lags48``: other lag counts; ``*_auto``: with ``--objective auto``;
-``*_lr_step``: ``--b-lags-lr-scaling batch_and_step``); every variant that does not name them runs with ``--a-factors pair`` /
+``*_lr_step``: ``--b-lags-lr-scaling batch_and_step``, with 6, 12 or 24 lags); every variant that does not name them runs with ``--a-factors pair`` /
 ``--b-projection pair`` / ``--b-lags 0`` / ``--b-lags-lr-scaling batch``, the defaults before).
 
     python benchmarks/lds_splits.py --work runs/lds-splits --out benchmarks/results/lds_splits.json \
@@ -102,8 +102,8 @@ VARIANTS = {
     **{f"ensemble3_pool_mean_b_lags{n}_auto": ["--objective", "auto", *POOL_MEAN_B, "--b-lags", str(n)] for n in (3, 6, 12, 24)},
     # 24 lags with the lagged factors also scaled by the learning rate of the step at which they act
     # (--b-lags-lr-scaling batch_and_step; only a store trained under a schedule that is not constant differs)
-    "ensemble3_pool_mean_b_lags24_auto_lr_step": ["--objective", "auto", *POOL_MEAN_B, "--b-lags", "24",
-                                                  "--b-lags-lr-scaling", "batch_and_step"],
+    **{f"ensemble3_pool_mean_b_lags{n}_auto_lr_step": ["--objective", "auto", *POOL_MEAN_B, "--b-lags", str(n),
+                                                       "--b-lags-lr-scaling", "batch_and_step"] for n in (6, 12, 24)},
     **{f"features_lexical_ensemble3_pool_mean_lags{n}": [*TWO_PHASE, *FEATURES_POOL_MEAN, "--b-lags", str(n)]
        for n in (3, 6, 12, 24)},
 }
