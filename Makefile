@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation lds-lexical lds-ensemble lds-a-factors lds-b-projection lds-b-lags lds-b-lags6 lds-b-lags24 lds-draw2 lds-draw3 verify-builtin applications-builtin
+.PHONY: setup setup-peers demo test bench clean-venv evaluate-builtin evaluate-ablations evaluate-paper evaluate-paper-simfluence lds-builtin lds-splits lds-objective-metrics lds-kfac lds-kfac-generation lds-lexical lds-ensemble lds-a-factors lds-b-projection lds-b-lags lds-b-lags6 lds-b-lags24 lds-draw2 lds-draw3 unseen-b-lags verify-builtin applications-builtin
 
 setup: $(VENV)/.installed
 
@@ -383,6 +383,16 @@ verify-builtin: setup
 		--work runs/verify-builtin --out $(R)/verify_builtin_pool.json
 	$(BIN)/python benchmarks/verify_builtin.py $(STORES) --methods $(VERIFY_METHODS) --k $(VERIFY_K) --by-label \
 		--work runs/verify-builtin --out $(R)/verify_builtin_by_label.json
+
+# Unseen data against the lag count (README "Applications", "Unseen data"): the stores of applications-builtin,
+# GPTfluence (and the mean curve) with 6 / 12 / 24 lagged factors (sentiment: 6 / 24), loss only
+# -> benchmarks/results/unseen_b_lags/TASK-b_lagsL.{json,md}
+unseen-b-lags: setup
+	mkdir -p $(R)/unseen_b_lags
+	for x in data2text:6 data2text:12 data2text:24 sentiment:6 sentiment:24; do t=$${x%%:*}; L=$${x#*:}; \
+		$(BIN)/gptfluence evaluate $(APPS_DIR)/$$t-part --unseen-heldout $(APPS_DIR)/$$t-unseen-heldout \
+			--methods gptfluence mean_curve --metrics loss --no-progress --b-lags $$L \
+			--out $(R)/unseen_b_lags/$$t-b_lags$$L.json --markdown $(R)/unseen_b_lags/$$t-b_lags$$L.md || exit 1; done
 
 # The paper's applications (benchmarks/results/applications_builtin.json; README, "Applications"):
 # mislabelled data (sentiment, 40% of the training labels flipped), unseen data (fit curricula from 75%
