@@ -112,16 +112,13 @@ def _with_lags(sums: torch.Tensor, lags: int, step_scale: torch.Tensor | None = 
     if not lags:
         return sums
     n = sums.shape[0] - 1 - lags
-    if lag_step_scale and step_scale is not None:
-        lagged = torch.zeros_like(sums[n])
-        for lag in range(1, lags + 1):
-            if lag < sums.shape[2]:
-                lagged = lagged + torch.nn.functional.pad(sums[n + lag, :, :-lag], (0, 0, lag, 0))
-        return torch.cat([sums[:n], (sums[n] + lagged * step_scale[:, :, None])[None]])
-    beta = sums[n]
+    scale_lags = lag_step_scale and step_scale is not None
+    beta = torch.zeros_like(sums[n]) if scale_lags else sums[n]  # scaled: the lags summed apart first
     for lag in range(1, lags + 1):
         if lag < sums.shape[2]:
             beta = beta + torch.nn.functional.pad(sums[n + lag, :, :-lag], (0, 0, lag, 0))
+    if scale_lags:
+        beta = sums[n] + beta * step_scale[:, :, None]
     return torch.cat([sums[:n], beta[None]])
 
 
@@ -149,19 +146,18 @@ def rollout_tensor(Fp: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, re
             step = Fp[:n + 1, rows[:, t]].sum(-2)
             if step_scale is not None:
                 step = step * step_scale[None, :, t, None]
-            if lag_step_scale and step_scale is not None:  # as _with_lags: the lags summed, then times w_t
-                total = None
-                for lag in range(1, min(lags, t) + 1):
-                    lagged = Fp[n + lag, rows[:, t - lag]].sum(-2) * step_scale[:, t - lag, None]
+            scale_lags = lag_step_scale and step_scale is not None
+            total = None  # scale_lags: as _with_lags, the lags summed apart, then times w_t
+            for lag in range(1, min(lags, t) + 1):
+                lagged = Fp[n + lag, rows[:, t - lag]].sum(-2)
+                if step_scale is not None:
+                    lagged = lagged * step_scale[:, t - lag, None]
+                if scale_lags:
                     total = lagged if total is None else total + lagged
-                if total is not None:
-                    step = torch.cat([step[:n], (step[n] + total * step_scale[:, t, None])[None]])
-            else:
-                for lag in range(1, min(lags, t) + 1):
-                    lagged = Fp[n + lag, rows[:, t - lag]].sum(-2)
-                    if step_scale is not None:
-                        lagged = lagged * step_scale[:, t - lag, None]
+                else:
                     step = torch.cat([step[:n], (step[n] + lagged)[None]])
+            if total is not None:
+                step = torch.cat([step[:n], (step[n] + total * step_scale[:, t, None])[None]])
         new = step_update(step if stream else sums[:, :, t], hist, residual)
         outs.append(new)
         hist = [new] + hist[:-1]
